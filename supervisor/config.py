@@ -1,0 +1,505 @@
+"""Parse services.toml once, at the edge, into frozen values.
+
+Every problem is collected with its TOML key path (`services.api.restart: ...`) and raised
+together as one ConfigError; unknown keys are errors, never silently ignored. Values of
+environment variables and DSNs never appear in error text.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.datatypes import interpolate, parse_env_file, parse_listen, signal_number
+from supervisor.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RESTART_POLICIES = ("always", "on-failure", "never")
+CHECK_TYPES = ("postgres", "redis", "http", "tcp")
+# Variables that belong to the daemon's own relation with systemd; a child must never see them.
+PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
+               "LISTEN_FDNAMES")
+# Seed story's constitutional metrics (FR52): never exposed. Exact names, then substrings.
+DEFAULT_DENY_METRICS = (
+    "constitutional_breach_count",
+    "halt_state",
+    "dissent_health_ratio",
+    "witness_coverage_percent",
+    "override_frequency",
+    "*breach_count*",
+    "*halt_state*",
+    "*dissent_health*",
+    "*witness_coverage*",
+    "*override_frequency*",
+)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Restart delays: immediate after a stable run, then initial * factor**n, capped, jittered."""
+
+    initial: float = 1.0
+    max: float = 60.0
+    factor: float = 2.0
+    jitter: float = 0.2
+    reset_after: float = 10.0
+    max_retries: int | None = None  # consecutive quick failures before `fatal`; None: never
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    command: tuple[str, ...]
+    env: Mapping[str, str]  # env_file values overlaid by `env`; the daemon's environ is added at spawn
+    cwd: str
+    restart: str = "always"
+    stop_signal: int = 15
+    stop_timeout: float = 10.0
+    start_seconds: float = 1.0
+    autostart: bool = True
+    depends_on: tuple[str, ...] = ()
+    wait_for: tuple[str, ...] = ()
+    wait_timeout: float = 60.0
+    success_exit_codes: frozenset[int] = frozenset({0})
+    backoff: Backoff = field(default_factory=Backoff)
+    metrics_url: str | None = None
+    scrape_timeout: float = 2.0
+    inherit_env: bool = True
+    env_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    name: str
+    type: str
+    target: str = field(repr=False)  # DSN / URL / host:port; may hold a password: never print
+    query: str = "SELECT 1"
+    timeout: float = 1.0
+    interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9464
+    environment: str = "development"
+    scrape_interval: float = 5.0
+    stats_interval: float = 5.0
+    control_socket: str | None = None
+    control_socket_group: str | None = None
+    log_level: str = "info"
+    deny_metrics: tuple[str, ...] = DEFAULT_DENY_METRICS
+    max_connections: int = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    settings: Settings
+    services: Mapping[str, ServiceSpec]  # in start order: dependencies first
+    checks: Mapping[str, CheckSpec] = field(default_factory=dict)
+
+
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate services.toml; raise ConfigError listing every problem."""
+    path_text = os.fspath(path)
+    try:
+        raw = Path(path_text).read_bytes()
+    except OSError as exc:
+        raise ConfigError(path_text, [f"cannot read file: {exc.strerror or exc}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(path_text, ["file is not valid UTF-8"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already says "(at line N, column M)".
+        raise ConfigError(path_text, [f"TOML syntax error: {exc}"]) from None
+    env = dict(os.environ if environ is None else environ)
+    return _Parser(path_text, env).parse(data)
+
+
+class _Parser:
+    def __init__(self, path: str, environ: dict[str, str]) -> None:
+        self.path = path
+        self.base = Path(path).resolve().parent
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(f"{where}: {message}")
+
+    # -- generic typed getters -------------------------------------------------
+    def table(self, data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+        for key in data:
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                self.problem(f"{where}.{key}" if where else key, f"unknown key (expected one of {hint})")
+
+    def string(self, data: Mapping[str, Any], key: str, where: str, default: Any = None,
+               interpolated: bool = True) -> Any:
+        if key not in data:
+            return default
+        value = data[key]
+        if not isinstance(value, str):
+            self.problem(f"{where}.{key}", f"expected a string, got {_kind(value)}")
+            return default
+        return self.expand(value, f"{where}.{key}") if interpolated else value
+
+    def number(self, data: Mapping[str, Any], key: str, where: str, default: float,
+               minimum: float = 0.0, strictly: bool = False) -> float:
+        if key not in data:
+            return default
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.problem(f"{where}.{key}", f"expected a number of seconds, got {_kind(value)}")
+            return default
+        if value < minimum or (strictly and value == minimum):
+            relation = ">" if strictly else ">="
+            self.problem(f"{where}.{key}", f"must be {relation} {minimum:g}, got {value:g}")
+            return default
+        return float(value)
+
+    def integer(self, data: Mapping[str, Any], key: str, where: str, default: Any,
+                minimum: int = 0) -> Any:
+        if key not in data:
+            return default
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(f"{where}.{key}", f"expected an integer, got {_kind(value)}")
+            return default
+        if value < minimum:
+            self.problem(f"{where}.{key}", f"must be >= {minimum}, got {value}")
+            return default
+        return value
+
+    def boolean(self, data: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+        if key not in data:
+            return default
+        value = data[key]
+        if not isinstance(value, bool):
+            self.problem(f"{where}.{key}", f"expected true or false, got {_kind(value)}")
+            return default
+        return value
+
+    def strings(self, data: Mapping[str, Any], key: str, where: str,
+                interpolated: bool = True) -> tuple[str, ...]:
+        if key not in data:
+            return ()
+        value = data[key]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problem(f"{where}.{key}", "expected a list of strings")
+            return ()
+        if interpolated:
+            return tuple(self.expand(v, f"{where}.{key}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
+
+    def choice(self, data: Mapping[str, Any], key: str, where: str, options: tuple[str, ...],
+               default: str) -> str:
+        value = self.string(data, key, where, default, interpolated=False)
+        if value not in options:
+            self.problem(f"{where}.{key}", f"expected one of {', '.join(options)}")
+            return default
+        return str(value)
+
+    def expand(self, text: str, where: str) -> str:
+        try:
+            return interpolate(text, self.environ)
+        except KeyError as exc:
+            self.problem(where, f"environment variable {exc.args[0]} is not set "
+                                f"(use ${{{exc.args[0]}:-default}} for a fallback)")
+        except ValueError as exc:
+            self.problem(where, str(exc))
+        return text
+
+    def resolve(self, text: str) -> str:
+        path = Path(text).expanduser()
+        return str(path if path.is_absolute() else self.base / path)
+
+    # -- sections --------------------------------------------------------------
+    def parse(self, data: Mapping[str, Any]) -> Config:
+        self.table(data, {"supervisor", "services", "checks"}, "")
+        settings = self.settings(self.section(data, "supervisor"))
+        checks = {
+            name: self.check(name, spec)
+            for name, spec in self.section(data, "checks").items()
+            if self.is_table(spec, f"checks.{name}")
+        }
+        services_table = self.section(data, "services")
+        if not services_table:
+            self.problem("services", "no services defined (add a [services.NAME] table)")
+        services = {
+            name: self.service(name, spec)
+            for name, spec in services_table.items()
+            if self.is_table(spec, f"services.{name}")
+        }
+        ordered = self.start_order(services, checks)
+        if self.problems:
+            raise ConfigError(self.path, self.problems)
+        return Config(self.path, settings, ordered, checks)
+
+    def section(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.problem(key, f"expected a table, got {_kind(value)}")
+            return {}
+        return value
+
+    def is_table(self, value: Any, where: str) -> bool:
+        if isinstance(value, dict):
+            return True
+        self.problem(where, f"expected a table, got {_kind(value)}")
+        return False
+
+    def settings(self, data: Mapping[str, Any]) -> Settings:
+        where = "supervisor"
+        self.table(data, {"listen", "environment", "scrape_interval", "stats_interval",
+                          "control_socket", "control_socket_group", "log_level",
+                          "deny_metrics", "max_connections"}, where)
+        defaults = Settings()
+        host, port = defaults.listen_host, defaults.listen_port
+        listen = self.string(data, "listen", where)
+        if listen is not None:
+            try:
+                host, port = parse_listen(listen)
+            except ValueError as exc:
+                self.problem(f"{where}.listen", str(exc))
+        environment = self.environ.get("ENVIRONMENT") or self.string(
+            data, "environment", where, defaults.environment)
+        control_socket = self.string(data, "control_socket", where)
+        runtime_dir = self.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        if control_socket is None and runtime_dir:
+            control_socket = str(Path(runtime_dir) / "control.sock")
+        return Settings(
+            listen_host=host,
+            listen_port=port,
+            environment=environment,
+            scrape_interval=self.number(data, "scrape_interval", where, 5.0, 0.0, strictly=True),
+            stats_interval=self.number(data, "stats_interval", where, 5.0, 0.0, strictly=True),
+            control_socket=self.resolve(control_socket) if control_socket else None,
+            control_socket_group=self.string(data, "control_socket_group", where),
+            log_level=self.choice(data, "log_level", where,
+                                  ("debug", "info", "warning", "error"), "info"),
+            deny_metrics=DEFAULT_DENY_METRICS + self.strings(data, "deny_metrics", where, False),
+            max_connections=self.integer(data, "max_connections", where, 64, minimum=1),
+        )
+
+    def service(self, name: str, data: Mapping[str, Any]) -> ServiceSpec:
+        where = f"services.{name}"
+        self.table(data, {
+            "command", "env", "env_file", "inherit_env", "cwd", "restart", "stop_signal",
+            "stop_timeout", "start_seconds", "autostart", "depends_on", "wait_for",
+            "wait_timeout", "success_exit_codes", "backoff_initial", "backoff_max",
+            "backoff_factor", "backoff_jitter", "backoff_reset_after", "max_retries",
+            "metrics_url", "scrape_timeout",
+        }, where)
+        if name == "supervisor":
+            self.problem(where, "the name 'supervisor' is reserved for the daemon's own metrics")
+        elif not _valid_name(name):
+            self.problem(where, "service names may hold letters, digits, '-', '_' and '.'")
+        command = self.strings(data, "command", where)
+        if "command" not in data:
+            self.problem(f"{where}.command", "required (an argv list, e.g. [\"python3\", \"app.py\"])")
+        elif not command or not command[0]:
+            self.problem(f"{where}.command", "must be a non-empty list of strings")
+        env_files = tuple(self.resolve(p.lstrip("-")) if not p.startswith("-")
+                          else "-" + self.resolve(p[1:])
+                          for p in self.strings(data, "env_file", where))
+        env = self.environment(data, where, env_files)
+        cwd = self.resolve(self.string(data, "cwd", where, "."))
+        if not Path(cwd).is_dir():
+            self.problem(f"{where}.cwd", f"directory {cwd} does not exist")
+        if command and command[0]:
+            search_path = env.get("PATH") or self.environ.get("PATH", os.defpath)
+            exe = command[0]
+            if "/" in exe:
+                exe = str(Path(cwd) / exe) if not Path(exe).is_absolute() else exe
+                found = os.access(exe, os.X_OK) and Path(exe).is_file()
+            else:
+                found = shutil.which(exe, path=search_path) is not None
+            if not found:
+                self.problem(f"{where}.command", f"executable {command[0]!r} not found or not "
+                                                 "executable")
+        stop_signal = 15
+        stop_signal_text = self.string(data, "stop_signal", where, interpolated=False)
+        if stop_signal_text is not None:
+            try:
+                stop_signal = signal_number(stop_signal_text)
+            except ValueError as exc:
+                self.problem(f"{where}.stop_signal", str(exc))
+        codes = data.get("success_exit_codes", [0])
+        if not isinstance(codes, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in codes):
+            self.problem(f"{where}.success_exit_codes", "expected a list of integers 0..255")
+            codes = [0]
+        backoff = Backoff(
+            initial=self.number(data, "backoff_initial", where, 1.0),
+            max=self.number(data, "backoff_max", where, 60.0),
+            factor=self.number(data, "backoff_factor", where, 2.0, 1.0),
+            jitter=self.number(data, "backoff_jitter", where, 0.2),
+            reset_after=self.number(data, "backoff_reset_after", where, 10.0),
+            max_retries=self.integer(data, "max_retries", where, None),
+        )
+        if backoff.jitter > 1.0:
+            self.problem(f"{where}.backoff_jitter", "must be a fraction between 0 and 1")
+        if backoff.max < backoff.initial:
+            self.problem(f"{where}.backoff_max", "must be >= backoff_initial")
+        metrics_url = self.string(data, "metrics_url", where)
+        if metrics_url is not None and not metrics_url.startswith(("http://", "https://")):
+            self.problem(f"{where}.metrics_url", "expected an http:// or https:// URL")
+        return ServiceSpec(
+            name=name,
+            command=command,
+            env=env,
+            cwd=cwd,
+            restart=self.choice(data, "restart", where, RESTART_POLICIES, "always"),
+            stop_signal=stop_signal,
+            stop_timeout=self.number(data, "stop_timeout", where, 10.0),
+            start_seconds=self.number(data, "start_seconds", where, 1.0),
+            autostart=self.boolean(data, "autostart", where, True),
+            depends_on=self.strings(data, "depends_on", where, False),
+            wait_for=self.strings(data, "wait_for", where, False),
+            wait_timeout=self.number(data, "wait_timeout", where, 60.0),
+            success_exit_codes=frozenset(codes),
+            backoff=backoff,
+            metrics_url=metrics_url,
+            scrape_timeout=self.number(data, "scrape_timeout", where, 2.0, 0.0, strictly=True),
+            inherit_env=self.boolean(data, "inherit_env", where, True),
+            env_files=env_files,
+        )
+
+    def environment(self, data: Mapping[str, Any], where: str,
+                    env_files: tuple[str, ...]) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for index, entry in enumerate(env_files):
+            optional = entry.startswith("-")
+            file_path = entry[1:] if optional else entry
+            try:
+                text = Path(file_path).read_text(encoding="utf-8")
+            except OSError as exc:
+                if not optional:
+                    self.problem(f"{where}.env_file[{index}]",
+                                 f"cannot read {file_path}: {exc.strerror or exc}")
+                continue
+            values, problems = parse_env_file(text)
+            for line, message in problems:
+                self.problem(f"{where}.env_file[{index}]", f"{file_path} line {line}: {message}")
+            env.update(values)
+        table = data.get("env", {})
+        if not isinstance(table, dict):
+            self.problem(f"{where}.env", f"expected a table of strings, got {_kind(table)}")
+            return env
+        for key, value in table.items():
+            if not isinstance(value, (str, int, float, bool)) or isinstance(value, bool):
+                self.problem(f"{where}.env.{key}", f"expected a string, got {_kind(value)}")
+                continue
+            env[key] = self.expand(str(value), f"{where}.env.{key}")
+        for key in PRIVATE_ENV:
+            if key in env:
+                self.problem(f"{where}.env.{key}", "reserved for the daemon's own use by systemd")
+        return env
+
+    def check(self, name: str, data: Mapping[str, Any]) -> CheckSpec:
+        where = f"checks.{name}"
+        self.table(data, {"type", "dsn", "dsn_file", "url", "address", "query", "timeout",
+                          "interval"}, where)
+        kind = self.choice(data, "type", where, CHECK_TYPES, "tcp")
+        if "type" not in data:
+            self.problem(f"{where}.type", f"required (one of {', '.join(CHECK_TYPES)})")
+        key = {"postgres": "dsn", "redis": "url", "http": "url", "tcp": "address"}[kind]
+        target = self.string(data, key, where)
+        if kind == "postgres" and "dsn_file" in data:
+            if target is not None:
+                self.problem(f"{where}.dsn_file", "give either dsn or dsn_file, not both")
+            dsn_file = self.resolve(self.string(data, "dsn_file", where, ""))
+            try:
+                target = Path(dsn_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                self.problem(f"{where}.dsn_file", f"cannot read {dsn_file}: {exc.strerror or exc}")
+        for other in ("dsn", "url", "address"):
+            if other != key and other in data:
+                self.problem(f"{where}.{other}", f"not used by type {kind!r} (use {key})")
+        if target is None:
+            if "type" in data:
+                self.problem(f"{where}.{key}", "required")
+            target = ""
+        elif kind == "tcp":
+            try:
+                parse_listen(target)
+            except ValueError as exc:
+                self.problem(f"{where}.address", str(exc))
+        elif kind == "postgres" and not target.startswith(("postgres://", "postgresql://")):
+            self.problem(f"{where}.dsn", "expected a postgresql:// URL")
+        elif kind == "redis" and not target.startswith(("redis://", "rediss://", "unix://")):
+            self.problem(f"{where}.url", "expected a redis:// URL")
+        elif kind == "http" and not target.startswith(("http://", "https://")):
+            self.problem(f"{where}.url", "expected an http:// or https:// URL")
+        if "query" in data and kind != "postgres":
+            self.problem(f"{where}.query", "only postgres checks take a query")
+        return CheckSpec(
+            name=name,
+            type=kind,
+            target=target,
+            query=self.string(data, "query", where, "SELECT 1", interpolated=False),
+            timeout=self.number(data, "timeout", where, 1.0, 0.0, strictly=True),
+            interval=self.number(data, "interval", where, 5.0, 0.0, strictly=True),
+        )
+
+    def start_order(self, services: dict[str, ServiceSpec],
+                    checks: Mapping[str, CheckSpec]) -> dict[str, ServiceSpec]:
+        for spec in services.values():
+            for dep in spec.depends_on:
+                if dep not in services:
+                    self.problem(f"services.{spec.name}.depends_on", f"unknown service {dep!r}")
+                elif dep == spec.name:
+                    self.problem(f"services.{spec.name}.depends_on", "a service cannot depend on itself")
+            for check in spec.wait_for:
+                if check not in checks:
+                    self.problem(f"services.{spec.name}.wait_for", f"unknown check {check!r}")
+        ordered: dict[str, ServiceSpec] = {}
+        visiting: list[str] = []
+
+        def visit(name: str) -> None:
+            if name in ordered or name not in services:
+                return
+            if name in visiting:
+                cycle = " -> ".join(visiting[visiting.index(name):] + [name])
+                self.problem(f"services.{name}.depends_on", f"dependency cycle: {cycle}")
+                return
+            visiting.append(name)
+            for dep in services[name].depends_on:
+                visit(dep)
+            visiting.pop()
+            ordered[name] = services[name]
+
+        for name in services:
+            visit(name)
+        return ordered
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "-_." for c in name)
+
+
+def _kind(value: Any) -> str:
+    names: dict[type, str] = {str: "a string", bool: "a boolean", int: "an integer",
+                              float: "a number", list: "a list", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def child_environment(spec: ServiceSpec, daemon_environ: Mapping[str, str]) -> dict[str, str]:
+    """The complete environment a service's process starts with."""
+    env = {k: v for k, v in daemon_environ.items() if k not in PRIVATE_ENV} if spec.inherit_env else {}
+    env.update(spec.env)
+    return env
+
