@@ -1,0 +1,161 @@
+"""The systemd notification protocol (sd_notify), spoken directly: no libsystemd needed.
+
+One datagram per message to `$NOTIFY_SOCKET` (a filesystem path, or an abstract socket name
+written with a leading `@`). Sending never raises: a supervisor must not fall over because
+systemd stopped listening. The watchdog is pinged from the event loop itself, so a wedged loop
+stops pinging and systemd restarts the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+
+import anyio
+
+logger = logging.getLogger(__name__)
+
+#: Variables that describe *this* daemon's relationship with systemd. Children must not
+#: inherit them: a child that sends READY=1 or WATCHDOG=1 would speak for the daemon.
+NOTIFY_ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def scrub_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `environ` without the sd_notify/watchdog variables (for spawning children)."""
+    return {k: v for k, v in environ.items() if k not in NOTIFY_ENV_KEYS}
+
+
+def _monotonic_usec() -> int:
+    # systemd compares MONOTONIC_USEC against its own CLOCK_MONOTONIC reading.
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def _one_line(value: object) -> str:
+    # Each field is one `KEY=value` line in the datagram; a newline would start a new field.
+    return str(value).replace("\r", " ").replace("\n", " ")
+
+
+class Notifier:
+    """Sends sd_notify messages to one socket address; stateless apart from failure logging."""
+
+    def __init__(
+        self, address: str, *, monotonic_usec: Callable[[], int] = _monotonic_usec
+    ) -> None:
+        if address.startswith("@"):
+            # Abstract namespace: the kernel name starts with a NUL byte instead of the `@`.
+            self._sockaddr: str | bytes = b"\0" + address[1:].encode()
+        elif address.startswith("/"):
+            self._sockaddr = address
+        else:
+            raise ValueError(f"unsupported NOTIFY_SOCKET address {address!r}")
+        self.address = address
+        self._monotonic_usec = monotonic_usec
+        self._failing = False
+        self.sent = 0
+        self.failures = 0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Notifier | None:
+        """A Notifier for `$NOTIFY_SOCKET`, or None when not run by systemd (or unusable)."""
+        address = environ.get("NOTIFY_SOCKET", "")
+        if not address:
+            return None
+        try:
+            return cls(address)
+        except ValueError as exc:
+            # e.g. a vsock: address, which systemd only uses inside VMs.
+            logger.warning("sd_notify disabled: %s", exc)
+            return None
+
+    def __repr__(self) -> str:
+        return (
+            f"Notifier(address={self.address!r}, sent={self.sent}, failures={self.failures})"
+        )
+
+    def send(self, **fields: object) -> bool:
+        """Send `KEY=value` fields in one datagram; True if the kernel accepted it."""
+        for key in fields:
+            if not key or not key.replace("_", "").isalnum() or not key.isupper():
+                raise ValueError(f"invalid sd_notify field name {key!r}")
+        payload = "".join(f"{k}={_one_line(v)}\n" for k, v in fields.items()).encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                # MSG_DONTWAIT: a full receive queue must never block the event loop; a lost
+                # notification is better than a stalled daemon.
+                sock.sendto(payload, socket.MSG_DONTWAIT, self._sockaddr)
+        except OSError as exc:
+            self.failures += 1
+            if not self._failing:
+                # Log the first failure of a streak only: the watchdog would otherwise log
+                # every few seconds for as long as the socket is gone.
+                logger.warning(
+                    "sd_notify failed address=%s error=%s", self.address, exc.strerror or exc
+                )
+                self._failing = True
+            return False
+        if self._failing:
+            logger.info("sd_notify recovered address=%s", self.address)
+            self._failing = False
+        self.sent += 1
+        return True
+
+    def ready(self, status: str | None = None) -> bool:
+        if status is None:
+            return self.send(READY=1)
+        return self.send(READY=1, STATUS=status)
+
+    def status(self, text: str) -> bool:
+        return self.send(STATUS=text)
+
+    def reloading(self) -> bool:
+        # MONOTONIC_USEC lets systemd (253+, Type=notify-reload) tie READY=1 to this reload.
+        return self.send(RELOADING=1, MONOTONIC_USEC=self._monotonic_usec())
+
+    def stopping(self) -> bool:
+        return self.send(STOPPING=1)
+
+    def watchdog(self) -> bool:
+        return self.send(WATCHDOG=1)
+
+
+def watchdog_interval(environ: Mapping[str, str], pid: int | None = None) -> float | None:
+    """Seconds between watchdog pings (half of WATCHDOG_USEC), or None if not requested.
+
+    WATCHDOG_PID, when set, names the process the watchdog is meant for; a process that merely
+    inherited the variables (pid differs) must not ping.
+    """
+    text = environ.get("WATCHDOG_USEC", "")
+    if not text:
+        return None
+    try:
+        usec = int(text)
+    except ValueError:
+        logger.warning("ignoring malformed WATCHDOG_USEC")
+        return None
+    if usec <= 0:
+        return None
+    wanted = environ.get("WATCHDOG_PID", "")
+    if wanted:
+        try:
+            if int(wanted) != (os.getpid() if pid is None else pid):
+                return None
+        except ValueError:
+            logger.warning("ignoring malformed WATCHDOG_PID")
+            return None
+    return usec / 1_000_000 / 2
+
+
+async def watchdog_loop(notifier: Notifier, interval: float) -> None:
+    """Ping WATCHDOG=1 every `interval` seconds until cancelled.
+
+    Runs as an ordinary task on the event loop on purpose: if the loop is blocked the pings
+    stop, which is exactly what the watchdog is there to detect. A thread would keep pinging.
+    """
+    if interval <= 0:
+        raise ValueError("watchdog interval must be positive")
+    while True:
+        notifier.watchdog()
+        await anyio.sleep(interval)
