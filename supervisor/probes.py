@@ -1,0 +1,227 @@
+"""One probe per check kind; a failed check is a `CheckResult` value, never an exception.
+
+Every probe is hard-bounded by `spec.timeout`: the client libraries' own defaults (asyncpg
+waits 60 s to connect, redis-py 5 s and retries) are overridden, and the whole probe also runs
+under a deadline enforced outside the client, so a black-holed server (accepts TCP, never
+answers) fails within the timeout plus a few milliseconds.
+
+Each probe opens one connection and closes it before returning, so the number of connections
+a check holds is at most one, whatever happens, and nothing accumulates over thousands of
+checks. postgres and redis run on the `AsyncioThread` bridge (their clients are asyncio-only);
+http and tcp run natively on the caller's backend.
+
+Error texts are short (one line, at most `MAX_ERROR` characters), name the phase that failed,
+and pass through `redact_text` with every form of the target's password, so no credential
+reaches `/v1/ready`, logs or metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import httpx
+
+from supervisor.aioloop import AsyncioThread
+from supervisor.config import CheckSpec
+from supervisor.datatypes import parse_listen
+from supervisor.redact import redact_text, url_secrets
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR = 200
+APPLICATION_NAME = "supervisor-readiness"  # visible in pg_stat_activity, so DBAs see who we are
+# Bound on a graceful close once the check itself is done; then the socket is just dropped.
+CLOSE_TIMEOUT = 0.5
+# Slack between the timeout handed to a native (http/tcp) client and the outer hard deadline.
+NATIVE_GRACE = 0.02
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    healthy: bool
+    latency_ms: float
+    error: str | None
+    checked_at: float  # time.monotonic() when the probe finished
+
+
+class _Phase:
+    """Which step a probe is in, so a timeout can say where it hung."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+async def probe(spec: CheckSpec, bridge: AsyncioThread, *,
+                http_client: httpx.AsyncClient | None = None,
+                clock: Clock = time.monotonic) -> CheckResult:
+    """Run the probe for `spec.type`; never raises (except cancellation)."""
+    if spec.type == "postgres":
+        return await probe_postgres(spec, bridge, clock=clock)
+    if spec.type == "redis":
+        return await probe_redis(spec, bridge, clock=clock)
+    if spec.type == "http":
+        return await probe_http(spec, client=http_client, clock=clock)
+    if spec.type == "tcp":
+        return await probe_tcp(spec, clock=clock)
+    return CheckResult(spec.name, False, 0.0, f"unknown check type {spec.type!r}", clock())
+
+
+async def probe_postgres(spec: CheckSpec, bridge: AsyncioThread, *,
+                         clock: Clock = time.monotonic) -> CheckResult:
+    """asyncpg: connect, run `spec.query` (simple protocol, no prepared statement), close."""
+    phase = _Phase("connect")
+
+    async def check() -> None:
+        import asyncpg  # imported on the bridge thread, only when a postgres check exists
+
+        conn = await asyncpg.connect(
+            spec.target, timeout=spec.timeout, command_timeout=spec.timeout,
+            statement_cache_size=0, server_settings={"application_name": APPLICATION_NAME})
+        try:
+            phase.name = "query"
+            await conn.execute(spec.query)
+            phase.name = "close"
+        finally:
+            await _close_pg(conn)
+
+    return await _timed(spec, phase, clock, lambda: bridge.run(check, spec.timeout))
+
+
+async def _close_pg(conn: object) -> None:
+    try:
+        await conn.close(timeout=CLOSE_TIMEOUT)  # type: ignore[attr-defined]
+    except asyncio.CancelledError:
+        conn.terminate()  # type: ignore[attr-defined]
+        raise
+    except Exception:  # the check's verdict is already known; just drop the socket
+        conn.terminate()  # type: ignore[attr-defined]
+
+
+async def probe_redis(spec: CheckSpec, bridge: AsyncioThread, *,
+                      clock: Clock = time.monotonic) -> CheckResult:
+    """redis-py: one dedicated connection (auth and db from the URL), PING, close."""
+    phase = _Phase("connect")
+
+    async def check() -> None:
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        client = Redis.from_url(
+            spec.target, single_connection_client=True, socket_timeout=spec.timeout,
+            socket_connect_timeout=spec.timeout, retry=Retry(NoBackoff(), 0),
+            health_check_interval=0)
+        try:
+            await client.initialize()
+            phase.name = "ping"
+            if not await client.ping():
+                raise RuntimeError("PING did not return PONG")
+            phase.name = "close"
+        finally:
+            await client.aclose()
+
+    return await _timed(spec, phase, clock, lambda: bridge.run(check, spec.timeout))
+
+
+async def probe_http(spec: CheckSpec, *, client: httpx.AsyncClient | None = None,
+                     clock: Clock = time.monotonic) -> CheckResult:
+    """GET without following redirects: 2xx and 3xx are healthy. The body is never read.
+
+    `client` lets the caller share one connection-pool-less client across checks (building a
+    client loads the CA bundle); without it a client is made and closed per call.
+    """
+    phase = _Phase("request")
+
+    async def check() -> None:
+        if client is None:
+            async with _http_client(spec.timeout) as own:
+                await _get(own, spec)
+        else:
+            await _get(client, spec)
+
+    return await _timed(spec, phase, clock, lambda: _native(check, spec.timeout))
+
+
+def make_http_client(timeout: float = 5.0) -> httpx.AsyncClient:
+    """A client for `probe_http`: no keep-alive (one connection per check, closed after),
+    no redirects, and no proxies from the environment (a check measures the direct path)."""
+    return _http_client(timeout)
+
+
+def _http_client(timeout: float) -> httpx.AsyncClient:
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False,
+                             trust_env=False,
+                             limits=httpx.Limits(max_keepalive_connections=0))
+
+
+async def _get(client: httpx.AsyncClient, spec: CheckSpec) -> None:
+    timeout = httpx.Timeout(spec.timeout)
+    async with client.stream("GET", spec.target, timeout=timeout,
+                             headers={"User-Agent": APPLICATION_NAME}) as response:
+        if not 200 <= response.status_code < 400:
+            raise _Unhealthy(f"HTTP {response.status_code}")
+
+
+async def probe_tcp(spec: CheckSpec, *, clock: Clock = time.monotonic) -> CheckResult:
+    """A TCP connect to `host:port`, closed at once."""
+    phase = _Phase("connect")
+
+    async def check() -> None:
+        host, port = parse_listen(spec.target)
+        stream = await anyio.connect_tcp(host, port)
+        await stream.aclose()
+
+    return await _timed(spec, phase, clock, lambda: _native(check, spec.timeout))
+
+
+class _Unhealthy(Exception):
+    """The dependency answered, but not well; the message is the whole error text."""
+
+
+async def _native(check: Callable[[], Awaitable[None]], timeout: float) -> None:
+    # The clients' own timeouts apply per phase; this deadline bounds the sum.
+    with anyio.fail_after(timeout + NATIVE_GRACE):
+        await check()
+
+
+async def _timed(spec: CheckSpec, phase: _Phase, clock: Clock,
+                 run: Callable[[], Awaitable[None]]) -> CheckResult:
+    started = clock()
+    error: str | None = None
+    try:
+        await run()
+    except TimeoutError:
+        error = f"timed out after {spec.timeout:g}s ({phase.name})"
+    except _Unhealthy as exc:
+        error = str(exc)
+    except Exception as exc:  # every client failure becomes a value
+        error = f"{phase.name}: {_describe(exc)}"
+    finished = clock()
+    latency_ms = (finished - started) * 1000.0
+    if error is not None:
+        error = _clean(error, spec.target)
+        logger.debug("check failed check=%s error=%s", spec.name, error)
+    return CheckResult(spec.name, error is None, latency_ms, error, finished)
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    name = type(exc).__name__
+    return f"{name}: {lines[0]}" if lines else name
+
+
+def _clean(text: str, target: str) -> str:
+    secrets = url_secrets(target)
+    # The whole target too, in case a library echoes it in a form the secrets don't match.
+    text = redact_text(" ".join(text.split()), (*secrets, target) if secrets else ())
+    return text if len(text) <= MAX_ERROR else text[:MAX_ERROR - 3] + "..."
