@@ -1,0 +1,295 @@
+"""The composition root: owns the top task group and wires runners, HTTP, stats and signals.
+
+Start order follows `depends_on` (a service starts once its dependencies run, or exited
+successfully); stop order is the reverse (a service is stopped once everything depending on it
+has stopped); services without a relation start and stop concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+from prometheus_client import make_wsgi_app
+
+from supervisor import lifecycle as lc
+from supervisor import reaper
+from supervisor.config import Config, ServiceSpec, load_config
+from supervisor.errors import ConfigError, SupervisorError
+from supervisor.http import Router, serve
+from supervisor.metrics import MetricsView, SupervisorCollector, build_registry
+from supervisor.procstats import ProcStatsSampler, TreeStats
+from supervisor.runner import ServiceRunner, ServiceSnapshot
+from supervisor.spawn import become_subreaper
+from supervisor.status import status_document
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 0.5
+
+
+class Notifier(Protocol):
+    def ready(self) -> None: ...
+    def status(self, text: str) -> None: ...
+    def reloading(self) -> None: ...
+    def stopping(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    problems: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+
+class Daemon:
+    def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None,
+                 notifier: Notifier | None = None, handle_signals: bool = True,
+                 subreaper: bool = False, health_stale_after: float = 5.0) -> None:
+        self.config = config
+        self.environ = dict(os.environ if environ is None else environ)
+        self.notifier = notifier
+        self.handle_signals = handle_signals
+        self.subreaper = subreaper
+        self.health_stale_after = health_stale_after
+        self.started_at = time.monotonic()
+        self.heartbeat = time.monotonic()
+        self.snapshots: Mapping[str, ServiceSnapshot] = {}  # swapped whole, read by HTTP threads
+        self.stats: Mapping[str, TreeStats] = {}
+        self.reloads = {"success": 0, "failure": 0}
+        self.last_reload_ok = True
+        self.runners: dict[str, ServiceRunner] = {}
+        self._runner_scopes: dict[str, anyio.CancelScope] = {}
+        self._sampler = ProcStatsSampler()
+        self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
+        self._tg: TaskGroup | None = None
+        self._start_scope: anyio.CancelScope | None = None
+        self.collector = SupervisorCollector(self.metrics_view)
+        self.registry = build_registry(self.collector)
+        self.router = self._build_router()
+        self.listen_address: tuple[str, int] | None = None
+
+    # -- views read from HTTP threads -----------------------------------------------------
+    def metrics_view(self) -> MetricsView:
+        return MetricsView(self.config.settings.environment, self.snapshots, self.stats)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        lag = time.monotonic() - self.heartbeat
+        healthy = lag < self.health_stale_after
+        body = {"status": "healthy" if healthy else "unhealthy",
+                "uptime_seconds": round(time.monotonic() - self.started_at, 3),
+                "loop_heartbeat_age_seconds": round(lag, 3)}
+        return (200 if healthy else 503), body
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        return 200, status_document(self)
+
+    def _build_router(self) -> Router:
+        router = Router()
+        router.add_app("/v1/metrics", make_wsgi_app(self.registry))
+        router.add_json("/v1/health", self.health)
+        router.add_json("/v1/status", self.status)
+        return router
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def request_shutdown(self) -> None:
+        """Thread-unsafe: call from the daemon's event loop (signals do)."""
+        assert self._shutdown is not None, "daemon not running"
+        self._shutdown.set()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        settings = self.config.settings
+        try:
+            server, _ = serve(settings.listen_host, settings.listen_port, self.router,
+                              settings.max_connections)
+        except OSError as exc:
+            raise SupervisorError(f"cannot listen on {settings.listen_host}:"
+                                  f"{settings.listen_port}: {exc.strerror or exc}") from None
+        self._shutdown = anyio.Event()
+        self._start_scope = anyio.CancelScope()
+        self.listen_address = server.server_address[:2]
+        log.info("listening address=http://%s:%d/v1/metrics", *self.listen_address)
+        if self.subreaper:
+            become_subreaper()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._heartbeat)
+                tg.start_soon(self._sample_stats)
+                if self.handle_signals:
+                    await tg.start(self._watch_signals)
+                for spec in self.config.services.values():
+                    await self._add_runner(spec)
+                tg.start_soon(self._start_all, list(self.config.services.values()))
+                self._notify("ready")
+                self._notify_status()
+                task_status.started()
+                await self._shutdown.wait()
+                log.info("shutting down services=%d", len(self.runners))
+                self._notify("stopping")
+                self._start_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await self._stop_services(list(self.runners))
+                    if self.subreaper:
+                        reaper.signal_unowned(self._owned_pids())
+                tg.cancel_scope.cancel()
+        finally:
+            server.shutdown()
+            server.server_close()
+            if self.subreaper:
+                reaper.reap_unowned(self._owned_pids())
+        log.info("stopped")
+
+    async def _add_runner(self, spec: ServiceSpec) -> None:
+        assert self._tg is not None
+        runner = ServiceRunner(spec, environ=self.environ, publish=self._publish)
+        scope = anyio.CancelScope()
+        self.runners[spec.name] = runner
+        self._runner_scopes[spec.name] = scope
+        self._publish(runner.snapshot)
+
+        async def run_runner(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with scope:
+                await runner.run(task_status=task_status)
+
+        await self._tg.start(run_runner)
+
+    def _publish(self, snapshot: ServiceSnapshot) -> None:
+        self.snapshots = {**self.snapshots, snapshot.name: snapshot}
+
+    async def _start_all(self, specs: list[ServiceSpec]) -> None:
+        assert self._start_scope is not None
+        with self._start_scope:
+            async with anyio.create_task_group() as tg:
+                for spec in specs:
+                    if spec.autostart:
+                        tg.start_soon(self._start_when_ready, spec)
+
+    async def _start_when_ready(self, spec: ServiceSpec) -> None:
+        for dep in spec.depends_on:
+            runner = self.runners.get(dep)
+            if runner is not None:
+                await runner.wait_until(_dependency_satisfied)
+        runner = self.runners.get(spec.name)
+        if runner is not None and runner.spec is spec:
+            runner.start()
+
+    async def _stop_services(self, names: list[str]) -> None:
+        async with anyio.create_task_group() as tg:
+            for name in names:
+                tg.start_soon(self._stop_after_dependents, name, names)
+
+    async def _stop_after_dependents(self, name: str, stopping: list[str]) -> None:
+        for other in stopping:
+            runner = self.runners.get(other)
+            if runner is not None and name in runner.spec.depends_on:
+                await runner.wait_until(lambda s: s.state in lc.SETTLED_STATES)
+        await self.runners[name].stop_and_wait()
+
+    # -- control (used by the control socket and SIGHUP) ----------------------------------
+    def start_service(self, name: str) -> None:
+        self.runners[name].start()
+
+    def stop_service(self, name: str) -> None:
+        self.runners[name].stop()
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the config file; apply it only if entirely valid."""
+        self._notify("reloading")
+        try:
+            new = load_config(self.config.path, self.environ)
+        except ConfigError as exc:
+            self.reloads["failure"] += 1
+            self.last_reload_ok = False
+            for problem in exc.problems:
+                log.error("reload rejected path=%s problem=%s", exc.path, problem)
+            self._notify("ready")
+            return ReloadResult(False, tuple(exc.problems))
+        old = self.config
+        removed = [n for n in old.services if n not in new.services]
+        added = [n for n in new.services if n not in old.services]
+        changed = [n for n in new.services if n in old.services and new.services[n] != old.services[n]]
+        if (new.settings.listen_host, new.settings.listen_port) != (
+                old.settings.listen_host, old.settings.listen_port):
+            log.warning("reload: listen address changes take effect on restart only")
+        self.config = new
+        await self._stop_services(removed + changed)
+        for name in removed + changed:
+            self._runner_scopes.pop(name).cancel()
+            del self.runners[name]
+        self.snapshots = {n: s for n, s in self.snapshots.items() if n in new.services}
+        for name in new.services:
+            if name in added or name in changed:
+                await self._add_runner(new.services[name])
+        # Start in dependency order; unchanged services keep their processes.
+        assert self._tg is not None
+        self._tg.start_soon(self._start_all, [new.services[n] for n in new.services
+                                              if n in added or n in changed])
+        self.reloads["success"] += 1
+        self.last_reload_ok = True
+        log.info("reloaded added=%s removed=%s changed=%s", ",".join(added) or "-",
+                 ",".join(removed) or "-", ",".join(changed) or "-")
+        self._notify("ready")
+        return ReloadResult(True, (), tuple(added), tuple(removed), tuple(changed))
+
+    # -- background tasks -----------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            if self.subreaper:
+                reaper.reap_unowned(self._owned_pids())
+            await anyio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _sample_stats(self) -> None:
+        while True:
+            leaders = {name: s.pid for name, s in self.snapshots.items() if s.pid is not None}
+            sampled = await anyio.to_thread.run_sync(self._sampler.sample, leaders)
+            self.stats = {name: sampled.get(name) or TreeStats(
+                self._sampler.cpu_carried(name), 0, 0, 0, 0) for name in self.snapshots}
+            self._notify_status()
+            await anyio.sleep(self.config.settings.stats_interval)
+
+    async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading path=%s", self.config.path)
+                    await self.reload()
+                elif self._shutdown is not None and self._shutdown.is_set():
+                    log.warning("%s during shutdown: still stopping services",
+                                signal.Signals(signum).name)
+                else:
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    self.request_shutdown()
+
+    def _owned_pids(self) -> list[int]:
+        return [s.pid for s in self.snapshots.values() if s.pid is not None] + [
+            pid for r in self.runners.values() if (pid := r.child_pid()) is not None]
+
+    def _notify(self, what: str) -> None:
+        if self.notifier is not None:
+            getattr(self.notifier, what)()
+
+    def _notify_status(self) -> None:
+        if self.notifier is not None:
+            counts: dict[str, int] = {}
+            for s in self.snapshots.values():
+                counts[s.state.value] = counts.get(s.state.value, 0) + 1
+            self.notifier.status(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+
+
+def _dependency_satisfied(s: ServiceSnapshot) -> bool:
+    return s.state is lc.State.RUNNING or (
+        s.state is lc.State.EXITED and s.last_exit is not None and s.last_exit.reason == "success")
+

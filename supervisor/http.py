@@ -1,0 +1,129 @@
+"""The read-only HTTP listener: a small WSGI router on prometheus_client's ThreadingWSGIServer.
+
+Stock `start_http_server` answers every path with metrics and 200, which would make a health
+probe meaningless; here unknown paths get 404 and wrong methods 405. socketserver's defaults
+are hardened: listen backlog 5 -> 128, no socket timeout -> HANDLER_TIMEOUT, one unbounded
+thread per connection -> at most `max_connections` handled at once (the rest are refused with
+503 at once instead of piling up threads), and timeouts are not printed as tracebacks.
+Nothing here mutates the daemon: control lives on a Unix socket, never on this port.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client.exposition import ThreadingWSGIServer
+
+log = logging.getLogger(__name__)
+
+HANDLER_TIMEOUT = 10.0
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+JSONHandler = Callable[[], tuple[int, dict[str, Any]]]
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def json_response(start_response: Callable[..., Any], status: int, body: dict[str, Any],
+                  extra_headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+               ("Cache-Control", "no-store"), *(extra_headers or [])]
+    start_response(f"{status} {_REASONS.get(status, '')}".strip(), headers)
+    return [data]
+
+
+class Router:
+    """Exact-path routing, GET and HEAD only."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, WSGIApp] = {}
+
+    def add_app(self, path: str, app: WSGIApp) -> None:
+        self._routes[path] = app
+
+    def add_json(self, path: str, handler: JSONHandler) -> None:
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+            status, body = handler()
+            return json_response(start_response, status, body)
+
+        self._routes[path] = app
+
+    def paths(self) -> list[str]:
+        return list(self._routes)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
+                 ) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "") or "/"
+        app = self._routes.get(path)
+        if app is None:
+            return json_response(start_response, 404, {"error": "not found", "path": path[:200]})
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            return json_response(start_response, 405, {"error": "method not allowed"},
+                                 [("Allow", "GET, HEAD")])
+        result = app(environ, start_response)
+        if method == "HEAD":
+            return [b""]
+        return result
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = HANDLER_TIMEOUT  # StreamRequestHandler applies it to the socket
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s %s", self.address_string(), format % args)
+
+
+class BoundedWSGIServer(ThreadingWSGIServer):
+    request_queue_size = 128
+    daemon_threads = True
+    allow_reuse_address = True
+    max_connections = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\nRetry-After: 1\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Idle or slow clients hitting HANDLER_TIMEOUT, and clients that hang up, are routine.
+        log.debug("http connection error from %s", client_address, exc_info=True)
+
+
+def serve(host: str, port: int, app: WSGIApp, max_connections: int = 64
+          ) -> tuple[BoundedWSGIServer, threading.Thread]:
+    """Bind (raises OSError on failure) and serve in a daemon thread."""
+    server_class = type("Server", (BoundedWSGIServer,), {"max_connections": max_connections})
+    if ":" in host:
+        server_class.address_family = socket.AF_INET6
+    server: BoundedWSGIServer = make_server(host, port, app, server_class, handler_class=_Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+                              name="http", daemon=True)
+    thread.start()
+    return server, thread

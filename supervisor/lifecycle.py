@@ -1,0 +1,271 @@
+"""The per-service lifecycle as a pure state machine.
+
+Events go in (`Exited(code=3, signal=None, at=12.5)`), actions come out (`Spawn()`,
+`SignalGroup(15)`, `StartTimer("kill", 10.0)`). Nothing here reads a clock, forks or sleeps:
+time arrives inside events, randomness through the `random` callable. The runner is the
+imperative shell that performs the actions and feeds back what happened.
+
+States follow supervisord's well-known set. Restart policy (after Kubernetes' CrashLoopBackOff,
+never giving up by default): the first exit after a stable run restarts at once; each further
+quick exit waits initial * factor**(n-1) seconds, capped at `max`, jittered by +-jitter.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from supervisor.config import Backoff, ServiceSpec
+
+
+class State(str, enum.Enum):
+    STOPPED = "stopped"  # not running, and not meant to be
+    STARTING = "starting"  # spawned, not yet up for start_seconds
+    RUNNING = "running"
+    BACKOFF = "backoff"  # exited; waiting out a restart delay
+    STOPPING = "stopping"  # stop signal sent; waiting for the exit
+    EXITED = "exited"  # exited and the restart policy says stay down
+    FATAL = "fatal"  # gave up after max_retries quick failures
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ACTIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
+SETTLED_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
+EXIT_REASONS = ("success", "failure", "signal", "stopped", "spawn_error")
+
+
+# -- events ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StartRequested:
+    at: float
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    at: float
+
+
+@dataclass(frozen=True)
+class Spawned:
+    pid: int
+    at: float
+    wall: float
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    error: str
+    at: float
+    wall: float
+
+
+@dataclass(frozen=True)
+class Exited:
+    code: int | None  # exit status, when the process called exit()
+    signal: int | None  # the signal that killed it, otherwise
+    at: float
+    wall: float
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    kind: str  # "started" | "backoff" | "kill"
+    at: float
+
+
+Event = StartRequested | StopRequested | Spawned | SpawnFailed | Exited | TimerFired
+
+
+# -- actions ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spawn:
+    pass
+
+
+@dataclass(frozen=True)
+class SignalGroup:
+    signal: int
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    kind: str
+    delay: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    pass
+
+
+Action = Spawn | SignalGroup | StartTimer | CancelTimer
+
+SIGKILL = 9
+
+
+def restart_delay(policy: Backoff, quick_failures: int, random: Callable[[], float]) -> float:
+    """Delay before the next spawn, given how many quick failures came right before this one."""
+    if quick_failures <= 0:
+        return 0.0
+    base = policy.initial * policy.factor ** (quick_failures - 1)
+    jittered = min(policy.max, base) * (1.0 + policy.jitter * (2.0 * random() - 1.0))
+    return max(0.0, min(policy.max, jittered))
+
+
+@dataclass
+class LastExit:
+    code: int | None
+    signal: int | None
+    reason: str
+    wall: float
+
+
+@dataclass
+class Lifecycle:
+    spec: ServiceSpec
+    random: Callable[[], float]
+    state: State = State.STOPPED
+    pid: int | None = None
+    started_at: float | None = None  # monotonic, current process
+    started_wall: float | None = None
+    starts: int = 0
+    quick_failures: int = 0
+    next_start_at: float | None = None  # monotonic, while in BACKOFF
+    last_exit: LastExit | None = None
+    last_error: str | None = None
+    exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_REASONS, 0))
+    timer: str | None = None
+    start_after_stop: bool = False
+
+    def __repr__(self) -> str:
+        return (f"<Lifecycle {self.spec.name} {self.state} pid={self.pid} starts={self.starts} "
+                f"quick_failures={self.quick_failures}>")
+
+    def handle(self, event: Event) -> list[Action]:
+        handler = getattr(self, "_on_" + type(event).__name__)
+        actions: list[Action] = handler(event)
+        return actions
+
+    # -- requests ------------------------------------------------------------------------
+    def _on_StartRequested(self, event: StartRequested) -> list[Action]:
+        if self.state in (State.STOPPED, State.EXITED, State.FATAL):
+            self.quick_failures = 0  # an operator's start is a fresh attempt
+            return self._spawn()
+        if self.state is State.BACKOFF:  # start now rather than after the delay
+            return [CancelTimer(), *self._spawn()]
+        if self.state is State.STOPPING:
+            self.start_after_stop = True
+        return []
+
+    def _on_StopRequested(self, event: StopRequested) -> list[Action]:
+        self.start_after_stop = False
+        if self.state in (State.STARTING, State.RUNNING):
+            self.state = State.STOPPING
+            return [SignalGroup(self.spec.stop_signal), self._timer("kill", self.spec.stop_timeout)]
+        if self.state is State.BACKOFF:
+            self.state = State.STOPPED
+            self.next_start_at = None
+            return self._cancel_timer()
+        if self.state in (State.EXITED, State.FATAL):
+            self.state = State.STOPPED
+        return []
+
+    # -- what the runner reports ---------------------------------------------------------
+    def _on_Spawned(self, event: Spawned) -> list[Action]:
+        self.pid = event.pid
+        self.started_at = event.at
+        self.started_wall = event.wall
+        self.starts += 1
+        self.last_error = None
+        if self.spec.start_seconds <= 0:
+            self.state = State.RUNNING
+            return []
+        return [self._timer("started", self.spec.start_seconds)]
+
+    def _on_SpawnFailed(self, event: SpawnFailed) -> list[Action]:
+        self.last_error = event.error
+        self._record_exit(None, None, "spawn_error", event.wall)
+        return self._after_exit(event.at, quick=True)
+
+    def _on_TimerFired(self, event: TimerFired) -> list[Action]:
+        if event.kind != self.timer:
+            return []  # a timer that was replaced or cancelled
+        self.timer = None
+        if event.kind == "started" and self.state is State.STARTING:
+            self.state = State.RUNNING
+        elif event.kind == "backoff" and self.state is State.BACKOFF:
+            self.next_start_at = None
+            return self._spawn()
+        elif event.kind == "kill" and self.state is State.STOPPING:
+            return [SignalGroup(SIGKILL)]
+        return []
+
+    def _on_Exited(self, event: Exited) -> list[Action]:
+        if self.state not in ACTIVE_STATES:
+            return []
+        # Whatever the service left in its process group goes with it, so that a restart
+        # never races a half-dead predecessor for its port.
+        actions: list[Action] = [SignalGroup(SIGKILL)]
+        ran_for = event.at - (self.started_at if self.started_at is not None else event.at)
+        self.pid = None
+        self.started_at = None
+        self.started_wall = None
+        if self.state is State.STOPPING:
+            self._record_exit(event.code, event.signal, "stopped", event.wall)
+            self.state = State.STOPPED
+            actions += self._cancel_timer()
+            if self.start_after_stop:
+                self.start_after_stop = False
+                self.quick_failures = 0
+                actions += self._spawn()
+            return actions
+        success = event.signal is None and event.code in self.spec.success_exit_codes
+        reason = "success" if success else ("signal" if event.signal is not None else "failure")
+        self._record_exit(event.code, event.signal, reason, event.wall)
+        stable = self.state is State.RUNNING and ran_for >= self.spec.backoff.reset_after
+        actions += self._cancel_timer()
+        restart = self.spec.restart == "always" or (
+            self.spec.restart == "on-failure" and not success)
+        if not restart:
+            self.state = State.EXITED
+            return actions
+        return actions + self._after_exit(event.at, quick=not stable)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _after_exit(self, now: float, quick: bool) -> list[Action]:
+        if not quick:
+            self.quick_failures = 0
+        limit = self.spec.backoff.max_retries
+        if limit is not None and self.quick_failures >= limit and quick:
+            self.state = State.FATAL
+            return []
+        delay = restart_delay(self.spec.backoff, self.quick_failures, self.random)
+        if quick:
+            self.quick_failures += 1
+        if delay <= 0:
+            return self._spawn()
+        self.state = State.BACKOFF
+        self.next_start_at = now + delay
+        return [self._timer("backoff", delay)]
+
+    def _spawn(self) -> list[Action]:
+        self.state = State.STARTING
+        self.next_start_at = None
+        return [Spawn()]
+
+    def _timer(self, kind: str, delay: float) -> StartTimer:
+        self.timer = kind
+        return StartTimer(kind, delay)
+
+    def _cancel_timer(self) -> list[Action]:
+        if self.timer is None:
+            return []
+        self.timer = None
+        return [CancelTimer()]
+
+    def _record_exit(self, code: int | None, sig: int | None, reason: str, wall: float) -> None:
+        self.last_exit = LastExit(code, sig, reason, wall)
+        self.exits[reason] += 1

@@ -1,0 +1,158 @@
+"""The /v1/metrics collector: renders immutable snapshots into metric families.
+
+`collect()` runs in the HTTP server's threads, once per concurrent scrape. It reads snapshots
+the event loop published by reference swap and never calls into the loop or psutil. Every
+series carries `service` and `environment`; the daemon's own process figures come from
+prometheus_client's stock collectors, relabelled with service="supervisor".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from supervisor.lifecycle import EXIT_REASONS, State
+from supervisor.procstats import TreeStats
+from supervisor.runner import ServiceSnapshot
+
+SELF = "supervisor"
+LABELS = ["service", "environment"]
+
+
+@dataclass(frozen=True)
+class MetricsView:
+    environment: str
+    services: Mapping[str, ServiceSnapshot]
+    stats: Mapping[str, TreeStats] = field(default_factory=dict)
+
+
+FamilySource = Callable[[], Iterable[Metric]]
+
+
+class SupervisorCollector:
+    def __init__(self, view: Callable[[], MetricsView],
+                 extra: Iterable[FamilySource] = (),
+                 finish: Callable[[list[Metric]], list[Metric]] | None = None) -> None:
+        self._view = view
+        self._extra = list(extra)
+        self._finish = finish
+        # The stock collectors live in a private registry, relabelled on the way out.
+        self._own = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self._own)
+        PlatformCollector(registry=self._own)
+        GCCollector(registry=self._own)
+
+    def add_source(self, source: FamilySource) -> None:
+        self._extra.append(source)
+
+    def describe(self) -> list[Metric]:
+        return []  # no collect() at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._view()
+        families = list(service_families(view, time.monotonic()))
+        families += relabel([self._own], SELF, view.environment)
+        for source in self._extra:
+            families += list(source())
+        if self._finish is not None:
+            families = self._finish(families)
+        yield from families
+
+
+def service_families(view: MetricsView, now: float) -> Iterator[Metric]:
+    env = view.environment
+    snaps = list(view.services.values())
+
+    def gauge(name: str, doc: str, value_of: Callable[[ServiceSnapshot], float | None],
+              unit: str = "") -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=LABELS, unit=unit)
+        for s in snaps:
+            value = value_of(s)
+            if value is not None:
+                family.add_metric([s.name, env], value)
+        return family
+
+    yield gauge("uptime_seconds", "Seconds since the service's current process started; "
+                "0 while it is not running.", lambda s: s.uptime(now))
+    starts = CounterMetricFamily("service_starts", "Processes spawned for the service since the "
+                                 "daemon started.", labels=LABELS)
+    for s in snaps:
+        starts.add_metric([s.name, env], s.starts)
+    yield starts
+    yield gauge("service_up", "1 if the service's process is running (past start_seconds).",
+                lambda s: 1.0 if s.state is State.RUNNING else 0.0)
+    state = GaugeMetricFamily("service_state", "1 for the service's current lifecycle state, "
+                              "0 for the others.", labels=[*LABELS, "state"])
+    for s in snaps:
+        for st in State:
+            state.add_metric([s.name, env, st.value], 1.0 if s.state is st else 0.0)
+    yield state
+    yield gauge("service_start_time_seconds", "Unix time the current process started.",
+                lambda s: s.started_wall if s.pid is not None else None)
+    exits = CounterMetricFamily("service_exits", "Process exits by reason: success, failure "
+                                "(non-success exit code), signal, stopped (asked by the "
+                                "supervisor), spawn_error.", labels=[*LABELS, "reason"])
+    for s in snaps:
+        for reason in EXIT_REASONS:
+            exits.add_metric([s.name, env, reason], s.exits.get(reason, 0))
+    yield exits
+    yield gauge("service_last_exit_code", "Exit code of the last exit; 128+N for a process "
+                "killed by signal N (the shell's convention).", _last_exit_code)
+    yield gauge("service_restart_backoff_seconds", "Seconds until the next restart while in "
+                "backoff, else 0.",
+                lambda s: max(0.0, s.next_start_at - now) if s.next_start_at is not None else 0.0)
+    stats = view.stats
+    cpu = CounterMetricFamily("service_cpu_seconds", "CPU time (user+system) of the service's "
+                              "process group, carried across restarts.", labels=LABELS)
+    for s in snaps:
+        if s.name in stats:
+            cpu.add_metric([s.name, env], stats[s.name].cpu_seconds)
+    yield cpu
+    for name, doc, attr in (
+        ("service_memory_resident_bytes", "Resident memory of the service's process group.",
+         "rss_bytes"),
+        ("service_threads", "Threads in the service's process group.", "threads"),
+        ("service_open_fds", "Open file descriptors in the service's process group.", "open_fds"),
+        ("service_processes", "Processes in the service's process group.", "processes"),
+    ):
+        yield gauge(name, doc, lambda s, a=attr: _stat(stats, s.name, a))
+
+
+def _stat(stats: Mapping[str, TreeStats], name: str, attr: str) -> float | None:
+    entry = stats.get(name)
+    return None if entry is None else float(getattr(entry, attr))
+
+
+def _last_exit_code(s: ServiceSnapshot) -> float | None:
+    if s.last_exit is None or s.last_exit.reason == "spawn_error":
+        return None
+    if s.last_exit.signal is not None:
+        return 128.0 + s.last_exit.signal
+    return float(s.last_exit.code or 0)
+
+
+def relabel(collectors: Iterable[object], service: str, environment: str) -> list[Metric]:
+    """Run stock collectors and add service/environment to every sample."""
+    out: list[Metric] = []
+    for collector in collectors:
+        for family in collector.collect():  # type: ignore[attr-defined]
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labels = {"service": service, "environment": environment, **sample.labels}
+                copy.add_sample(sample.name, labels, sample.value, sample.timestamp,
+                                sample.exemplar)
+            out.append(copy)
+    return out
+
+
+def build_registry(collector: SupervisorCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)  # type: ignore[arg-type]
+    return registry

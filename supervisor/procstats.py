@@ -1,0 +1,99 @@
+"""Resource figures per service, summed over its whole process group, sampled with psutil.
+
+psutil reads /proc and blocks, so `ProcStatsSampler.sample` is meant for a worker thread
+(`anyio.to_thread.run_sync`); the HTTP threads only ever read the frozen result.
+
+The CPU figure is a true counter across the group's churn: when a member (or the leader, on
+restart) disappears, its last seen CPU time is carried forward, so the series never goes down
+while the daemon runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import psutil
+
+
+@dataclass(frozen=True)
+class TreeStats:
+    cpu_seconds: float
+    rss_bytes: int
+    threads: int
+    open_fds: int
+    processes: int
+
+
+@dataclass
+class _ServiceCpu:
+    carried: float = 0.0
+    last: dict[int, float] = field(default_factory=dict)
+
+
+class ProcStatsSampler:
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}
+        self._cpu: dict[str, _ServiceCpu] = {}
+
+    def sample(self, leaders: Mapping[str, int]) -> dict[str, TreeStats]:
+        """`leaders` maps service -> pid of its live process (which leads its group)."""
+        wanted = {pid: name for name, pid in leaders.items()}
+        members: dict[str, list[int]] = {name: [] for name in leaders}
+        for pid in psutil.pids():
+            try:
+                group = os.getpgid(pid)
+            except OSError:
+                continue
+            name = wanted.get(group)
+            if name is not None:
+                members[name].append(pid)
+        result: dict[str, TreeStats] = {}
+        seen: set[int] = set()
+        for name, pids in members.items():
+            cpu_state = self._cpu.setdefault(name, _ServiceCpu())
+            cpu_now: dict[int, float] = {}
+            rss = threads = fds = count = 0
+            for pid in pids:
+                proc = self._process(pid)
+                if proc is None:
+                    continue
+                try:
+                    with proc.oneshot():
+                        times = proc.cpu_times()
+                        rss += proc.memory_info().rss
+                        threads += proc.num_threads()
+                        fds += proc.num_fds()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+                cpu_now[pid] = times.user + times.system
+                count += 1
+                seen.add(pid)
+            for pid, last in cpu_state.last.items():
+                if pid not in cpu_now:
+                    cpu_state.carried += last
+            cpu_state.last = cpu_now
+            result[name] = TreeStats(cpu_state.carried + sum(cpu_now.values()), rss, threads,
+                                     fds, count)
+        for name in list(self._cpu):
+            if name not in leaders:  # not running now: keep the carried total, drop live pids
+                state = self._cpu[name]
+                state.carried += sum(state.last.values())
+                state.last = {}
+        self._procs = {pid: proc for pid, proc in self._procs.items() if pid in seen}
+        return result
+
+    def cpu_carried(self, name: str) -> float:
+        state = self._cpu.get(name)
+        return state.carried if state else 0.0
+
+    def _process(self, pid: int) -> psutil.Process | None:
+        proc = self._procs.get(pid)
+        if proc is None:
+            try:
+                proc = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                return None
+            self._procs[pid] = proc
+        return proc

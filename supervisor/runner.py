@@ -1,0 +1,211 @@
+"""The I/O shell around one service's Lifecycle: spawns, signals, timers, exit watching.
+
+Everything that happens to the service becomes an event on one queue; one task applies the
+events to the pure Lifecycle in order and performs the actions it returns. After each event
+an immutable ServiceSnapshot is published for the HTTP threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskGroup
+
+from supervisor import lifecycle as lc
+from supervisor.config import ServiceSpec, child_environment
+from supervisor.datatypes import signal_name
+from supervisor.errors import SpawnError
+from supervisor.output import drain
+from supervisor.spawn import Child, monotonic_and_wall, spawn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceSnapshot:
+    """What the HTTP threads may read about a service: immutable, swapped whole."""
+
+    name: str
+    state: lc.State
+    pid: int | None
+    started_at: float | None  # monotonic
+    started_wall: float | None
+    starts: int
+    exits: Mapping[str, int]
+    last_exit: lc.LastExit | None
+    last_error: str | None
+    next_start_at: float | None  # monotonic
+    quick_failures: int
+    autostart: bool
+
+    def uptime(self, now: float) -> float:
+        if self.state not in (lc.State.STARTING, lc.State.RUNNING) or self.started_at is None:
+            return 0.0
+        return max(0.0, now - self.started_at)
+
+
+class ServiceRunner:
+    def __init__(self, spec: ServiceSpec, *, environ: Mapping[str, str],
+                 publish: Callable[[ServiceSnapshot], None],
+                 rng: Callable[[], float] = random.random) -> None:
+        self.spec = spec
+        self.machine = lc.Lifecycle(spec, rng)
+        self._environ = environ
+        self._publish = publish
+        self._send, self._receive = anyio.create_memory_object_stream[lc.Event](math.inf)
+        self._child: Child | None = None
+        self._timer_scope: anyio.CancelScope | None = None
+        self._tg: TaskGroup | None = None
+        self._changed = anyio.Event()
+        self.snapshot = self._make_snapshot()
+
+    def __repr__(self) -> str:
+        return f"<ServiceRunner {self.machine!r}>"
+
+    # -- public, called from the daemon's tasks ------------------------------------------
+    def start(self) -> None:
+        self._post(lc.StartRequested(_now()))
+
+    def stop(self) -> None:
+        self._post(lc.StopRequested(_now()))
+
+    async def wait_until(self, predicate: Callable[[ServiceSnapshot], bool]) -> ServiceSnapshot:
+        while not predicate(self.snapshot):
+            changed = self._changed
+            await changed.wait()
+        return self.snapshot
+
+    def child_pid(self) -> int | None:
+        """The pid of our child while it is unreaped (and so safe to signal)."""
+        child = self._child
+        return child.pid if child is not None and child.status is None else None
+
+    async def stop_and_wait(self) -> ServiceSnapshot:
+        self.stop()
+        return await self.wait_until(lambda s: s.state in lc.SETTLED_STATES)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Process events until cancelled; on the way out, stop the child for good."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                async for event in self._receive:
+                    self._apply(event)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._terminate()
+
+    # -- internals -------------------------------------------------------------------------
+    def _post(self, event: lc.Event) -> None:
+        self._send.send_nowait(event)
+
+    def _apply(self, event: lc.Event) -> None:
+        before = self.machine.state
+        for action in self.machine.handle(event):
+            self._perform(action)
+        after = self.machine.state
+        if after is not before:
+            log.debug("state service=%s %s -> %s", self.spec.name, before, after)
+            if after is lc.State.FATAL:
+                log.error("gave up service=%s after %d quick failures (max_retries)",
+                          self.spec.name, self.machine.quick_failures)
+        self.snapshot = self._make_snapshot()
+        self._publish(self.snapshot)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _perform(self, action: lc.Action) -> None:
+        if isinstance(action, lc.Spawn):
+            self._spawn()
+        elif isinstance(action, lc.SignalGroup):
+            if self._child is not None:
+                if self._child.status is None:
+                    log.info("signal service=%s pid=%d signal=%s", self.spec.name,
+                             self._child.pid, signal_name(action.signal))
+                self._child.signal_group(action.signal)
+        elif isinstance(action, lc.StartTimer):
+            self._start_timer(action.kind, action.delay)
+        elif isinstance(action, lc.CancelTimer):
+            self._cancel_timer()
+
+    def _spawn(self) -> None:
+        assert self._tg is not None
+        env = child_environment(self.spec, self._environ)
+        try:
+            child = spawn(self.spec.command, env, self.spec.cwd)
+        except SpawnError as exc:
+            at, wall = monotonic_and_wall()
+            log.error("spawn failed service=%s error=%s", self.spec.name, exc)
+            self._post(lc.SpawnFailed(str(exc), at, wall))
+            return
+        at, wall = monotonic_and_wall()
+        self._child = child
+        log.info("spawned service=%s pid=%d", self.spec.name, child.pid)
+        self._tg.start_soon(drain, child.stdout, self.spec.name, "stdout")
+        self._tg.start_soon(drain, child.stderr, self.spec.name, "stderr")
+        self._tg.start_soon(self._watch, child)
+        # Applied synchronously so that no other event can slip between Spawn and Spawned.
+        for action in self.machine.handle(lc.Spawned(child.pid, at, wall)):
+            self._perform(action)
+
+    async def _watch(self, child: Child) -> None:
+        status = await child.wait()
+        at, wall = monotonic_and_wall()
+        level = logging.INFO if self.machine.state is lc.State.STOPPING else logging.WARNING
+        log.log(level, "exited service=%s pid=%d %s", self.spec.name, child.pid, status.describe())
+        self._post(lc.Exited(status.code, status.signal, at, wall))
+
+    def _start_timer(self, kind: str, delay: float) -> None:
+        assert self._tg is not None
+        self._cancel_timer()
+        scope = anyio.CancelScope()
+        self._timer_scope = scope
+
+        async def fire() -> None:
+            with scope:
+                await anyio.sleep(delay)
+                self._post(lc.TimerFired(kind, _now()))
+
+        self._tg.start_soon(fire)
+
+    def _cancel_timer(self) -> None:
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
+            self._timer_scope = None
+
+    async def _terminate(self) -> None:
+        """Last resort when the runner is torn down with the child still alive (daemon shutdown
+        without an orderly stop, or an error): stop_signal, grace, SIGKILL, reap."""
+        child = self._child
+        if child is None or child.status is not None:
+            return
+        child.signal_group(self.spec.stop_signal)
+        with anyio.move_on_after(self.spec.stop_timeout):
+            await child.wait()
+        if child.status is None:
+            child.signal_group(lc.SIGKILL)
+            with anyio.move_on_after(5):
+                await child.wait()
+        child.signal_group(lc.SIGKILL)  # leftovers in the group
+        child.close_if_unreaped()
+
+    def _make_snapshot(self) -> ServiceSnapshot:
+        m = self.machine
+        return ServiceSnapshot(
+            name=self.spec.name, state=m.state, pid=m.pid, started_at=m.started_at,
+            started_wall=m.started_wall, starts=m.starts, exits=dict(m.exits),
+            last_exit=m.last_exit, last_error=m.last_error, next_start_at=m.next_start_at,
+            quick_failures=m.quick_failures, autostart=self.spec.autostart,
+        )
+
+
+def _now() -> float:
+    return monotonic_and_wall()[0]
+

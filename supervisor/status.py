@@ -1,0 +1,50 @@
+"""The JSON document behind GET /v1/status and `supervisor status --json` (a stable shape,
+documented in docs/status.md)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from supervisor.datatypes import signal_name
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Daemon
+
+SCHEMA_VERSION = 1
+
+
+def status_document(daemon: Daemon) -> dict[str, Any]:
+    now, wall = time.monotonic(), time.time()
+    services = []
+    for snap in daemon.snapshots.values():
+        last = snap.last_exit
+        services.append({
+            "name": snap.name,
+            "state": snap.state.value,
+            "pid": snap.pid,
+            "uptime_seconds": round(snap.uptime(now), 3),
+            "starts": snap.starts,
+            "started_at": snap.started_wall,
+            "last_exit": None if last is None else {
+                "code": last.code,
+                "signal": signal_name(last.signal) if last.signal is not None else None,
+                "reason": last.reason,
+                "at": last.wall,
+            },
+            "last_error": snap.last_error,
+            "next_start_in_seconds": (round(max(0.0, snap.next_start_at - now), 3)
+                                      if snap.next_start_at is not None else None),
+            "quick_failures": snap.quick_failures,
+        })
+    return {
+        "version": SCHEMA_VERSION,
+        "environment": daemon.config.settings.environment,
+        "time": wall,
+        "daemon": {"pid": os.getpid(),
+                   "uptime_seconds": round(now - daemon.started_at, 3),
+                   "config": daemon.config.path,
+                   "last_reload_ok": daemon.last_reload_ok},
+        "services": services,
+    }
