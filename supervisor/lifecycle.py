@@ -243,8 +243,8 @@ class Lifecycle:
             self.state = State.FATAL
             return []
         delay = restart_delay(self.spec.backoff, self.quick_failures, self.random)
-        if quick:
-            self.quick_failures += 1
+        # Counts restarts since the last stable run: the first is immediate, later ones wait.
+        self.quick_failures += 1
         if delay <= 0:
             return self._spawn()
         self.state = State.BACKOFF

@@ -99,12 +99,17 @@ class ServiceRunner:
                 async for event in self._receive:
                     self._apply(event)
         finally:
+            self._receive.close()
+            self._send.close()
             with anyio.CancelScope(shield=True):
                 await self._terminate()
 
     # -- internals -------------------------------------------------------------------------
     def _post(self, event: lc.Event) -> None:
-        self._send.send_nowait(event)
+        try:
+            self._send.send_nowait(event)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            log.debug("event after shutdown service=%s event=%r", self.spec.name, event)
 
     def _apply(self, event: lc.Event) -> None:
         before = self.machine.state

@@ -1,0 +1,98 @@
+"""Helpers shared by the daemon tests: free ports, config files, an in-process daemon."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from supervisor.config import Config, load_config
+from supervisor.daemon import Daemon
+from supervisor.runner import ServiceSnapshot
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(tmp_path: Path, services: str, supervisor: str = "", port: int | None = None
+                 ) -> Path:
+    port = port or free_port()
+    text = (f'[supervisor]\nlisten = "127.0.0.1:{port}"\nstats_interval = 0.5\n'
+            f"{textwrap.dedent(supervisor)}\n{textwrap.dedent(services)}")
+    path = tmp_path / "services.toml"
+    path.write_text(text)
+    return path
+
+
+def service(name: str, code: str, **keys: Any) -> str:
+    """A [services.NAME] table running `python -c code`."""
+    lines = [f"[services.{name}]", f"command = {json.dumps([PY, '-c', textwrap.dedent(code)])}"]
+    for key, value in keys.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+@asynccontextmanager
+async def running_daemon(path: Path, **kwargs: Any) -> AsyncIterator[Daemon]:
+    config: Config = load_config(path)
+    daemon = Daemon(config, handle_signals=False, **kwargs)
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.request_shutdown()
+
+
+async def wait_for(daemon: Daemon, name: str, predicate: Callable[[ServiceSnapshot], bool],
+                   timeout: float = 10.0) -> ServiceSnapshot:
+    with anyio.fail_after(timeout):
+        return await daemon.runners[name].wait_until(predicate)
+
+
+def base_url(daemon: Daemon) -> str:
+    assert daemon.listen_address is not None
+    host, port = daemon.listen_address
+    return f"http://{host}:{port}"
+
+
+async def get(daemon: Daemon, path: str, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=base_url(daemon), timeout=10) as client:
+        return await client.get(path, **kwargs)
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """Read one sample's value from exposition text with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def pid_exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()

@@ -1,0 +1,258 @@
+"""The daemon in-process with real child processes, through its HTTP interface, on both backends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import psutil
+import pytest
+
+from supervisor.lifecycle import State
+from tests.support import (
+    base_url,
+    get,
+    pid_alive,
+    running_daemon,
+    sample,
+    service,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.anyio
+
+SLEEPER = "import time\nwhile True: time.sleep(1)"
+
+
+def running(s) -> bool:  # type: ignore[no-untyped-def]
+    return s.state is State.RUNNING
+
+
+async def test_crash_restarts_service_and_counts_the_start(tmp_path: Path) -> None:
+    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.2))
+    async with running_daemon(path) as daemon:
+        first = await wait_for(daemon, "api", running)
+        await anyio.sleep(0.6)
+        text = (await get(daemon, "/v1/metrics")).text
+        labels = {"service": "api", "environment": "development"}
+        assert sample(text, "service_starts_total", **labels) == 1.0
+        assert (sample(text, "uptime_seconds", **labels) or 0) >= 0.5
+        assert first.pid is not None
+        killed_at = time.monotonic()
+        os.kill(first.pid, signal.SIGKILL)
+        second = await wait_for(daemon, "api", lambda s: s.starts == 2 and s.pid is not None)
+        restart_latency = time.monotonic() - killed_at
+        assert second.pid != first.pid
+        assert restart_latency < 1.0  # first restart after a run is immediate
+        text = (await get(daemon, "/v1/metrics")).text
+        assert sample(text, "service_starts_total", **labels) == 2.0
+        assert (sample(text, "uptime_seconds", **labels) or 99) < 0.5
+        assert sample(text, "service_exits_total", reason="signal", **labels) == 1.0
+        assert sample(text, "service_last_exit_code", **labels) == 128 + 9
+        status = (await get(daemon, "/v1/status")).json()
+        api = next(s for s in status["services"] if s["name"] == "api")
+        assert api["last_exit"]["signal"] == "SIGKILL" and api["starts"] == 2
+
+
+async def test_crash_loop_delays_grow_and_spawns_stay_bounded(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+[services.crasher]
+command = ["sh", "-c", "exit 1"]
+start_seconds = 0
+backoff_initial = 0.2
+backoff_factor = 2.0
+backoff_jitter = 0.0
+""")
+    async with running_daemon(path) as daemon:
+        spawn_times: list[float] = []
+        with anyio.move_on_after(2.2):
+            while True:
+                snap = await daemon.runners["crasher"].wait_until(
+                    lambda s, n=len(spawn_times): s.starts > n)
+                spawn_times.extend([time.monotonic()] * (snap.starts - len(spawn_times)))
+        assert 4 <= len(spawn_times) <= 5  # 0, 0, +0.2, +0.4, +0.8 (then +1.6 after 2.2 s)
+        gaps = [b - a for a, b in zip(spawn_times, spawn_times[1:])]
+        assert gaps[0] < 0.15
+        assert 0.18 <= gaps[1] < 0.5 and 0.38 <= gaps[2] < 0.8
+        assert gaps[2] > gaps[1] * 1.5
+        snap = daemon.snapshots["crasher"]
+        assert snap.exits["failure"] >= 4 and snap.last_exit is not None
+        assert snap.last_exit.code == 1
+
+
+async def test_exit_code_is_exact_every_time(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+[services.three]
+command = ["sh", "-c", "exit 3"]
+start_seconds = 0
+backoff_initial = 0.001
+backoff_max = 0.005
+""")
+    async with running_daemon(path) as daemon:
+        snap = await wait_for(daemon, "three", lambda s: s.exits["failure"] >= 30)
+        assert snap.exits["signal"] == 0 and snap.exits["success"] == 0
+        assert snap.last_exit is not None and snap.last_exit.code == 3
+        text = (await get(daemon, "/v1/metrics")).text
+        assert sample(text, "service_last_exit_code", service="three") == 3.0
+
+
+async def test_child_ignoring_sigterm_is_killed_after_stop_timeout(tmp_path: Path) -> None:
+    code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + SLEEPER
+    path = write_config(tmp_path, service("stubborn", code, start_seconds=0.3, stop_timeout=0.7))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "stubborn", running)
+        began = time.monotonic()
+        daemon.stop_service("stubborn")
+        snap = await wait_for(daemon, "stubborn", lambda s: s.state is State.STOPPED)
+        took = time.monotonic() - began
+        assert snap.last_exit is not None and snap.last_exit.signal == signal.SIGKILL
+        assert snap.last_exit.reason == "stopped"
+        assert 0.65 <= took < 3.0
+        await anyio.sleep(0.3)
+        assert daemon.snapshots["stubborn"].state is State.STOPPED  # stays stopped
+
+
+async def test_grandchildren_are_gone_after_a_stop(tmp_path: Path) -> None:
+    path = write_config(tmp_path, """
+[services.family]
+command = ["sh", "-c", "sleep 300 & sleep 300 & wait"]
+start_seconds = 0.3
+stop_timeout = 2
+""")
+    async with running_daemon(path) as daemon:
+        snap = await wait_for(daemon, "family", running)
+        assert snap.pid is not None
+        with anyio.fail_after(5):
+            while len(kids := psutil.Process(snap.pid).children(recursive=True)) < 2:
+                await anyio.sleep(0.05)
+        grandchildren = [k.pid for k in kids]
+        daemon.stop_service("family")
+        await wait_for(daemon, "family", lambda s: s.state is State.STOPPED)
+        with anyio.fail_after(5):
+            while any(pid_alive(pid) for pid in grandchildren):
+                await anyio.sleep(0.05)
+
+
+async def test_floods_of_output_never_block_the_child(tmp_path: Path) -> None:
+    marker = tmp_path / "done"
+    code = f"""
+import sys
+line = "x" * 999 + "\\n"
+for _ in range(10_000):
+    sys.stdout.write(line)
+sys.stdout.flush()
+sys.stderr.write("y" * 1_000_000)
+sys.stderr.flush()
+open({str(marker)!r}, "w").close()
+import time
+while True: time.sleep(1)
+"""
+    path = write_config(tmp_path, service("loud", code, start_seconds=0.1))
+    async with running_daemon(path) as daemon:
+        with anyio.fail_after(20):
+            while not marker.exists():
+                await anyio.sleep(0.05)
+        assert (await get(daemon, "/v1/health")).status_code == 200
+        assert daemon.snapshots["loud"].starts == 1
+
+
+async def test_health_liveness_and_router(tmp_path: Path) -> None:
+    path = write_config(tmp_path, service("api", SLEEPER))
+    async with running_daemon(path) as daemon:
+        health = await get(daemon, "/v1/health")
+        assert health.status_code == 200 and health.json()["status"] == "healthy"
+        assert health.json()["uptime_seconds"] >= 0
+        assert (await get(daemon, "/nope")).status_code == 404
+        assert (await get(daemon, "/")).status_code == 404
+        async with httpx.AsyncClient(base_url=base_url(daemon)) as client:
+            post = await client.post("/v1/metrics", content=b"x")
+            assert post.status_code == 405 and post.headers["allow"] == "GET, HEAD"
+            assert (await client.delete("/v1/health")).status_code == 405
+            head = await client.head("/v1/health")
+            assert head.status_code == 200 and head.content == b""
+
+
+async def test_health_reports_a_wedged_event_loop(tmp_path: Path) -> None:
+    path = write_config(tmp_path, service("api", SLEEPER))
+    async with running_daemon(path, health_stale_after=1.0) as daemon:
+        url = base_url(daemon) + "/v1/health"
+        seen: list[int] = []
+
+        def probe() -> None:
+            time.sleep(1.8)
+            seen.append(httpx.get(url, timeout=5).status_code)
+
+        thread = threading.Thread(target=probe)
+        thread.start()
+        time.sleep(2.5)  # deliberately block the event loop: the handler thread must notice
+        thread.join()
+        assert seen == [503]
+        await anyio.sleep(0.7)
+        assert (await get(daemon, "/v1/health")).status_code == 200
+
+
+async def test_metrics_formats_and_promtool(tmp_path: Path) -> None:
+    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1)
+                        + service("idle", SLEEPER, autostart=False))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "api", running)
+        await anyio.sleep(0.7)  # one stats round
+        response = await get(daemon, "/v1/metrics")
+        assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        text = response.text
+        for family in ("uptime_seconds", "service_starts_total", "service_up", "service_state",
+                       "service_cpu_seconds_total", "service_memory_resident_bytes",
+                       "process_resident_memory_bytes"):
+            assert f"\n{family}" in text or text.startswith(family)
+        assert sample(text, "service_starts_total", service="idle") == 0.0
+        assert sample(text, "uptime_seconds", service="idle") == 0.0
+        assert (sample(text, "service_memory_resident_bytes", service="api") or 0) > 1_000_000
+        assert sample(text, "process_resident_memory_bytes", service="supervisor") is not None
+        assert sample(text, "service_state", service="idle", state="stopped") == 1.0
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                assert 'service="' in line and 'environment="development"' in line, line
+        om = await get(daemon, "/v1/metrics",
+                       headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert om.headers["content-type"].startswith("application/openmetrics-text")
+        assert om.text.rstrip().endswith("# EOF")
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool missing: .ci/run installs Debian's prometheus"
+    assert text.strip()
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_depends_on_orders_start_and_reverse_stop(tmp_path: Path) -> None:
+    log = tmp_path / "order.log"
+    code = f"""
+import signal, sys, time
+name = sys.argv[1]
+def stop(*_):
+    open({str(log)!r}, "a").write("stop " + name + "\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+open({str(log)!r}, "a").write("start " + name + "\\n")
+while True: time.sleep(1)
+"""
+    import json
+
+    from tests.support import PY
+
+    def svc(name: str, deps: list[str]) -> str:
+        return (f"[services.{name}]\ncommand = {json.dumps([PY, '-c', code, name])}\n"
+                f"start_seconds = 0.3\ndepends_on = {json.dumps(deps)}\n")
+
+    path = write_config(tmp_path, svc("web", ["db"]) + svc("db", []))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "web", running)
+    assert log.read_text().split("\n")[:4] == ["start db", "start web", "stop web", "stop db"]
