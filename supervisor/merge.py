@@ -1,0 +1,194 @@
+"""Parse children's expositions and merge families from many sources into one exposition.
+
+Pure functions over prometheus_client `Metric` families; no I/O, no clocks, thread-safe.
+
+- `parse_exposition` reads the text format 0.0.4 (what the scraper asks for). A payload with
+  more than `max_series` samples is rejected whole (`SeriesLimitExceeded`), never truncated: a
+  truncated histogram (buckets without `_count`, half the label sets) would be silently wrong in
+  Prometheus, whereas a rejected payload shows up as `service_scrape_up 0`.
+- `relabel` adds `service` and `environment`; a child's own label of that name is kept as
+  `exported_service` / `exported_environment` (more `exported_` prefixes if that is taken too),
+  as Prometheus does with honor_labels=false.
+- `merge` combines same-named families from all sources into one family (one HELP, one TYPE),
+  drops denied names everywhere, and resolves clashes: the first source's type wins and a later
+  family of another type - or one whose exposed names would collide with an earlier family's
+  series, like a gauge `x_count` next to a histogram `x` - is dropped and reported in
+  `MergeResult.conflicts`. Duplicate series (same name and labels) keep the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisor.denylist import DenyList
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SERIES = 10_000
+NO_HELP = "No HELP text was given by the source of this metric."
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+# Series names each family type puts into the text exposition besides its samples' own names.
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("_sum", "_count", "_created"),
+    "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+    "info": ("_info",),
+}
+
+
+class ExpositionError(ValueError):
+    """A payload that is not usable metrics text; the message is short and holds no URL."""
+
+
+class SeriesLimitExceeded(ExpositionError):
+    def __init__(self, limit: int, seen: int) -> None:
+        super().__init__(f"more than {limit} samples")
+        self.limit = limit
+        self.seen = seen  # samples parsed when the limit was hit (> limit)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    name: str
+    source: int  # index of the source whose family was dropped
+    type: str
+    reason: str  # "type" (kept family has another type) or "names" (series names collide)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    families: tuple[Metric, ...]
+    conflicts: tuple[Conflict, ...] = ()
+    denied: int = 0  # families dropped by the deny-list
+    duplicates: int = 0  # samples dropped because an earlier source had the same series
+
+
+def parse_exposition(text: str, max_series: int = DEFAULT_MAX_SERIES) -> list[Metric]:
+    """Families from text format 0.0.4; raises ExpositionError (or SeriesLimitExceeded)."""
+    families: list[Metric] = []
+    samples = 0
+    try:
+        for family in text_string_to_metric_families(text):
+            samples += len(family.samples)
+            if samples > max_series:
+                raise SeriesLimitExceeded(max_series, samples)
+            if not _valid_family(family):
+                # prometheus_client also parses UTF-8/quoted names that promtool 2.42 and older
+                # Prometheus servers reject; one such family must not sink the whole payload.
+                logger.debug("invalid metric or label name family=%r", family.name[:80])
+                continue
+            families.append(family)
+    except ExpositionError:
+        raise
+    except Exception as exc:  # the parser raises ValueError, IndexError, KeyError ... on garbage
+        raise ExpositionError(f"not metrics text: {_short(exc)}") from None
+    return families
+
+
+def sample_count(families: Iterable[Metric]) -> int:
+    return sum(len(f.samples) for f in families)
+
+
+def relabel(families: Iterable[Metric], service: str, environment: str) -> list[Metric]:
+    """Copies of `families` with `service` and `environment` on every sample."""
+    added = {"service": service, "environment": environment}
+    out = []
+    for family in families:
+        copy = Metric(family.name, family.documentation, family.type, family.unit)
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            for key, new_value in added.items():
+                if key in labels:
+                    target = "exported_" + key
+                    while target in labels:
+                        target = "exported_" + target
+                    labels[target] = labels.pop(key)
+                labels[key] = new_value
+            copy.samples.append(sample._replace(labels=labels))
+        out.append(copy)
+    return out
+
+
+def merge(sources: Iterable[Iterable[Metric]], deny: DenyList) -> MergeResult:
+    merged: dict[str, Metric] = {}
+    owner: dict[str, str] = {}  # exposed series name -> family name that claimed it
+    seen: dict[str, set[tuple[str, tuple[tuple[str, str], ...]]]] = {}
+    denied_names: dict[str, bool] = {}
+    conflicts: list[Conflict] = []
+    denied = duplicates = 0
+
+    def is_denied(name: str) -> bool:
+        # Cached per call: a large child repeats a few names thousands of times.
+        found = denied_names.get(name)
+        if found is None:
+            found = denied_names[name] = deny.denies(name)
+        return found
+
+    for index, families in enumerate(sources):
+        for family in families:
+            names = exposed_names(family)
+            if any(is_denied(n) for n in names):
+                denied += 1
+                continue
+            if any(owner.get(n, family.name) != family.name for n in names):
+                conflicts.append(Conflict(family.name, index, family.type, "names"))
+                continue
+            target = merged.get(family.name)
+            if target is None:
+                target = merged[family.name] = Metric(
+                    family.name, family.documentation or NO_HELP, family.type, family.unit)
+                seen[family.name] = set()
+            elif target.type != family.type:
+                conflicts.append(Conflict(family.name, index, family.type, "type"))
+                continue
+            elif target.documentation == NO_HELP and family.documentation:
+                target.documentation = family.documentation
+            for n in names:
+                owner[n] = family.name
+            keys = seen[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key in keys:
+                    duplicates += 1
+                    continue
+                keys.add(key)
+                target.samples.append(sample)
+    for conflict in conflicts:
+        logger.debug("metric family dropped name=%s source=%d type=%s reason=%s",
+                     conflict.name, conflict.source, conflict.type, conflict.reason)
+    return MergeResult(tuple(merged.values()), tuple(conflicts), denied, duplicates)
+
+
+def merge_families(sources: Iterable[Iterable[Metric]], deny: DenyList) -> list[Metric]:
+    """The merged families only; see `merge` for what was dropped."""
+    return list(merge(sources, deny).families)
+
+
+def exposed_names(family: Metric) -> set[str]:
+    """Every series name `family` can put into a text exposition (for deny and clash checks)."""
+    names = {family.name}
+    names.update(family.name + s for s in _SUFFIXES.get(family.type, ()))
+    names.update(s.name for s in family.samples)
+    return names
+
+
+def _valid_family(family: Metric) -> bool:
+    if not _NAME.match(family.name):
+        return False
+    for sample in family.samples:
+        if not _NAME.match(sample.name) or not all(_LABEL.match(k) for k in sample.labels):
+            return False
+    return True
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
