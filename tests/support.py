@@ -19,6 +19,7 @@ from supervisor.daemon import Daemon
 from supervisor.runner import ServiceSnapshot
 
 PY = sys.executable
+SLEEPER_CODE = "import time\nwhile True: time.sleep(1)"
 
 
 def free_port() -> int:

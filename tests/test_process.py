@@ -1,0 +1,102 @@
+"""The daemon as operators run it: `python -m supervisor run`, under a subreaper of the test's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.support import SLEEPER_CODE, free_port, service, write_config
+
+SHIM = Path(__file__).with_name("subreaper_shim.py")
+
+
+def start(path: Path, backend: str, linger: float) -> tuple[subprocess.Popen[str], int]:
+    shim = subprocess.Popen(
+        [sys.executable, str(SHIM), str(linger), sys.executable, "-m", "supervisor", "run",
+         "--config", str(path), "--backend", backend],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert shim.stdout is not None
+    line = shim.stdout.readline()
+    assert line.startswith("pid "), line
+    return shim, int(line.split()[1])
+
+
+def wait_running(port: int, count: int, timeout: float = 20.0) -> list[dict[str, object]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            services = httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=2).json()["services"]
+            if sum(s["state"] == "running" for s in services) == count:
+                return services  # type: ignore[no-any-return]
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("services did not reach running")
+
+
+def finish(shim: subprocess.Popen[str]) -> tuple[int, list[int]]:
+    out, _ = shim.communicate(timeout=60)
+    lines = dict(line.split(" ", 1) if " " in line else (line, "") for line in out.splitlines())
+    return int(lines["exit"]), [int(p) for p in lines.get("leftover", "").split()]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_sigterm_stops_everything_and_exits_0(tmp_path: Path, backend: str) -> None:
+    port = free_port()
+    path = write_config(tmp_path, service("api", SLEEPER_CODE, start_seconds=0.2)
+                        + "[services.family]\n"
+                          'command = ["sh", "-c", "sleep 300 & sleep 300 & wait"]\n'
+                          "start_seconds = 0.2\n", port=port)
+    shim, daemon_pid = start(path, backend, linger=0.5)
+    try:
+        wait_running(port, 2)
+        descendants = [p.pid for p in psutil.Process(daemon_pid).children(recursive=True)]
+        assert len(descendants) >= 4  # api, sh, two sleeps
+        os.kill(daemon_pid, signal.SIGTERM)
+        code, leftover = finish(shim)
+    finally:
+        shim.kill()
+    assert code == 0
+    assert leftover == []
+    assert not [pid for pid in descendants if psutil.pid_exists(pid)]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_sigkill_of_the_daemon_leaves_no_service_behind(tmp_path: Path, backend: str) -> None:
+    port = free_port()
+    path = write_config(tmp_path, "".join(
+        service(f"s{i}", SLEEPER_CODE, start_seconds=0.2) for i in range(3)), port=port)
+    shim, daemon_pid = start(path, backend, linger=2.0)
+    try:
+        services = wait_running(port, 3)
+        pids = [int(s["pid"]) for s in services]  # type: ignore[call-overload]
+        os.kill(daemon_pid, signal.SIGKILL)
+        code, leftover = finish(shim)
+    finally:
+        shim.kill()
+    assert code == -signal.SIGKILL
+    assert leftover == []  # PR_SET_PDEATHSIG took every service down with the daemon
+    assert not [pid for pid in pids if psutil.pid_exists(pid)]
+
+
+def test_daemon_refuses_a_taken_port_without_traceback(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, service("api", SLEEPER_CODE), port=port)
+        result = subprocess.run([sys.executable, "-m", "supervisor", "run", "--config", str(path)],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
