@@ -1,0 +1,285 @@
+"""Fetch each service's metrics endpoint in the background and publish immutable results.
+
+One task per target, each on its own schedule, so a slow target never delays another; one
+shared httpx.AsyncClient (works on asyncio and trio). Every fetch runs under its target's
+timeout (connect + headers + body) and a body-size cap; parsing runs in a worker thread so a
+large payload never stalls the event loop. Every failure becomes a value (`ok=False` with a
+short `error` that never contains the URL), never an exception.
+
+Publishing is a reference swap of an immutable mapping, so `snapshot()` can be called from any
+thread (the HTTP server's collector threads) and never blocks.
+
+Staleness: a target's data is served for at most `stale_after = 3 * interval + timeout`
+seconds after the scrape that produced it. A failed scrape keeps serving the previous good
+families (with `ok=False`) until that bound, then they are dropped at read time; a target
+whose last attempt is itself older than the bound (scraper stopped) reads as `ok=False`.
+
+`run()`, `set_targets()` and everything else that writes belong to the event loop's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+
+import anyio
+import httpx
+from anyio.abc import TaskGroup, TaskStatus
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from supervisor.merge import (
+    DEFAULT_MAX_SERIES,
+    ExpositionError,
+    SeriesLimitExceeded,
+    parse_exposition,
+    sample_count,
+)
+
+logger = logging.getLogger(__name__)
+
+ACCEPT = "text/plain;version=0.0.4;q=1.0, */*;q=0.1"  # the format parse_exposition reads
+BYTES_PER_SAMPLE = 512  # body cap = max_series * this: generous for long label sets and HELP
+STALE_INTERVALS = 3
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    timeout: float
+
+
+@dataclass(frozen=True)
+class ScrapeResult:
+    service: str
+    ok: bool
+    duration_seconds: float
+    families: tuple[Metric, ...]  # the latest good payload (never mutated; relabel copies)
+    fetched_at: float  # clock() when this attempt ended
+    error: str | None = None
+    samples: int = 0  # samples parsed by this attempt (> max_series when it was cut)
+    good_at: float | None = None  # clock() of the attempt that produced `families`
+    stale_after: float = math.inf  # seconds `families` may be served after good_at
+    limited: bool = False  # this attempt was dropped for exceeding max_series or the byte cap
+
+
+TargetsArg = Mapping[str, "Target | tuple[str, float]"]
+
+
+def _targets(targets: TargetsArg) -> dict[str, Target]:
+    return {name: t if isinstance(t, Target) else Target(str(t[0]), float(t[1]))
+            for name, t in targets.items()}
+
+
+class _Failed(Exception):
+    def __init__(self, message: str, limited: bool = False) -> None:
+        super().__init__(message)
+        self.limited = limited
+
+
+class Scraper:
+    def __init__(self, targets: TargetsArg, interval: float,
+                 max_series: int = DEFAULT_MAX_SERIES,
+                 clock: Callable[[], float] = time.monotonic, *,
+                 max_bytes: int | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        self.interval = float(interval)
+        self.max_series = max_series
+        self.max_bytes = max_bytes if max_bytes is not None else max_series * BYTES_PER_SAMPLE
+        self._clock = clock
+        self._transport = transport
+        self._targets: dict[str, Target] = _targets(targets)
+        self._results: Mapping[str, ScrapeResult] = MappingProxyType({})
+        self._changed: anyio.Event | None = None
+        self._scopes: dict[str, tuple[Target, anyio.CancelScope]] = {}
+        self._client: httpx.AsyncClient | None = None
+
+    def __repr__(self) -> str:
+        ok = sum(r.ok for r in self._results.values())
+        return (f"<Scraper targets={len(self._targets)} ok={ok} interval={self.interval:g} "
+                f"running={self._client is not None}>")
+
+    def stale_after(self, target: Target) -> float:
+        return STALE_INTERVALS * self.interval + target.timeout
+
+    # -- reading (any thread) ------------------------------------------------------------------
+    def snapshot(self) -> Mapping[str, ScrapeResult]:
+        """Per-service results with stale data removed; lock-free, safe from any thread."""
+        results = self._results  # one read of the reference: a consistent view
+        now = self._clock()
+        fresh: dict[str, ScrapeResult] = {}
+        for name, result in results.items():
+            if now - result.fetched_at > result.stale_after:
+                result = replace(result, ok=False, families=(), good_at=None,
+                                 error=result.error or "stale: no recent scrape attempt")
+            elif result.good_at is not None and now - result.good_at > result.stale_after:
+                result = replace(result, families=(), good_at=None)
+            fresh[name] = result
+        return MappingProxyType(fresh)
+
+    # -- writing (event loop thread) -----------------------------------------------------------
+    def set_targets(self, targets: TargetsArg) -> None:
+        """Replace the target set (on reload); changed or removed targets restart or stop."""
+        self._targets = _targets(targets)
+        kept = {k: v for k, v in self._results.items() if k in self._targets}
+        self._results = MappingProxyType(kept)
+        if self._changed is not None:
+            self._changed.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # trust_env=False: HTTP(S)_PROXY from the daemon's environment must not route loopback
+        # scrapes through a proxy; redirects are not followed (a metrics URL is exact).
+        async with httpx.AsyncClient(transport=self._transport, trust_env=False,
+                                     follow_redirects=False,
+                                     headers={"Accept": ACCEPT}) as client:
+            self._client = client
+            try:
+                async with anyio.create_task_group() as tg:
+                    task_status.started()
+                    while True:
+                        self._changed = anyio.Event()
+                        self._reconcile(tg)
+                        await self._changed.wait()
+            finally:
+                self._client = None
+                self._changed = None
+                self._scopes.clear()
+
+    def _reconcile(self, tg: TaskGroup) -> None:
+        for name, (target, scope) in list(self._scopes.items()):
+            if self._targets.get(name) != target:
+                scope.cancel()
+                del self._scopes[name]
+        for name, target in self._targets.items():
+            if name not in self._scopes:
+                scope = anyio.CancelScope()
+                self._scopes[name] = (target, scope)
+                tg.start_soon(self._loop, name, target, scope, name=f"scrape {name}")
+
+    async def _loop(self, name: str, target: Target, scope: anyio.CancelScope) -> None:
+        with scope:
+            while True:
+                began = anyio.current_time()
+                result = await self.scrape_once(name, target)
+                self._publish(result)
+                # Fixed-rate schedule; an attempt that overran the interval is followed at once.
+                await anyio.sleep_until(began + self.interval)
+
+    def _publish(self, result: ScrapeResult) -> None:
+        if result.service not in self._targets:
+            return  # removed while its fetch was in flight
+        previous = self._results.get(result.service)
+        if not result.ok and previous is not None and previous.good_at is not None:
+            # Keep serving the last good copy until it is stale (checked at read time).
+            result = replace(result, families=previous.families, good_at=previous.good_at)
+        self._results = MappingProxyType({**self._results, result.service: result})
+
+    async def scrape_once(self, name: str, target: Target | tuple[str, float]) -> ScrapeResult:
+        """One fetch and parse; never raises (except cancellation)."""
+        target = target if isinstance(target, Target) else Target(str(target[0]),
+                                                                   float(target[1]))
+        client = self._client
+        if client is None:
+            raise RuntimeError("Scraper.run() is not running")
+        started = self._clock()
+        families: tuple[Metric, ...] = ()
+        samples = 0
+        try:
+            with anyio.move_on_after(target.timeout) as deadline:
+                body, charset = await self._fetch(client, target)
+            if deadline.cancelled_caught:
+                raise _Failed(f"timeout after {target.timeout:g}s")
+            text = body.decode(charset, errors="replace")
+            try:
+                # A worker thread: 10,000 samples take tens of milliseconds to parse.
+                parsed = await anyio.to_thread.run_sync(parse_exposition, text, self.max_series)
+            except SeriesLimitExceeded as exc:
+                samples = exc.seen
+                raise _Failed(str(exc), limited=True) from None
+            except ExpositionError as exc:
+                raise _Failed(str(exc)) from None
+            families = tuple(parsed)
+            samples = sample_count(families)
+        except _Failed as exc:
+            logger.debug("scrape failed service=%s error=%s", name, exc)
+            return ScrapeResult(name, False, self._clock() - started, (), self._clock(),
+                                str(exc), samples, None, self.stale_after(target), exc.limited)
+        except Exception as exc:  # anything else a child can provoke is still just a failure
+            logger.debug("scrape failed service=%s error=%s", name, type(exc).__name__)
+            return ScrapeResult(name, False, self._clock() - started, (), self._clock(),
+                                f"unexpected error: {type(exc).__name__}", 0, None,
+                                self.stale_after(target))
+        done = self._clock()
+        return ScrapeResult(name, True, done - started, families, done, None, samples, done,
+                            self.stale_after(target))
+
+    async def _fetch(self, client: httpx.AsyncClient, target: Target) -> tuple[bytes, str]:
+        try:
+            async with client.stream("GET", target.url,
+                                     timeout=httpx.Timeout(target.timeout)) as response:
+                if response.status_code != 200:
+                    raise _Failed(f"HTTP {response.status_code}")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > self.max_bytes:
+                    raise _Failed(f"body larger than {self.max_bytes} bytes", limited=True)
+                chunks: list[bytes] = []
+                size = 0
+                # Stopping early by cancelling rather than breaking out of the loop: the
+                # cancellation unwinds httpx's nested async generators, where a `break` would
+                # leave them for the garbage collector (trio warns about each one).
+                with anyio.CancelScope() as cap:
+                    async for chunk in response.aiter_bytes():  # decoded: gzip bombs count too
+                        size += len(chunk)
+                        if size > self.max_bytes:
+                            chunks.clear()
+                            cap.cancel()
+                        elif not cap.cancel_called:
+                            chunks.append(chunk)
+                if size > self.max_bytes:
+                    raise _Failed(f"body larger than {self.max_bytes} bytes", limited=True)
+                return b"".join(chunks), response.charset_encoding or "utf-8"
+        except httpx.TimeoutException:
+            raise _Failed(f"timeout after {target.timeout:g}s") from None
+        except httpx.HTTPError as exc:
+            # httpx messages can embed the URL (credentials); the class name is enough.
+            raise _Failed(f"{type(exc).__name__}") from None
+        except OSError as exc:
+            raise _Failed(f"{type(exc).__name__}") from None
+
+
+def scrape_families(snapshot: Mapping[str, ScrapeResult], environment: str) -> list[Metric]:
+    """Per-service scrape health, for the daemon's own /v1/metrics."""
+    labels = ["service", "environment"]
+    up = GaugeMetricFamily("service_scrape_up",
+                           "1 if the last fetch of the service's metrics endpoint succeeded.",
+                           labels=labels)
+    duration = GaugeMetricFamily("service_scrape_duration_seconds",
+                                 "How long the last fetch and parse of the service's metrics "
+                                 "took.", labels=labels)
+    samples = GaugeMetricFamily("service_scrape_samples",
+                                "Samples in the service's last payload (over the limit: the "
+                                "count when it was cut).", labels=labels)
+    limited = GaugeMetricFamily("service_scrape_limit_exceeded",
+                                "1 if the service's last payload was dropped for exceeding the "
+                                "series or size limit.", labels=labels)
+    for name in sorted(snapshot):
+        result = snapshot[name]
+        values = [name, environment]
+        up.add_metric(values, 1.0 if result.ok else 0.0)
+        duration.add_metric(values, result.duration_seconds)
+        samples.add_metric(values, float(result.samples))
+        limited.add_metric(values, 1.0 if result.limited else 0.0)
+    return [up, duration, samples, limited]
+
+
+def scraped_sources(
+        snapshot: Mapping[str, ScrapeResult]) -> Iterable[tuple[str, tuple[Metric, ...]]]:
+    """(service, families) pairs with data to serve, in service-name order (for relabel)."""
+    return [(name, snapshot[name].families) for name in sorted(snapshot)
+            if snapshot[name].families]
