@@ -71,9 +71,7 @@ class Notifier:
             return None
 
     def __repr__(self) -> str:
-        return (
-            f"Notifier(address={self.address!r}, sent={self.sent}, failures={self.failures})"
-        )
+        return f"Notifier(address={self.address!r}, sent={self.sent}, failures={self.failures})"
 
     def send(self, **fields: object) -> bool:
         """Send `KEY=value` fields in one datagram; True if the kernel accepted it."""

@@ -165,5 +165,12 @@ def test_level_names() -> None:
 
 def test_syslog_priorities() -> None:
     assert [syslog_priority(n) for n in (5, 10, 20, 25, 30, 40, 50, 60)] == [
-        7, 7, 6, 6, 4, 3, 2, 2,
+        7,
+        7,
+        6,
+        6,
+        4,
+        3,
+        2,
+        2,
     ]

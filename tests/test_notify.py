@@ -54,8 +54,8 @@ def drain(sock: socket.socket) -> list[str]:
             return out
 
 
-async def receive(sock: socket.socket, timeout: float = 5.0) -> str:
-    with anyio.fail_after(timeout):
+async def receive(sock: socket.socket) -> str:
+    with anyio.fail_after(5):
         await anyio.wait_readable(sock)
     return sock.recv(4096).decode()
 

@@ -97,10 +97,21 @@ def test_service_contract() -> None:
     # systemd must wait longer than the daemon's own graceful stop of a default service.
     assert seconds(d["TimeoutStopSec"][0]) >= 4 * ServiceSpec.stop_timeout
     for key in (
-        "NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectClock",
-        "ProtectHostname", "ProtectKernelLogs", "ProtectKernelModules", "ProtectKernelTunables",
-        "ProtectControlGroups", "LockPersonality", "MemoryDenyWriteExecute", "RestrictRealtime",
-        "RestrictSUIDSGID", "RestrictNamespaces",
+        "NoNewPrivileges",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "ProtectClock",
+        "ProtectHostname",
+        "ProtectKernelLogs",
+        "ProtectKernelModules",
+        "ProtectKernelTunables",
+        "ProtectControlGroups",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+        "RestrictRealtime",
+        "RestrictSUIDSGID",
+        "RestrictNamespaces",
     ):
         assert d.get(key) == ["yes"], key
     assert d["ProtectSystem"] == ["strict"]
@@ -167,4 +178,3 @@ def test_python_stack_survives_memory_deny_write_execute() -> None:
     assert result.stdout.strip() == "ok"
     # And the unit really asks for it.
     assert directives(UNIT.read_text())["MemoryDenyWriteExecute"] == ["yes"]
-
