@@ -310,6 +310,11 @@ class _TimedBody:
         self._complete = False
         self._recorded = False
 
+    def __len__(self) -> int:
+        # wsgiref sets Content-Length for a one-block body it can len(); a generator body
+        # raises TypeError here, which wsgiref expects.
+        return len(self._body)  # type: ignore[arg-type]
+
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._body

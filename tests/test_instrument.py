@@ -54,6 +54,10 @@ async def bare_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         raise RuntimeError("boom")
     if path == "/slow-timeout":
         raise TimeoutError
+    if path == "/midstream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        raise RuntimeError("midstream")
     status = int(path.strip("/")) if path.strip("/").isdigit() else 200
     await send({"type": "http.response.start", "status": status, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
@@ -76,6 +80,8 @@ async def test_bare_app_status_labels_error_types_and_exact_buckets() -> None:
             await client.get("/boom")
         with pytest.raises(TimeoutError):
             await client.get("/slow-timeout")
+        with pytest.raises(RuntimeError, match="midstream"):
+            await client.get("/midstream")
 
     ep = "/{status}"
     assert value(registry, "http_requests_total", method="GET", endpoint=ep, status="200") == 2
@@ -93,8 +99,11 @@ async def test_bare_app_status_labels_error_types_and_exact_buckets() -> None:
     assert value(registry, failed, method="GET", endpoint=ep, status="408",
                  error_type="timeout") == 1
     # Exceptions count as 500 and still propagated (above).
+    # ... including one raised after a 200 was already started: counted once, as 500.
     assert value(registry, failed, method="GET", endpoint="/x", status="500",
-                 error_type="exception") == 1
+                 error_type="exception") == 2
+    assert value(registry, "http_requests_total", method="GET", endpoint="/x",
+                 status="200") == 0
     assert value(registry, failed, method="GET", endpoint="/x", status="500",
                  error_type="timeout") == 1
     # Successes and redirects are never failures.
@@ -346,7 +355,8 @@ async def test_wsgi_variant_on_a_threading_server_shares_families_with_asgi() ->
         url = f"http://127.0.0.1:{server.server_port}"
         async with httpx.AsyncClient(base_url=url) as client:
             for _ in range(3):
-                assert (await client.get("/v1/health")).status_code == 200
+                health = await client.get("/v1/health")
+                assert health.status_code == 200 and health.headers["content-length"] == "2"
             assert (await client.get("/wp-login.php")).status_code == 404
             assert (await client.get("/v1/boom")).status_code == 500
             assert (await client.request("PURGE", "/v1/metrics")).status_code == 200
