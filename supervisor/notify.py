@@ -13,20 +13,11 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import anyio
 
 logger = logging.getLogger(__name__)
-
-#: Variables that describe *this* daemon's relationship with systemd. Children must not
-#: inherit them: a child that sends READY=1 or WATCHDOG=1 would speak for the daemon.
-NOTIFY_ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-
-
-def scrub_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """A copy of `environ` without the sd_notify/watchdog variables (for spawning children)."""
-    return {k: v for k, v in environ.items() if k not in NOTIFY_ENV_KEYS}
-
 
 def _monotonic_usec() -> int:
     # systemd compares MONOTONIC_USEC against its own CLOCK_MONOTONIC reading.
@@ -100,24 +91,26 @@ class Notifier:
         self.sent += 1
         return True
 
-    def ready(self, status: str | None = None) -> bool:
+    # The verbs return None (the daemon's Notifier protocol); `send` reports success, and
+    # `sent` / `failures` count outcomes.
+    def ready(self, status: str | None = None) -> None:
         if status is None:
-            return self.send(READY=1)
-        return self.send(READY=1, STATUS=status)
+            self.send(READY=1)
+        else:
+            self.send(READY=1, STATUS=status)
 
-    def status(self, text: str) -> bool:
-        return self.send(STATUS=text)
+    def status(self, text: str) -> None:
+        self.send(STATUS=text)
 
-    def reloading(self) -> bool:
+    def reloading(self) -> None:
         # MONOTONIC_USEC lets systemd (253+, Type=notify-reload) tie READY=1 to this reload.
-        return self.send(RELOADING=1, MONOTONIC_USEC=self._monotonic_usec())
+        self.send(RELOADING=1, MONOTONIC_USEC=self._monotonic_usec())
 
-    def stopping(self) -> bool:
-        return self.send(STOPPING=1)
+    def stopping(self) -> None:
+        self.send(STOPPING=1)
 
-    def watchdog(self) -> bool:
-        return self.send(WATCHDOG=1)
-
+    def watchdog(self) -> None:
+        self.send(WATCHDOG=1)
 
 def watchdog_interval(environ: Mapping[str, str], pid: int | None = None) -> float | None:
     """Seconds between watchdog pings (half of WATCHDOG_USEC), or None if not requested.
@@ -146,7 +139,11 @@ def watchdog_interval(environ: Mapping[str, str], pid: int | None = None) -> flo
     return usec / 1_000_000 / 2
 
 
-async def watchdog_loop(notifier: Notifier, interval: float) -> None:
+class WatchdogPinger(Protocol):
+    def watchdog(self) -> object: ...
+
+
+async def watchdog_loop(notifier: WatchdogPinger, interval: float) -> None:
     """Ping WATCHDOG=1 every `interval` seconds until cancelled.
 
     Runs as an ordinary task on the event loop on purpose: if the loop is blocked the pings

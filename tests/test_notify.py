@@ -16,7 +16,6 @@ import pytest
 
 from supervisor.notify import (
     Notifier,
-    scrub_environ,
     watchdog_interval,
     watchdog_loop,
 )
@@ -76,16 +75,16 @@ async def test_each_call_is_one_datagram(receiver: tuple[socket.socket, str]) ->
     sock, address = receiver
     notifier = Notifier.from_environ({"NOTIFY_SOCKET": address})
     assert notifier is not None
-    assert notifier.ready()
+    notifier.ready()
     assert await receive(sock) == "READY=1\n"
-    assert notifier.status("3/3 services running\nsecond line")
+    notifier.status("3/3 services running\nsecond line")
     # Newlines in a value would start a bogus field: they become spaces.
     assert await receive(sock) == "STATUS=3/3 services running second line\n"
-    assert notifier.ready(status="ok")
+    notifier.ready(status="ok")
     assert await receive(sock) == "READY=1\nSTATUS=ok\n"
-    assert notifier.stopping()
+    notifier.stopping()
     assert await receive(sock) == "STOPPING=1\n"
-    assert notifier.watchdog()
+    notifier.watchdog()
     assert await receive(sock) == "WATCHDOG=1\n"
     assert notifier.send(ERRNO=5, STATUS="x")
     assert await receive(sock) == "ERRNO=5\nSTATUS=x\n"
@@ -98,7 +97,7 @@ async def test_reloading_carries_monotonic_usec(receiver: tuple[socket.socket, s
     sock, address = receiver
     notifier = Notifier(address)
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    assert notifier.reloading()
+    notifier.reloading()
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     lines = (await receive(sock)).splitlines()
     assert lines[0] == "RELOADING=1"
@@ -120,9 +119,9 @@ def test_send_failure_never_raises_and_logs_once(caplog: pytest.LogCaptureFixtur
     try:
         notifier = Notifier(os.path.join(tmpdir, "nobody-listens"))
         with caplog.at_level(logging.INFO, logger="supervisor.notify"):
-            assert notifier.watchdog() is False
-            assert notifier.watchdog() is False
-            assert notifier.ready() is False
+            assert notifier.send(WATCHDOG=1) is False
+            assert notifier.send(WATCHDOG=1) is False
+            assert notifier.send(READY=1) is False
         failures = [r for r in caplog.records if "sd_notify failed" in r.getMessage()]
         assert len(failures) == 1
         assert notifier.failures == 3 and notifier.sent == 0
@@ -131,11 +130,11 @@ def test_send_failure_never_raises_and_logs_once(caplog: pytest.LogCaptureFixtur
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(notifier.address)
             with caplog.at_level(logging.INFO, logger="supervisor.notify"):
-                assert notifier.ready() is True
+                assert notifier.send(READY=1) is True
             assert sock.recv(100) == b"READY=1\n"
         os.unlink(notifier.address)
         with caplog.at_level(logging.INFO, logger="supervisor.notify"):
-            assert notifier.ready() is False
+            assert notifier.send(READY=1) is False
         messages = [r.getMessage() for r in caplog.records]
         assert sum("sd_notify recovered" in m for m in messages) == 1
         assert sum("sd_notify failed" in m for m in messages) == 2
@@ -147,7 +146,7 @@ def test_full_receive_queue_does_not_block(receiver: tuple[socket.socket, str]) 
     sock, address = receiver
     notifier = Notifier(address)
     started = time.monotonic()
-    results = [notifier.watchdog() for _ in range(2000)]
+    results = [notifier.send(WATCHDOG=1) for _ in range(2000)]
     # Nobody reads: the queue fills and sends fail (EAGAIN) instead of blocking the caller.
     assert time.monotonic() - started < 2.0
     assert results[0] is True
@@ -167,10 +166,11 @@ def test_watchdog_interval() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "100", "WATCHDOG_PID": "x"}) is None
 
 
-def test_scrub_environ_removes_only_notify_variables() -> None:
-    env = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1", "WATCHDOG_PID": "2", "PATH": "/bin"}
-    assert scrub_environ(env) == {"PATH": "/bin"}
-    assert "NOTIFY_SOCKET" in env  # the input is not modified
+def test_children_do_not_inherit_notify_variables() -> None:
+    # The daemon builds child environments with config.child_environment.
+    from supervisor.config import PRIVATE_ENV
+
+    assert {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} <= set(PRIVATE_ENV)
 
 
 @pytest.mark.anyio
