@@ -43,6 +43,7 @@ EXPORTED: dict[str, frozenset[str]] = {
         "service_scrape_up": (),
         "service_scrape_duration_seconds": (),
         "service_scrape_samples": (),
+        "service_scrape_limit_exceeded": (),
         "http_request_duration_seconds_bucket": ("le",),
         "http_request_duration_seconds_sum": (),
         "http_request_duration_seconds_count": (),
@@ -59,6 +60,7 @@ COMMON_LABELS = frozenset({"service", "environment", "job", "instance"})
 LABEL_VALUES = {
     "state": {"stopped", "starting", "running", "backoff", "stopping", "exited", "fatal"},
     "reason": {"success", "failure", "signal", "stopped", "spawn_error"},
+    "result": {"success", "failure"},
 }
 PROMQL_KEYWORDS = {
     "and",
@@ -202,7 +204,6 @@ def test_dashboard_uses_only_exported_or_recorded_metrics() -> None:
     # error ratio, resources (CPU, memory, fds), readiness.
     required = {
         "uptime_seconds",
-        "service_start_time_seconds",
         "service_starts_total",
         "service_state",
         "service_cpu_seconds_total",
