@@ -33,7 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate services.toml and exit")
     check.add_argument("--config", default="services.toml", help="path to services.toml")
+
+    status = sub.add_parser("status", help="show services and readiness (exit 0 all running, "
+                                           "3 some not running, 4 daemon unreachable)")
+    status.add_argument("--config", default="services.toml",
+                        help="services.toml, to find the daemon's listen address")
+    status.add_argument("--url", help="daemon base URL (default: from the config's listen)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON document")
+
+    for name, text in (("start", "start services"), ("stop", "stop services (they stay "
+                       "stopped until started)"), ("restart", "stop, then start services")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("services", nargs="+", metavar="SERVICE")
+        _socket_args(cmd)
+    reload = sub.add_parser("reload", help="re-read services.toml and apply the changes")
+    _socket_args(reload)
     return parser
+
+
+def _socket_args(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--config", default="services.toml",
+                     help="services.toml, to find the control socket")
+    cmd.add_argument("--socket", help="control socket path (default: from the config)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args.config)
     if args.command == "run":
         return _run(args)
+    if args.command == "status":
+        from supervisor.statuscli import show_status
+
+        return show_status(args.url, args.config, args.json)
+    return _control(args)
     raise AssertionError(args.command)  # pragma: no cover
 
 
@@ -91,6 +117,47 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C before the signal receiver was installed
         return 130
     return 0
+
+
+def _control(args: argparse.Namespace) -> int:
+    from supervisor.control import default_socket_path, request
+
+    path = args.socket
+    if path is None:
+        config = _load_or_report(args.config)
+        if config is None:
+            return 1
+        path = config.settings.control_socket or default_socket_path()
+    services = getattr(args, "services", [])
+    try:
+        response = request(path, args.command, services)
+    except OSError as exc:
+        print(f"supervisor: cannot reach the daemon at {path}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 4
+    except ValueError:
+        print("supervisor: the daemon sent a malformed answer", file=sys.stderr)
+        return 1
+    if not response.get("ok"):
+        if response.get("problems"):
+            print("reload rejected; the running configuration is unchanged:", file=sys.stderr)
+            for problem in response["problems"]:
+                print(f"  {problem}", file=sys.stderr)
+        else:
+            print(f"supervisor: {response.get('error', 'failed')}", file=sys.stderr)
+        return 1
+    if args.command == "reload":
+        for key in ("added", "removed", "changed"):
+            print(f"{key}: {', '.join(response[key]) or '-'}")
+        return 0
+    wanted = {"stop": ("stopped",), "start": ("running", "starting"),
+              "restart": ("running", "starting")}[args.command]
+    code = 0
+    for name, state in response.get("services", {}).items():
+        print(f"{name}: {state}")
+        if state not in wanted:
+            code = 1
+    return code
 
 
 def _notifier() -> object | None:

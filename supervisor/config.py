@@ -277,9 +277,6 @@ class _Parser:
         environment = self.environ.get("ENVIRONMENT") or self.string(
             data, "environment", where, defaults.environment)
         control_socket = self.string(data, "control_socket", where)
-        runtime_dir = self.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
-        if control_socket is None and runtime_dir:
-            control_socket = str(Path(runtime_dir) / "control.sock")
         return Settings(
             listen_host=host,
             listen_port=port,

@@ -22,8 +22,10 @@ from prometheus_client import make_wsgi_app
 from supervisor import lifecycle as lc
 from supervisor import reaper
 from supervisor.config import Config, ServiceSpec, load_config
+from supervisor.control import default_socket_path, serve_control
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.http import Router, serve
+from supervisor.notify import watchdog_interval, watchdog_loop
 from supervisor.metrics import MetricsView, SupervisorCollector, build_registry
 from supervisor.procstats import ProcStatsSampler, TreeStats
 from supervisor.runner import ServiceRunner, ServiceSnapshot
@@ -36,10 +38,11 @@ HEARTBEAT_INTERVAL = 0.5
 
 
 class Notifier(Protocol):
-    def ready(self) -> None: ...
-    def status(self, text: str) -> None: ...
-    def reloading(self) -> None: ...
-    def stopping(self) -> None: ...
+    def ready(self) -> object: ...
+    def status(self, text: str) -> object: ...
+    def reloading(self) -> object: ...
+    def stopping(self) -> object: ...
+    def watchdog(self) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,12 @@ class Daemon:
         self.registry = build_registry(self.collector)
         self.router = self._build_router()
         self.listen_address: tuple[str, int] | None = None
+        self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
 
     # -- views read from HTTP threads -----------------------------------------------------
     def metrics_view(self) -> MetricsView:
-        return MetricsView(self.config.settings.environment, self.snapshots, self.stats)
+        return MetricsView(self.config.settings.environment, self.snapshots, self.stats,
+                           dict(self.reloads), self.last_reload_ok)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         lag = time.monotonic() - self.heartbeat
@@ -128,6 +133,11 @@ class Daemon:
                 tg.start_soon(self._sample_stats)
                 if self.handle_signals:
                     await tg.start(self._watch_signals)
+                await tg.start(serve_control, self, self.control_socket,
+                               settings.control_socket_group)
+                interval = watchdog_interval(self.environ)
+                if self.notifier is not None and interval is not None:
+                    tg.start_soon(watchdog_loop, self.notifier, interval)
                 for spec in self.config.services.values():
                     await self._add_runner(spec)
                 tg.start_soon(self._start_all, list(self.config.services.values()))

@@ -31,6 +31,8 @@ class MetricsView:
     environment: str
     services: Mapping[str, ServiceSnapshot]
     stats: Mapping[str, TreeStats] = field(default_factory=dict)
+    reloads: Mapping[str, int] = field(default_factory=dict)
+    last_reload_ok: bool = True
 
 
 FamilySource = Callable[[], Iterable[Metric]]
@@ -123,6 +125,15 @@ def service_families(view: MetricsView, now: float) -> Iterator[Metric]:
         ("service_processes", "Processes in the service's process group.", "processes"),
     ):
         yield gauge(name, doc, lambda s, a=attr: _stat(stats, s.name, a))
+    ok = GaugeMetricFamily("config_last_reload_successful", "1 if the last reload of "
+                           "services.toml was applied, 0 if it was rejected.", labels=LABELS)
+    ok.add_metric([SELF, env], 1.0 if view.last_reload_ok else 0.0)
+    yield ok
+    reloads = CounterMetricFamily("config_reloads", "Reloads of services.toml by result.",
+                                  labels=[*LABELS, "result"])
+    for result in ("success", "failure"):
+        reloads.add_metric([SELF, env, result], view.reloads.get(result, 0))
+    yield reloads
 
 
 def _stat(stats: Mapping[str, TreeStats], name: str, attr: str) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,7 +32,10 @@ def free_port() -> int:
 def write_config(tmp_path: Path, services: str, supervisor: str = "", port: int | None = None
                  ) -> Path:
     port = port or free_port()
+    # Unix socket paths are limited to 107 bytes: keep it out of pytest's long tmp paths.
+    sock_dir = tempfile.mkdtemp(prefix="sv-")
     text = (f'[supervisor]\nlisten = "127.0.0.1:{port}"\nstats_interval = 0.5\n'
+            f'control_socket = "{sock_dir}/control.sock"\n'
             f"{textwrap.dedent(supervisor)}\n{textwrap.dedent(services)}")
     path = tmp_path / "services.toml"
     path.write_text(text)
