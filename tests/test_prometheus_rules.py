@@ -86,6 +86,8 @@ def test_alerts_and_their_hold_times() -> None:
         ("recording.yml", "histogram_quantile(0.95,", "histogram_quantile(0.90,", "p95_rate5m"),
         # Dropping the "stopped on purpose" exception would page for a stopped service.
         ("alerts.yml", 'service_state{state="stopped"} == 1', "vector(0) == 1", "ServiceDown"),
+        # Excusing every exited service would hide one that failed and stays down.
+        ("alerts.yml", "service_last_exit_code == 0", "service_last_exit_code >= 0", "report"),
     ],
 )
 def test_unit_tests_catch_broken_rules(
