@@ -6,18 +6,21 @@ runs on this one loop, whatever the daemon's backend: one design, tested on both
 
 How a call crosses over, without blocking the caller's loop or parking a worker thread:
 
-1. `run(factory, timeout)` submits `wait_for(factory(), timeout)` to the bridge loop with
-   `asyncio.run_coroutine_threadsafe`, getting a `concurrent.futures.Future`.
-2. It registers a done-callback on that future. The callback runs in the bridge thread and
+1. `run(factory, timeout)` asks the bridge loop (`call_soon_threadsafe`) to start a task
+   running `wait_for(factory(), timeout)`.
+2. A done-callback on that task runs in the bridge thread and
    only *schedules* `event.set` on the caller's loop through the caller's native, non-blocking
    thread-safe entry point (`loop.call_soon_threadsafe` on asyncio,
    `TrioToken.run_sync_soon` on trio), found through `anyio.lowlevel.current_token()`.
    Nothing ever blocks the bridge thread waiting on the caller, so neither loop can stall the
-   other, and a pending call costs a future and an event, not a thread.
+   other, and a pending call costs a task and an event, not a thread.
 3. The caller awaits the anyio Event under its own deadline (timeout + a small grace), so the
    call is bounded even if the bridge loop is wedged. If the caller is cancelled or its
-   deadline passes, it cancels the future, which cancels the task on the bridge loop; clients
-   then close their sockets in their own `finally` blocks, on the loop that owns them.
+   deadline passes, it asks the bridge loop to cancel the task; clients close their sockets in
+   their own `finally` blocks, on the loop that owns them. A cancelled caller waits (shielded,
+   bounded) until the task has really finished, so no bridge work outlives the task group
+   that started it. (`run_coroutine_threadsafe` is not used: its future reports "cancelled"
+   at once, before the task has unwound.)
 
 `factory` is a zero-argument callable that returns the coroutine; it is called on the bridge
 loop, so client objects (connections, pools) are created on the loop they belong to.
@@ -43,6 +46,8 @@ T = TypeVar("T")
 # Extra time the caller grants the bridge after `timeout` before giving up on its own: the
 # bridge's wait_for normally fires first, and cancelling a connect takes a few milliseconds.
 CALLER_GRACE = 0.05
+# How long a cancelled caller waits (shielded) for the bridge task to unwind.
+CANCEL_GRACE = 0.5
 START_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
 
@@ -135,37 +140,88 @@ class AsyncioThread:
 
         Returns its result or raises its exception; raises the builtin `TimeoutError` when
         the bound passes and `BridgeStoppedError` when the bridge is not running. Callable
-        from asyncio or trio; cancellation of the caller cancels the work on the bridge.
+        from asyncio or trio. If the caller is cancelled, the bridge task is cancelled and
+        awaited (shielded, at most `CANCEL_GRACE`), so no work outlives its caller.
         """
         loop = self._loop
         if loop is None or not loop.is_running():
             raise BridgeStoppedError("asyncio bridge is not running")
-        done = anyio.Event()
-        schedule = _threadsafe_scheduler()
-
-        def wake(_: concurrent.futures.Future[Any]) -> None:
-            try:
-                schedule(done.set)
-            except RuntimeError:
-                # The caller's loop already finished (trio.RunFinishedError is a
-                # RuntimeError, as is asyncio's "Event loop is closed"): nobody waits.
-                pass
-
-        future = asyncio.run_coroutine_threadsafe(_bounded(coro_factory, timeout), loop)
-        future.add_done_callback(wake)
+        call = _Call(loop, _threadsafe_scheduler(), anyio.Event())
+        try:
+            loop.call_soon_threadsafe(call.submit, coro_factory, timeout)
+        except RuntimeError:  # the loop closed in between
+            raise BridgeStoppedError("asyncio bridge is not running") from None
         try:
             with anyio.move_on_after(timeout + CALLER_GRACE):
-                await done.wait()
-        finally:
-            if not future.done():
-                future.cancel()
-        if not future.done():
+                await call.done.wait()
+        except BaseException:
+            # Cancelled from outside: let the client unwind (close its socket) before we go.
+            call.cancel()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE):
+                await call.done.wait()
+            raise
+        if not call.done.is_set():
+            call.cancel()  # the bridge loop is wedged; do not wait for it
             raise TimeoutError(f"timed out after {timeout:g}s")
-        if future.cancelled():
-            if not self.running:
-                raise BridgeStoppedError("asyncio bridge stopped during the call")
-            raise TimeoutError(f"timed out after {timeout:g}s")
-        return future.result()
+        if call.error is not None:
+            raise call.error
+        if call.cancelled:
+            raise BridgeStoppedError("asyncio bridge stopped during the call")
+        return call.result  # type: ignore[no-any-return]
+
+
+class _Call:
+    """One crossing. `task`, `result`, `error` are written on the bridge thread only; the
+    caller reads them after `done` is set, which happens-after those writes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 schedule: Callable[[Callable[[], object]], object], done: anyio.Event) -> None:
+        self.loop = loop
+        self.schedule = schedule
+        self.done = done
+        self.task: asyncio.Task[Any] | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._cancel_requested = False
+
+    def submit(self, coro_factory: Callable[[], Awaitable[Any]], timeout: float) -> None:
+        if self._cancel_requested:
+            self.cancelled = True
+            self._wake()
+            return
+        self.task = self.loop.create_task(_bounded(coro_factory, timeout))
+        self.task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self.cancelled = True
+        elif task.exception() is not None:
+            self.error = task.exception()
+        else:
+            self.result = task.result()
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self.schedule(self.done.set)
+        except RuntimeError:
+            # The caller's loop already finished (trio.RunFinishedError is a RuntimeError,
+            # as is asyncio's "Event loop is closed"): nobody is waiting any more.
+            pass
+
+    def cancel(self) -> None:
+        """Ask the bridge loop to cancel the task; safe from any thread, never blocks."""
+
+        def on_loop() -> None:
+            self._cancel_requested = True
+            if self.task is not None:
+                self.task.cancel()
+
+        try:
+            self.loop.call_soon_threadsafe(on_loop)
+        except RuntimeError:
+            pass  # bridge loop closed: the task is gone with it
 
 
 async def _bounded(coro_factory: Callable[[], Awaitable[T]], timeout: float) -> T:

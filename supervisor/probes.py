@@ -200,18 +200,27 @@ async def _timed(spec: CheckSpec, phase: _Phase, clock: Clock,
     error: str | None = None
     try:
         await run()
-    except TimeoutError:
-        error = f"timed out after {spec.timeout:g}s ({phase.name})"
     except _Unhealthy as exc:
         error = str(exc)
     except Exception as exc:  # every client failure becomes a value
-        error = f"{phase.name}: {_describe(exc)}"
+        if _is_timeout(exc):
+            # Whether our deadline or the client's own timer fired first, say the same thing.
+            error = f"timed out after {spec.timeout:g}s ({phase.name})"
+        else:
+            error = f"{phase.name}: {_describe(exc)}"
     finished = clock()
     latency_ms = (finished - started) * 1000.0
     if error is not None:
         error = _clean(error, spec.target)
         logger.debug("check failed check=%s error=%s", spec.name, error)
     return CheckResult(spec.name, error is None, latency_ms, error, finished)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    # redis.exceptions.TimeoutError does not derive from the builtin; match it by name so this
+    # module need not import redis unless a redis check exists.
+    return (isinstance(exc, (TimeoutError, httpx.TimeoutException))
+            or type(exc).__name__ == "TimeoutError")
 
 
 def _describe(exc: BaseException) -> str:
