@@ -275,3 +275,14 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
 def test_checker_rejects_bad_queries(bad: str) -> None:
     with pytest.raises(AssertionError):
         check_names_and_labels([bad], allowed_extra=set())
+
+
+def test_metrics_reference_documents_every_exported_metric() -> None:
+    reference = (ROOT / "docs" / "metrics.md").read_text()
+    missing = [name for name in EXPORTED if f"`{name}" not in reference]
+    assert not missing, missing
+    for label, values in LABEL_VALUES.items():
+        for value in values:
+            assert f"`{value}`" in reference, (label, value)
+    for name in recorded_names():
+        assert f"`{name}`" in reference, name
