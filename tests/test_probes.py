@@ -32,7 +32,8 @@ def bridge() -> Iterator[AsyncioThread]:
 
 
 def spec(kind: str, target: str, **kw: object) -> CheckSpec:
-    return CheckSpec(name=kw.pop("name", kind), type=kind, target=target, **kw)  # type: ignore[arg-type]
+    name = str(kw.pop("name", kind))
+    return CheckSpec(name=name, type=kind, target=target, **kw)  # type: ignore[arg-type]
 
 
 # -- redaction (pure) -----------------------------------------------------------------------

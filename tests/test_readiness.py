@@ -277,7 +277,8 @@ async def test_burst_of_reads_opens_no_connections(
 async def test_wait_healthy_true_when_passing_false_at_timeout(
         bridge: AsyncioThread, black_hole: BlackHole) -> None:
     checks = [spec("database", "postgres", MACHINE_PG, interval=0.2),
-              spec("hole", "tcp", "127.0.0.1:1", interval=0.2, timeout=0.2)]
+              spec("hole", "postgres", f"postgresql://u@{black_hole.address}/db", interval=0.2,
+                   timeout=0.2)]
     async with running(checks, bridge) as monitor:
         assert await monitor.wait_healthy(["database"], 3.0)
         started = time.monotonic()
