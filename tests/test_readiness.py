@@ -308,6 +308,8 @@ async def test_no_thread_task_or_connection_leak_over_hundreds_of_checks(
     if anyio_backend == "asyncio":
         assert len(asyncio.all_tasks()) == tasks
     assert await anyio.to_thread.run_sync(_bridge_tasks, bridge) == 0
+    assert [c for c in me.net_connections(kind="tcp")
+            if c.raddr and c.raddr.port in (5432, 6379)] == []
 
 
 def _bridge_tasks(bridge: AsyncioThread) -> int:
