@@ -120,14 +120,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _control(args: argparse.Namespace) -> int:
-    from supervisor.control import default_socket_path, request
+    from supervisor.control import request, socket_path_for
 
-    path = args.socket
-    if path is None:
-        config = _load_or_report(args.config)
-        if config is None:
-            return 1
-        path = config.settings.control_socket or default_socket_path()
+    path = args.socket or socket_path_for(args.config)
     services = getattr(args, "services", [])
     try:
         response = request(path, args.command, services)

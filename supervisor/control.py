@@ -47,6 +47,25 @@ def default_socket_path(environ: dict[str, str] | None = None) -> str:
     return str(Path(base) / f"supervisor-{os.geteuid()}" / "control.sock")
 
 
+def socket_path_for(config_path: str) -> str:
+    """Where the daemon run with `config_path` listens for control. Reads only that one key, so
+    that `supervisor reload` still reaches the daemon when the edited file is invalid."""
+    from supervisor.config import tomllib
+    from supervisor.datatypes import interpolate
+
+    try:
+        with open(config_path, "rb") as f:
+            configured = tomllib.load(f).get("supervisor", {}).get("control_socket")
+        if isinstance(configured, str):
+            path = Path(interpolate(configured, os.environ)).expanduser()
+            if not path.is_absolute():
+                path = Path(config_path).resolve().parent / path
+            return str(path)
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return default_socket_path()
+
+
 async def serve_control(daemon: Daemon, path: str, group: str | None, *,
                         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                         ) -> None:

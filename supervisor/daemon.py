@@ -75,7 +75,7 @@ class Daemon:
         self._sampler = ProcStatsSampler()
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
         self._tg: TaskGroup | None = None
-        self._start_scope: anyio.CancelScope | None = None
+        self._start_scopes: set[anyio.CancelScope] = set()  # pending starts, cancelled at shutdown
         self.collector = SupervisorCollector(self.metrics_view)
         self.registry = build_registry(self.collector)
         self.router = self._build_router()
@@ -121,7 +121,6 @@ class Daemon:
             raise SupervisorError(f"cannot listen on {settings.listen_host}:"
                                   f"{settings.listen_port}: {exc.strerror or exc}") from None
         self._shutdown = anyio.Event()
-        self._start_scope = anyio.CancelScope()
         self.listen_address = server.server_address[:2]
         log.info("listening address=http://%s:%d/v1/metrics", *self.listen_address)
         if self.subreaper:
@@ -147,8 +146,12 @@ class Daemon:
                 await self._shutdown.wait()
                 log.info("shutting down services=%d", len(self.runners))
                 self._notify("stopping")
-                self._start_scope.cancel()
-                with anyio.CancelScope(shield=True):
+                for scope in self._start_scopes:
+                    scope.cancel()
+                # Shielded so that cancellation still stops every child, bounded so that a
+                # runner that died cannot hold the daemon forever.
+                bound = max((r.spec.stop_timeout for r in self.runners.values()), default=0) + 10
+                with anyio.move_on_after(bound, shield=True):
                     await self._stop_services(list(self.runners))
                     if self.subreaper:
                         reaper.signal_unowned(self._owned_pids())
@@ -178,12 +181,15 @@ class Daemon:
         self.snapshots = {**self.snapshots, snapshot.name: snapshot}
 
     async def _start_all(self, specs: list[ServiceSpec]) -> None:
-        assert self._start_scope is not None
-        with self._start_scope:
-            async with anyio.create_task_group() as tg:
-                for spec in specs:
-                    if spec.autostart:
-                        tg.start_soon(self._start_when_ready, spec)
+        with anyio.CancelScope() as scope:
+            self._start_scopes.add(scope)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for spec in specs:
+                        if spec.autostart:
+                            tg.start_soon(self._start_when_ready, spec)
+            finally:
+                self._start_scopes.discard(scope)
 
     async def _start_when_ready(self, spec: ServiceSpec) -> None:
         for dep in spec.depends_on:

@@ -62,6 +62,7 @@ class ServiceRunner:
         self._timer_scope: anyio.CancelScope | None = None
         self._tg: TaskGroup | None = None
         self._changed = anyio.Event()
+        self.finished = False
         self.snapshot = self._make_snapshot()
 
     def __repr__(self) -> str:
@@ -75,7 +76,8 @@ class ServiceRunner:
         self._post(lc.StopRequested(_now()))
 
     async def wait_until(self, predicate: Callable[[ServiceSnapshot], bool]) -> ServiceSnapshot:
-        while not predicate(self.snapshot):
+        """Wait for a snapshot matching `predicate`; returns early if the runner has ended."""
+        while not predicate(self.snapshot) and not self.finished:
             changed = self._changed
             await changed.wait()
         return self.snapshot
@@ -103,6 +105,8 @@ class ServiceRunner:
             self._send.close()
             with anyio.CancelScope(shield=True):
                 await self._terminate()
+            self.finished = True
+            self._changed.set()
 
     # -- internals -------------------------------------------------------------------------
     def _post(self, event: lc.Event) -> None:
