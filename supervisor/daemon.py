@@ -11,22 +11,29 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
-from prometheus_client import make_wsgi_app
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import Metric
 
 from supervisor import lifecycle as lc
 from supervisor import reaper
 from supervisor.config import Config, ServiceSpec, load_config
 from supervisor.control import default_socket_path, serve_control
 from supervisor.errors import ConfigError, SupervisorError
-from supervisor.http import Router, serve
+from supervisor.aioloop import AsyncioThread
+from supervisor.denylist import DenyList
+from supervisor.http import Router, WSGIApp, serve
+from supervisor.instrument import HttpMetrics, instrument_wsgi
+from supervisor.merge import relabel
+from supervisor.readiness import ReadinessMonitor, collect_families
+from supervisor.scraper import Scraper, scrape_families, scraped_sources
 from supervisor.notify import watchdog_interval, watchdog_loop
-from supervisor.metrics import MetricsView, SupervisorCollector, build_registry
+from supervisor.metrics import SELF, MetricsView, SupervisorCollector, build_registry
 from supervisor.procstats import ProcStatsSampler, TreeStats
 from supervisor.runner import ServiceRunner, ServiceSnapshot
 from supervisor.spawn import become_subreaper
@@ -76,7 +83,15 @@ class Daemon:
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
         self._tg: TaskGroup | None = None
         self._start_scopes: set[anyio.CancelScope] = set()  # pending starts, cancelled at shutdown
-        self.collector = SupervisorCollector(self.metrics_view)
+        self.bridge = AsyncioThread()
+        self.monitor = ReadinessMonitor(config.checks, self.bridge)
+        self._monitor_scope: anyio.CancelScope | None = None
+        self.scraper = Scraper(_scrape_targets(config), config.settings.scrape_interval)
+        # The daemon's own endpoints are instrumented like any service (service="supervisor").
+        self._http_registry = CollectorRegistry(auto_describe=False)
+        self.http_metrics = HttpMetrics(self._http_registry)
+        self.collector = SupervisorCollector(self.metrics_view, self._metric_sources,
+                                             lambda: DenyList(self.config.settings.deny_metrics))
         self.registry = build_registry(self.collector)
         self.router = self._build_router()
         self.listen_address: tuple[str, int] | None = None
@@ -98,12 +113,31 @@ class Daemon:
     def status(self) -> tuple[int, dict[str, Any]]:
         return 200, status_document(self)
 
-    def _build_router(self) -> Router:
+    def ready(self) -> tuple[int, dict[str, Any]]:
+        body = self.monitor.snapshot().body()
+        return (200 if body["status"] == "ready" else 503), body
+
+    def _metric_sources(self) -> list[Iterable[Metric]]:
+        env = self.config.settings.environment
+        scrapes = self.scraper.snapshot()
+        sources: list[Iterable[Metric]] = [
+            relabel(self._http_registry.collect(), SELF, env),
+            collect_families(self.monitor.snapshot(), env),
+            scrape_families(scrapes, env),
+        ]
+        sources += [relabel(families, name, env) for name, families in scraped_sources(scrapes)]
+        return sources
+
+    def _build_router(self) -> WSGIApp:
         router = Router()
         router.add_app("/v1/metrics", make_wsgi_app(self.registry))
         router.add_json("/v1/health", self.health)
+        router.add_json("/v1/ready", self.ready)
         router.add_json("/v1/status", self.status)
-        return router
+        known = set(router.paths())
+        return instrument_wsgi(router, self.http_metrics,
+                               lambda environ: environ.get("PATH_INFO") if environ.get(
+                                   "PATH_INFO") in known else "other")
 
     # -- lifecycle ------------------------------------------------------------------------
     def request_shutdown(self) -> None:
@@ -125,9 +159,12 @@ class Daemon:
         log.info("listening address=http://%s:%d/v1/metrics", *self.listen_address)
         if self.subreaper:
             become_subreaper()
+        await anyio.to_thread.run_sync(self.bridge.start)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                await self._start_monitor()
+                await tg.start(self.scraper.run)
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._sample_stats)
                 if self.handle_signals:
@@ -159,9 +196,26 @@ class Daemon:
         finally:
             server.shutdown()
             server.server_close()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.bridge.stop)
             if self.subreaper:
                 reaper.reap_unowned(self._owned_pids())
         log.info("stopped")
+
+    async def _start_monitor(self) -> None:
+        """(Re)start the readiness checks; a reload with other checks replaces the monitor."""
+        assert self._tg is not None
+        if self._monitor_scope is not None:
+            self._monitor_scope.cancel()
+        self.monitor = ReadinessMonitor(self.config.checks, self.bridge)
+        scope = self._monitor_scope = anyio.CancelScope()
+        monitor = self.monitor
+
+        async def run_monitor(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with scope:
+                await monitor.run(task_status=task_status)
+
+        await self._tg.start(run_monitor)
 
     async def _add_runner(self, spec: ServiceSpec) -> None:
         assert self._tg is not None
@@ -196,6 +250,12 @@ class Daemon:
             runner = self.runners.get(dep)
             if runner is not None:
                 await runner.wait_until(_dependency_satisfied)
+        if spec.wait_for:
+            log.info("waiting for checks service=%s checks=%s timeout=%g", spec.name,
+                     ",".join(spec.wait_for), spec.wait_timeout)
+            if not await self.monitor.wait_healthy(spec.wait_for, spec.wait_timeout):
+                log.warning("checks still failing after wait_timeout, starting anyway "
+                            "service=%s checks=%s", spec.name, ",".join(spec.wait_for))
         runner = self.runners.get(spec.name)
         if runner is not None and runner.spec is spec:
             runner.start()
@@ -239,6 +299,9 @@ class Daemon:
                 old.settings.listen_host, old.settings.listen_port):
             log.warning("reload: listen address changes take effect on restart only")
         self.config = new
+        if new.checks != old.checks:
+            await self._start_monitor()
+        self.scraper.set_targets(_scrape_targets(new))
         await self._stop_services(removed + changed)
         for name in removed + changed:
             self._runner_scopes.pop(name).cancel()
@@ -303,6 +366,11 @@ class Daemon:
             for s in self.snapshots.values():
                 counts[s.state.value] = counts.get(s.state.value, 0) + 1
             self.notifier.status(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+
+
+def _scrape_targets(config: Config) -> dict[str, tuple[str, float]]:
+    return {name: (spec.metrics_url, spec.scrape_timeout)
+            for name, spec in config.services.items() if spec.metrics_url}
 
 
 def _dependency_satisfied(s: ServiceSnapshot) -> bool:

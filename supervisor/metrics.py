@@ -18,7 +18,9 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from supervisor.denylist import DenyList
 from supervisor.lifecycle import EXIT_REASONS, State
+from supervisor.merge import merge_families, relabel
 from supervisor.procstats import TreeStats
 from supervisor.runner import ServiceSnapshot
 
@@ -35,37 +37,31 @@ class MetricsView:
     last_reload_ok: bool = True
 
 
-FamilySource = Callable[[], Iterable[Metric]]
-
-
 class SupervisorCollector:
+    """Everything /v1/metrics shows: the services' lifecycle, the daemon's own process, and the
+    `sources` (readiness, scrapes, children's own families), merged into one family per name
+    with the FR52 deny-list applied to all of it."""
+
     def __init__(self, view: Callable[[], MetricsView],
-                 extra: Iterable[FamilySource] = (),
-                 finish: Callable[[list[Metric]], list[Metric]] | None = None) -> None:
+                 sources: Callable[[], list[Iterable[Metric]]] = list,
+                 deny: Callable[[], DenyList] = DenyList) -> None:
         self._view = view
-        self._extra = list(extra)
-        self._finish = finish
+        self._sources = sources
+        self._deny = deny
         # The stock collectors live in a private registry, relabelled on the way out.
         self._own = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self._own)
         PlatformCollector(registry=self._own)
         GCCollector(registry=self._own)
 
-    def add_source(self, source: FamilySource) -> None:
-        self._extra.append(source)
-
     def describe(self) -> list[Metric]:
         return []  # no collect() at registration time
 
     def collect(self) -> Iterator[Metric]:
         view = self._view()
-        families = list(service_families(view, time.monotonic()))
-        families += relabel([self._own], SELF, view.environment)
-        for source in self._extra:
-            families += list(source())
-        if self._finish is not None:
-            families = self._finish(families)
-        yield from families
+        own = list(service_families(view, time.monotonic()))
+        own += relabel(self._own.collect(), SELF, view.environment)
+        yield from merge_families([own, *self._sources()], self._deny())
 
 
 def service_families(view: MetricsView, now: float) -> Iterator[Metric]:
@@ -147,20 +143,6 @@ def _last_exit_code(s: ServiceSnapshot) -> float | None:
     if s.last_exit.signal is not None:
         return 128.0 + s.last_exit.signal
     return float(s.last_exit.code or 0)
-
-
-def relabel(collectors: Iterable[object], service: str, environment: str) -> list[Metric]:
-    """Run stock collectors and add service/environment to every sample."""
-    out: list[Metric] = []
-    for collector in collectors:
-        for family in collector.collect():  # type: ignore[attr-defined]
-            copy = Metric(family.name, family.documentation, family.type, family.unit)
-            for sample in family.samples:
-                labels = {"service": service, "environment": environment, **sample.labels}
-                copy.add_sample(sample.name, labels, sample.value, sample.timestamp,
-                                sample.exemplar)
-            out.append(copy)
-    return out
 
 
 def build_registry(collector: SupervisorCollector) -> CollectorRegistry:

@@ -18,7 +18,9 @@ SCHEMA_VERSION = 1
 def status_document(daemon: Daemon) -> dict[str, Any]:
     now, wall = time.monotonic(), time.time()
     services = []
+    scrapes = daemon.scraper.snapshot()
     for snap in daemon.snapshots.values():
+        scrape = scrapes.get(snap.name)
         last = snap.last_exit
         services.append({
             "name": snap.name,
@@ -37,6 +39,12 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
             "next_start_in_seconds": (round(max(0.0, snap.next_start_at - now), 3)
                                       if snap.next_start_at is not None else None),
             "quick_failures": snap.quick_failures,
+            "scrape": None if scrape is None else {
+                "ok": scrape.ok,
+                "error": scrape.error,
+                "duration_seconds": round(scrape.duration_seconds, 4),
+                "samples": scrape.samples,
+            },
         })
     return {
         "version": SCHEMA_VERSION,
@@ -47,4 +55,5 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
                    "config": daemon.config.path,
                    "last_reload_ok": daemon.last_reload_ok},
         "services": services,
+        "readiness": daemon.monitor.snapshot().body(),
     }
