@@ -176,7 +176,7 @@ class Daemon:
                     tg.start_soon(watchdog_loop, self.notifier, interval)
                 for spec in self.config.services.values():
                     await self._add_runner(spec)
-                tg.start_soon(self._start_all, list(self.config.services.values()))
+                await self._spawn_initial(tg)
                 self._notify("ready")
                 self._notify_status()
                 task_status.started()
@@ -233,6 +233,18 @@ class Daemon:
 
     def _publish(self, snapshot: ServiceSnapshot) -> None:
         self.snapshots = {**self.snapshots, snapshot.name: snapshot}
+
+    async def _spawn_initial(self, tg: TaskGroup) -> None:
+        """Spawn what has nothing to wait for now, so READY=1 means "spawned and listening";
+        services with depends_on or wait_for follow in the background."""
+        specs = [s for s in self.config.services.values() if s.autostart]
+        now = [s for s in specs if not s.depends_on and not s.wait_for]
+        tg.start_soon(self._start_all, [s for s in specs if s not in now])
+        for spec in now:
+            self.runners[spec.name].start()
+        with anyio.move_on_after(10):
+            for spec in now:
+                await self.runners[spec.name].wait_until(lambda s: s.state is not lc.State.STOPPED)
 
     async def _start_all(self, specs: list[ServiceSpec]) -> None:
         with anyio.CancelScope() as scope:

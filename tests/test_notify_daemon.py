@@ -1,0 +1,74 @@
+"""sd_notify from the real daemon process through a real datagram socket, as systemd sees it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import SLEEPER_CODE, free_port, service, write_config
+
+
+def receive_until(sock: socket.socket, wanted: str, timeout: float, seen: list[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            message = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        seen.append(message)
+        if wanted in message.split("\n"):
+            return
+    raise AssertionError(f"no {wanted} within {timeout}s; got {seen}")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_notify_sequence_and_children_never_see_the_socket(tmp_path: Path, backend: str) -> None:
+    env_dump = tmp_path / "env.json"
+    dump = f"import json, os\njson.dump(dict(os.environ), open({str(env_dump)!r}, 'w'))\n"
+    port = free_port()
+    path = write_config(tmp_path, service("api", dump + SLEEPER_CODE, start_seconds=0.1),
+                        port=port)
+    sock_path = Path(tempfile.mkdtemp(prefix="sv-n-")) / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+    daemon = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(path),
+                               "--backend", backend], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    seen: list[str] = []
+    try:
+        receive_until(sock, "READY=1", 20, seen)
+        # READY means listening and spawned: both are true the moment it arrives.
+        status = httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=5).json()
+        assert status["services"][0]["pid"] is not None
+        receive_until(sock, "WATCHDOG=1", 1.0, seen)
+        receive_until(sock, "WATCHDOG=1", 1.0, seen)  # pinged every WATCHDOG_USEC/2
+        statuses = [m for m in seen if m.startswith("STATUS=")]
+        assert statuses and "running" in statuses[-1] or "starting" in statuses[-1]
+        daemon.send_signal(signal.SIGHUP)
+        seen.clear()
+        receive_until(sock, "RELOADING=1", 5, seen)
+        reloading = next(m for m in seen if "RELOADING=1" in m.split("\n"))
+        assert "MONOTONIC_USEC=" in reloading
+        receive_until(sock, "READY=1", 5, seen)
+        daemon.send_signal(signal.SIGTERM)
+        receive_until(sock, "STOPPING=1", 5, seen)
+        assert daemon.wait(timeout=20) == 0
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+        sock.close()
+    child_env = json.loads(env_dump.read_text())
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        assert key not in child_env
