@@ -1,0 +1,1 @@
+"""Benchmarks of the daemon against supervisord and Circus (see bench/README.md)."""
