@@ -98,7 +98,7 @@ class Settings:
     control_socket_group: str | None = None
     log_level: str = "info"
     deny_metrics: tuple[str, ...] = DEFAULT_DENY_METRICS
-    max_connections: int = 64
+    max_connections: int = 128
 
 
 @dataclass(frozen=True)
@@ -288,7 +288,7 @@ class _Parser:
             log_level=self.choice(data, "log_level", where,
                                   ("debug", "info", "warning", "error"), "info"),
             deny_metrics=DEFAULT_DENY_METRICS + self.strings(data, "deny_metrics", where, False),
-            max_connections=self.integer(data, "max_connections", where, 64, minimum=1),
+            max_connections=self.integer(data, "max_connections", where, 128, minimum=1),
         )
 
     def service(self, name: str, data: Mapping[str, Any]) -> ServiceSpec:

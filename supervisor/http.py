@@ -22,7 +22,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
-HANDLER_TIMEOUT = 10.0
+HANDLER_TIMEOUT = 5.0
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 JSONHandler = Callable[[], tuple[int, dict[str, Any]]]
 
@@ -84,7 +84,7 @@ class BoundedWSGIServer(ThreadingWSGIServer):
     request_queue_size = 128
     daemon_threads = True
     allow_reuse_address = True
-    max_connections = 64
+    max_connections = 128
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
@@ -116,7 +116,7 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         log.debug("http connection error from %s", client_address, exc_info=True)
 
 
-def serve(host: str, port: int, app: WSGIApp, max_connections: int = 64
+def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128
           ) -> tuple[BoundedWSGIServer, threading.Thread]:
     """Bind (raises OSError on failure) and serve in a daemon thread."""
     server_class = type("Server", (BoundedWSGIServer,), {"max_connections": max_connections})

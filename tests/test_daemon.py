@@ -256,3 +256,27 @@ while True: time.sleep(1)
     async with running_daemon(path) as daemon:
         await wait_for(daemon, "web", running)
     assert log.read_text().split("\n")[:4] == ["start db", "start web", "stop web", "stop db"]
+
+
+async def test_idle_connections_do_not_starve_scrapers(tmp_path: Path) -> None:
+    import socket
+
+    path = write_config(tmp_path, service("api", SLEEPER))
+    async with running_daemon(path) as daemon:
+        assert daemon.listen_address is not None
+        idle = [socket.create_connection(daemon.listen_address, timeout=5) for _ in range(100)]
+        try:
+            codes: list[int] = []
+
+            async def scrape(client: httpx.AsyncClient) -> None:
+                codes.append((await client.get("/v1/metrics")).status_code)
+
+            async with httpx.AsyncClient(base_url=base_url(daemon), timeout=10) as client:
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as tg:
+                        for _ in range(20):
+                            tg.start_soon(scrape, client)
+            assert codes == [200] * 20
+        finally:
+            for sock in idle:
+                sock.close()
