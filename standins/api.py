@@ -30,8 +30,8 @@ STREAM_MAXLEN = 100_000  # approximate cap so an absent event-writer cannot fill
 
 def build(args: Any, registry: CollectorRegistry) -> tuple[Any, list[Any]]:
     up = dependency_gauge(registry)
-    pg = postgres_link(args.database_url, up)
-    rd = redis_link(args.redis_url, up)
+    pg = postgres_link(args.database_url, up, args.retry_max)
+    rd = redis_link(args.redis_url, up, args.retry_max)
     submitted = Families(registry).add(Counter(
         "api_events_submitted", "Events accepted and put on the stream.", registry=None))
 

@@ -48,6 +48,8 @@ def parser(name: str, port: int) -> argparse.ArgumentParser:
     p.add_argument("--listen", default=f"127.0.0.1:{port}",
                    help="host:port for /metrics, /v1/health and /v1/ready")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    p.add_argument("--retry-max", type=float, default=5.0,
+                   help="cap, in seconds, of the reconnect backoff to PostgreSQL and Redis")
     return p
 
 

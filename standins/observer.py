@@ -91,7 +91,7 @@ async def run() -> int:
     args = p.parse_args()
     setup_logging("observer", args.log_level)
     registry = CollectorRegistry()
-    pg = postgres_link(args.database_url, dependency_gauge(registry))
+    pg = postgres_link(args.database_url, dependency_gauge(registry), args.retry_max)
     follower = Follower(pg, registry, args.interval)
     app = instrumented(Router(health_routes([pg], follower.status), registry), registry)
     return await serve(app, args.listen, [pg.run, follower.run], [pg.aclose])

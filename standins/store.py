@@ -37,7 +37,8 @@ async def ensure_schema(pool: asyncpg.Pool) -> None:
         await conn.execute(SCHEMA)
 
 
-def postgres_link(dsn: str, up: Gauge, name: str = "postgres") -> Link[asyncpg.Pool]:
+def postgres_link(dsn: str, up: Gauge, retry_max: float = 5.0,
+                  name: str = "postgres") -> Link[asyncpg.Pool]:
     async def connect() -> asyncpg.Pool:
         # Short timeouts: a probe that hangs for asyncpg's default 60 s is no probe.
         return await asyncpg.create_pool(dsn, min_size=1, max_size=4, timeout=2,
@@ -49,10 +50,11 @@ def postgres_link(dsn: str, up: Gauge, name: str = "postgres") -> Link[asyncpg.P
     async def ping(pool: asyncpg.Pool) -> Any:
         return await pool.fetchval("SELECT 1")
 
-    return Link(name, dsn, connect, close, ping, up)
+    return Link(name, dsn, connect, close, ping, up, backoff_max=retry_max)
 
 
-def redis_link(url: str, up: Gauge, name: str = "redis") -> Link[aioredis.Redis]:
+def redis_link(url: str, up: Gauge, retry_max: float = 5.0,
+               name: str = "redis") -> Link[aioredis.Redis]:
     async def connect() -> aioredis.Redis:
         # No library retries: the link's own backoff decides; socket_timeout must exceed the
         # XREADGROUP block time (1 s).
@@ -71,4 +73,4 @@ def redis_link(url: str, up: Gauge, name: str = "redis") -> Link[aioredis.Redis]
     async def ping(client: aioredis.Redis) -> Any:
         return await client.ping()
 
-    return Link(name, url, connect, close, ping, up)
+    return Link(name, url, connect, close, ping, up, backoff_max=retry_max)
