@@ -10,12 +10,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
 from supervisor import __version__
 from supervisor.config import Config, load_config
 from supervisor.errors import ConfigError, SupervisorError
+
+if TYPE_CHECKING:
+    from supervisor.notify import Notifier
 
 log = logging.getLogger("supervisor")
 
@@ -90,11 +94,8 @@ def _check_config(path: str) -> int:
 
 
 def _configure_logging(level: str) -> None:
-    try:
-        from supervisor.logsetup import configure_logging
-    except ImportError:  # pragma: no cover - while logsetup.py is being written
-        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-        return
+    from supervisor.logsetup import configure_logging
+
     configure_logging(level)
 
 
@@ -155,9 +156,7 @@ def _control(args: argparse.Namespace) -> int:
     return code
 
 
-def _notifier() -> object | None:
-    try:
-        from supervisor.notify import Notifier
-    except ImportError:  # pragma: no cover - while notify.py is being written
-        return None
+def _notifier() -> Notifier | None:
+    from supervisor.notify import Notifier
+
     return Notifier.from_environ(os.environ)

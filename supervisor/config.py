@@ -494,6 +494,12 @@ def _kind(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def load_toml_file(path: str) -> dict[str, Any]:
+    """Raw TOML, for callers that need one key of a file that may be otherwise invalid."""
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
 def child_environment(spec: ServiceSpec, daemon_environ: Mapping[str, str]) -> dict[str, str]:
     """The complete environment a service's process starts with."""
     env = {k: v for k, v in daemon_environ.items() if k not in PRIVATE_ENV} if spec.inherit_env else {}

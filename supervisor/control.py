@@ -50,12 +50,11 @@ def default_socket_path(environ: dict[str, str] | None = None) -> str:
 def socket_path_for(config_path: str) -> str:
     """Where the daemon run with `config_path` listens for control. Reads only that one key, so
     that `supervisor reload` still reaches the daemon when the edited file is invalid."""
-    from supervisor.config import tomllib
+    from supervisor.config import load_toml_file
     from supervisor.datatypes import interpolate
 
     try:
-        with open(config_path, "rb") as f:
-            configured = tomllib.load(f).get("supervisor", {}).get("control_socket")
+        configured = load_toml_file(config_path).get("supervisor", {}).get("control_socket")
         if isinstance(configured, str):
             path = Path(interpolate(configured, os.environ)).expanduser()
             if not path.is_absolute():

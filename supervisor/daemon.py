@@ -22,20 +22,20 @@ from prometheus_client.core import Metric
 
 from supervisor import lifecycle as lc
 from supervisor import reaper
+from supervisor.aioloop import AsyncioThread
 from supervisor.config import Config, ServiceSpec, load_config
 from supervisor.control import default_socket_path, serve_control
-from supervisor.errors import ConfigError, SupervisorError
-from supervisor.aioloop import AsyncioThread
 from supervisor.denylist import DenyList
+from supervisor.errors import ConfigError, SupervisorError
 from supervisor.http import Router, WSGIApp, serve
 from supervisor.instrument import HttpMetrics, instrument_wsgi
 from supervisor.merge import relabel
-from supervisor.readiness import ReadinessMonitor, collect_families
-from supervisor.scraper import Scraper, scrape_families, scraped_sources
-from supervisor.notify import watchdog_interval, watchdog_loop
 from supervisor.metrics import SELF, MetricsView, SupervisorCollector, build_registry
+from supervisor.notify import watchdog_interval, watchdog_loop
 from supervisor.procstats import ProcStatsSampler, TreeStats
+from supervisor.readiness import ReadinessMonitor, collect_families
 from supervisor.runner import ServiceRunner, ServiceSnapshot
+from supervisor.scraper import Scraper, scrape_families, scraped_sources
 from supervisor.spawn import become_subreaper
 from supervisor.status import status_document
 
@@ -155,7 +155,8 @@ class Daemon:
             raise SupervisorError(f"cannot listen on {settings.listen_host}:"
                                   f"{settings.listen_port}: {exc.strerror or exc}") from None
         self._shutdown = anyio.Event()
-        self.listen_address = server.server_address[:2]
+        bound_host, bound_port = server.server_address[:2]
+        self.listen_address = (str(bound_host), int(bound_port))
         log.info("listening address=http://%s:%d/v1/metrics", *self.listen_address)
         if self.subreaper:
             become_subreaper()

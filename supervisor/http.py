@@ -119,9 +119,9 @@ class BoundedWSGIServer(ThreadingWSGIServer):
 def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128
           ) -> tuple[BoundedWSGIServer, threading.Thread]:
     """Bind (raises OSError on failure) and serve in a daemon thread."""
-    server_class = type("Server", (BoundedWSGIServer,), {"max_connections": max_connections})
-    if ":" in host:
-        server_class.address_family = socket.AF_INET6
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("Server", (BoundedWSGIServer,),
+                        {"max_connections": max_connections, "address_family": family})
     server: BoundedWSGIServer = make_server(host, port, app, server_class, handler_class=_Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                               name="http", daemon=True)

@@ -8,6 +8,7 @@ prometheus_client's stock collectors, relabelled with service="supervisor".
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -120,7 +121,7 @@ def service_families(view: MetricsView, now: float) -> Iterator[Metric]:
         ("service_open_fds", "Open file descriptors in the service's process group.", "open_fds"),
         ("service_processes", "Processes in the service's process group.", "processes"),
     ):
-        yield gauge(name, doc, lambda s, a=attr: _stat(stats, s.name, a))
+        yield gauge(name, doc, functools.partial(_stat_of, stats, attr))
     ok = GaugeMetricFamily("config_last_reload_successful", "1 if the last reload of "
                            "services.toml was applied, 0 if it was rejected.", labels=LABELS)
     ok.add_metric([SELF, env], 1.0 if view.last_reload_ok else 0.0)
@@ -132,8 +133,8 @@ def service_families(view: MetricsView, now: float) -> Iterator[Metric]:
     yield reloads
 
 
-def _stat(stats: Mapping[str, TreeStats], name: str, attr: str) -> float | None:
-    entry = stats.get(name)
+def _stat_of(stats: Mapping[str, TreeStats], attr: str, s: ServiceSnapshot) -> float | None:
+    entry = stats.get(s.name)
     return None if entry is None else float(getattr(entry, attr))
 
 
@@ -147,5 +148,5 @@ def _last_exit_code(s: ServiceSnapshot) -> float | None:
 
 def build_registry(collector: SupervisorCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)  # type: ignore[arg-type]
+    registry.register(collector)
     return registry

@@ -22,8 +22,8 @@ from types import MappingProxyType
 from typing import Any
 
 import anyio
-from anyio.abc import TaskStatus
 import httpx
+from anyio.abc import TaskStatus
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from supervisor.aioloop import AsyncioThread

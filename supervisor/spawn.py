@@ -37,7 +37,7 @@ _prctl.restype = ctypes.c_int
 
 def become_subreaper() -> bool:
     """Make orphaned descendants re-parent to this process instead of PID 1."""
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    return bool(_prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def render(document: dict[str, Any]) -> str:
             _scrape(s.get("scrape")),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     readiness = document.get("readiness")
     if readiness is not None:
         lines.append("")
