@@ -1,0 +1,210 @@
+"""End to end: the shipped services.toml, run by the real daemon (`python -m supervisor run`).
+
+The file is copied with free ports in place of the fixed ones and a short control socket path;
+everything else (commands, checks, wait_for, metrics_url) is as shipped. PostgreSQL and Redis
+are the machine's (the file's defaults). Requests driven at api must come out of the daemon's
+/v1/metrics as api's latency histogram with `service="api"`, and that text must pass promtool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import free_port, sample
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("event-writer", "api", "observer", "watchdog")
+BUCKETS = ["0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf"]
+
+
+def render_shipped_config(directory: Path, scrape_interval: float = 0.5) -> dict[str, Any]:
+    """services.toml with free ports; returns the path and each service's base URL."""
+    text = (ROOT / "services.toml").read_text()
+    daemon_port = free_port()
+    ports = {f"127.0.0.1:808{i}": f"127.0.0.1:{free_port()}" for i in range(1, 5)}
+    assert "127.0.0.1:9464" in text and all(old in text for old in ports)
+    text = text.replace("127.0.0.1:9464", f"127.0.0.1:{daemon_port}")
+    for old, new in ports.items():
+        text = text.replace(old, new)
+    text = text.replace('"standins/', f'"{ROOT}/standins/')
+    text = re.sub(r"(?m)^scrape_interval = .*$", f"scrape_interval = {scrape_interval}", text)
+    # Unix socket paths are limited to 107 bytes: keep it out of pytest's long tmp paths.
+    socket_dir = tempfile.mkdtemp(prefix="sv-e2e-")
+    text = text.replace("[supervisor]\n",
+                        f'[supervisor]\ncontrol_socket = "{socket_dir}/control.sock"\n', 1)
+    path = directory / "services.toml"
+    path.write_text(text)
+    urls = dict(zip(SERVICES, [f"http://{ports[f'127.0.0.1:808{i}']}" for i in (2, 1, 3, 4)],
+                    strict=True))
+    return {"path": path, "url": f"http://127.0.0.1:{daemon_port}", "services": urls,
+            "socket_dir": socket_dir}
+
+
+class DaemonProcess:
+    """`python -m supervisor run` in its own session, stopped by its pid."""
+
+    def __init__(self, config: Path) -> None:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DATABASE_URL", "REDIS_URL", "ENVIRONMENT", "NOTIFY_SOCKET")}
+        # The shipped commands say "python3": the venv's, as after `. .venv/bin/activate`.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        self.log = config.parent / "daemon.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", "run", "--config", str(config)],
+                cwd=config.parent, env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=out)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> int | None:
+        """SIGTERM, a bounded wait, then SIGKILL of its group; the exit code if it stopped."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+                return None
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def shipped_stack(directory: Path, scrape_interval: float = 0.5) -> Iterator[dict[str, Any]]:
+    stack = render_shipped_config(directory, scrape_interval)
+    daemon = DaemonProcess(stack["path"])
+    stack["daemon"] = daemon
+    try:
+        yield stack
+        code = daemon.stop()
+        assert code == 0, daemon.output()
+        log = daemon.output()
+        for name in SERVICES:  # each stand-in stopped cleanly on the daemon's SIGTERM
+            assert re.search(rf"exited service={re.escape(name)} pid=\d+ exit status 0", log), \
+                log
+    finally:
+        daemon.stop()
+        shutil.rmtree(stack["socket_dir"], ignore_errors=True)
+
+
+async def wait_all_running(client: httpx.AsyncClient, stack: dict[str, Any],
+                           timeout: float = 30) -> dict[str, Any]:
+    """Until every service runs and api answers ready; the /v1/status document."""
+    daemon: DaemonProcess = stack["daemon"]
+    with anyio.fail_after(timeout):
+        while True:
+            assert daemon.proc.poll() is None, daemon.output()
+            with contextlib.suppress(httpx.TransportError):
+                status = (await client.get(f"{stack['url']}/v1/status")).json()
+                states = {s["name"]: s["state"] for s in status["services"]}
+                if all(states.get(name) == "running" for name in SERVICES):
+                    api_ready = await client.get(f"{stack['services']['api']}/v1/ready")
+                    if api_ready.status_code == 200:
+                        return status
+            await anyio.sleep(0.1)
+
+
+async def daemon_metrics(client: httpx.AsyncClient, stack: dict[str, Any]) -> str:
+    response = await client.get(f"{stack['url']}/v1/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
+def promtool_check(text: str) -> None:
+    assert text.strip(), "promtool accepts empty input: there must be something to lint"
+    done = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with shipped_stack(tmp_path_factory.mktemp("e2e")) as running:
+        yield running
+
+
+@pytest.mark.anyio
+async def test_shipped_config_serves_api_latency_through_the_daemon(
+        stack: dict[str, Any]) -> None:
+    api = stack["services"]["api"]
+    async with httpx.AsyncClient(timeout=10) as client:
+        await wait_all_running(client, stack)
+        before = await daemon_metrics(client, stack)
+        for i in range(5):
+            assert (await client.post(f"{api}/v1/events", json={"type": "e2e", "payload":
+                                                                {"n": i}})).status_code == 202
+        for _ in range(10):
+            assert (await client.get(f"{api}/v1/events")).status_code == 200
+        for _ in range(3):
+            assert (await client.get(f"{api}/v1/fail", params={"status": 500})).status_code \
+                == 500
+
+        def grew(text: str, name: str, **labels: str) -> float:
+            return (sample(text, name, **labels) or 0.0) - (sample(before, name, **labels)
+                                                            or 0.0)
+
+        # The daemon scrapes api every 0.5 s: poll its /v1/metrics until the requests show.
+        with anyio.fail_after(15):
+            while True:
+                text = await daemon_metrics(client, stack)
+                if grew(text, "http_request_duration_seconds_count", service="api",
+                        endpoint="/v1/fail", status="500") >= 3:
+                    break
+                await anyio.sleep(0.1)
+
+    labels = {"service": "api", "environment": "development", "endpoint": "/v1/events",
+              "method": "GET", "status": "200"}
+    assert grew(text, "http_request_duration_seconds_count", **labels) == 10
+    assert grew(text, "http_requests_total", **labels) == 10
+    assert grew(text, "http_requests_failed_total", service="api", endpoint="/v1/fail",
+                status="500", error_type="server_error") == 3
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    histogram = families["http_request_duration_seconds"]
+    assert histogram.type == "histogram"
+    api_buckets = [s.labels["le"] for s in histogram.samples
+                   if s.name.endswith("_bucket") and all(s.labels.get(k) == v
+                                                         for k, v in labels.items())]
+    assert api_buckets == BUCKETS
+    # One family for all sources: a single HELP and TYPE line each.
+    assert text.count("# TYPE http_request_duration_seconds histogram") == 1
+    services_seen = {s.labels["service"] for s in histogram.samples}
+    assert {"api", "supervisor"} <= services_seen
+    # The other stand-ins' own metrics arrive too, each with its service label.
+    assert (sample(text, "event_writer_events_written_total", service="event-writer") or 0) >= 5
+    assert sample(text, "watchdog_target_up", service="watchdog", target="api") == 1
+    for name in SERVICES:
+        assert sample(text, "service_scrape_up", service=name) == 1
+        assert sample(text, "service_up", service=name) == 1
+    promtool_check(text)
+
+
+@pytest.mark.anyio
+async def test_shipped_config_is_ready_with_its_checks(stack: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        status = await wait_all_running(client, stack)
+        assert set(status["readiness"]["checks"]) == {"database", "redis", "event_store"}
+        with anyio.fail_after(15):  # checks run every 5 s by default
+            while (ready := await client.get(f"{stack['url']}/v1/ready")).status_code != 200:
+                await anyio.sleep(0.1)
+        assert ready.json()["status"] == "ready"
+        for name, url in stack["services"].items():
+            assert (await client.get(f"{url}/v1/ready")).status_code == 200, name
