@@ -106,10 +106,10 @@ def shipped_stack(directory: Path, scrape_interval: float = 0.5) -> Iterator[dic
 
 
 async def wait_all_running(client: httpx.AsyncClient, stack: dict[str, Any],
-                           timeout: float = 30) -> dict[str, Any]:
+                           within: float = 30) -> dict[str, Any]:
     """Until every service runs and api answers ready; the /v1/status document."""
     daemon: DaemonProcess = stack["daemon"]
-    with anyio.fail_after(timeout):
+    with anyio.fail_after(within):
         while True:
             assert daemon.proc.poll() is None, daemon.output()
             with contextlib.suppress(httpx.TransportError):
@@ -203,7 +203,10 @@ async def test_shipped_config_is_ready_with_its_checks(stack: dict[str, Any]) ->
         status = await wait_all_running(client, stack)
         assert set(status["readiness"]["checks"]) == {"database", "redis", "event_store"}
         with anyio.fail_after(15):  # checks run every 5 s by default
-            while (ready := await client.get(f"{stack['url']}/v1/ready")).status_code != 200:
+            while True:
+                ready = await client.get(f"{stack['url']}/v1/ready")
+                if ready.status_code == 200:
+                    break
                 await anyio.sleep(0.1)
         assert ready.json()["status"] == "ready"
         for name, url in stack["services"].items():

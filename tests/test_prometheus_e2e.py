@@ -79,11 +79,11 @@ async def query(client: httpx.AsyncClient, world: dict[str, Any], promql: str
 
 
 async def until_value(client: httpx.AsyncClient, world: dict[str, Any], promql: str,
-                      accept: Any, timeout: float) -> float:
+                      accept: Any, within: float) -> float:
     """Poll a query until its single value satisfies `accept`; that value."""
     last: Any = None
     try:
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(within):
             while True:
                 with contextlib.suppress(httpx.TransportError):
                     result = await query(client, world, promql)

@@ -74,9 +74,9 @@ class Standin:
         self.log.unlink(missing_ok=True)
 
 
-async def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Await `check()` until it returns something truthy, within `timeout` seconds."""
-    with anyio.fail_after(timeout):
+async def poll(check: Callable[[], Any], within: float, what: str) -> Any:
+    """Await `check()` until it returns something truthy, within `within` seconds."""
+    with anyio.fail_after(within):
         while True:
             try:
                 found = await check()
@@ -88,10 +88,10 @@ async def poll(check: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(what)  # pragma: no cover (fail_after raises first)
 
 
-async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    with anyio.fail_after(timeout):
-        while proc.poll() is None:
-            await anyio.sleep(0.02)
+async def wait_exit(proc: subprocess.Popen[bytes], within: float) -> int:
+    async def exited() -> bool:
+        return proc.poll() is not None
+    await poll(exited, within, "process exited")
     return proc.returncode
 
 
@@ -99,13 +99,13 @@ async def status_of(client: httpx.AsyncClient, url: str) -> int:
     return (await client.get(url)).status_code
 
 
-async def wait_ready(client: httpx.AsyncClient, standins: list[Standin], timeout: float = 15
+async def wait_ready(client: httpx.AsyncClient, standins: list[Standin], within: float = 15
                      ) -> None:
     for s in standins:
         async def ready(s: Standin = s) -> bool:
             assert s.alive(), s.output()
             return await status_of(client, f"{s.url}/v1/ready") == 200
-        await poll(ready, timeout, f"{s.name} ready")
+        await poll(ready, within, f"{s.name} ready")
 
 
 async def metrics(client: httpx.AsyncClient, s: Standin) -> str:
@@ -115,7 +115,8 @@ async def metrics(client: httpx.AsyncClient, s: Standin) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(pg_server: PostgresServer, redis_server: RedisServer) -> Iterator[dict[str, Standin]]:
+def stack(pg_server: PostgresServer,  # noqa: F811
+          redis_server: RedisServer) -> Iterator[dict[str, Standin]]:  # noqa: F811
     # Redis carries a password (the canary); it must never show in logs, bodies or metrics.
     env = {"DATABASE_URL": pg_server.admin_dsn, "REDIS_URL": redis_server.url(db=0)}
     stream = f"test:{uuid.uuid4().hex[:8]}"
@@ -135,7 +136,8 @@ def stack(pg_server: PostgresServer, redis_server: RedisServer) -> Iterator[dict
 
 
 @pytest.fixture
-def servers_back(pg_server: PostgresServer, redis_server: RedisServer) -> Iterator[None]:
+def servers_back(pg_server: PostgresServer,  # noqa: F811
+                 redis_server: RedisServer) -> Iterator[None]:  # noqa: F811
     """Whatever a test kills comes back for the next one."""
     try:
         yield
@@ -216,7 +218,7 @@ async def _at_least(fetch: Callable[[], Any], n: int) -> Any:
 
 @pytest.mark.anyio
 async def test_redis_down_degrades_then_recovers(stack: dict[str, Standin],
-                                                 redis_server: RedisServer,
+                                                 redis_server: RedisServer,  # noqa: F811
                                                  servers_back: None) -> None:
     api, writer = stack["api"], stack["event-writer"]
     async with httpx.AsyncClient(timeout=5) as client:
@@ -239,7 +241,7 @@ async def test_redis_down_degrades_then_recovers(stack: dict[str, Standin],
 
         # Redis returns empty (no persistence): stream and consumer group are gone.
         await anyio.to_thread.run_sync(redis_server.start)
-        await wait_ready(client, [writer, api], timeout=10)
+        await wait_ready(client, [writer, api], within=10)
         marker = f"back-{uuid.uuid4().hex[:8]}"
         assert (await client.post(f"{api.url}/v1/events", json={"type": marker})).status_code \
             == 202
@@ -253,7 +255,8 @@ async def test_redis_down_degrades_then_recovers(stack: dict[str, Standin],
 
 @pytest.mark.anyio
 async def test_postgres_down_degrades_then_delivers_the_backlog(
-        stack: dict[str, Standin], pg_server: PostgresServer, servers_back: None) -> None:
+        stack: dict[str, Standin], pg_server: PostgresServer,  # noqa: F811
+        servers_back: None) -> None:
     api, writer, observer = stack["api"], stack["event-writer"], stack["observer"]
     async with httpx.AsyncClient(timeout=5) as client:
         await wait_ready(client, [writer, api, observer])
@@ -272,7 +275,7 @@ async def test_postgres_down_degrades_then_delivers_the_backlog(
                       dependency="postgres") == 0
 
         await anyio.to_thread.run_sync(pg_server.start)
-        await wait_ready(client, [writer, api, observer], timeout=10)
+        await wait_ready(client, [writer, api, observer], within=10)
 
         async def written() -> bool:
             r = await client.get(f"{api.url}/v1/events")
