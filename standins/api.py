@@ -17,11 +17,26 @@ from typing import Any
 
 import asyncpg
 import redis.exceptions
+from common import (
+    Families,
+    Reply,
+    Route,
+    Router,
+    Scope,
+    Unavailable,
+    add_database,
+    add_redis,
+    dependency_gauge,
+    health_routes,
+    instrumented,
+    main,
+    parser,
+    query,
+    read_body,
+    serve,
+    setup_logging,
+)
 from prometheus_client import CollectorRegistry, Counter
-
-from common import (Families, Reply, Route, Router, Scope, Unavailable, add_database, add_redis,
-                    dependency_gauge, health_routes, instrumented, main, parser, query,
-                    read_body, serve, setup_logging)
 from store import MISSING_SCHEMA, postgres_link, redis_link
 
 logger = logging.getLogger("api")

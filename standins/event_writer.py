@@ -12,18 +12,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
 from typing import Any
 
 import asyncpg
 import redis.exceptions
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
-from common import (Families, Link, Unavailable, add_database, add_redis, dependency_gauge,
-                    health_routes, instrumented, main, parser, serve, setup_logging,
-                    wait_connected)
+from common import (
+    Families,
+    Link,
+    Unavailable,
+    add_database,
+    add_redis,
+    dependency_gauge,
+    health_routes,
+    instrumented,
+    main,
+    parser,
+    serve,
+    setup_logging,
+    wait_connected,
+)
 from common import Router as _Router
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from store import MISSING_SCHEMA, ensure_schema, postgres_link, redis_link
 
 logger = logging.getLogger("event-writer")
@@ -38,10 +48,12 @@ INSERT = ("INSERT INTO events (stream_id, kind, payload) VALUES ($1, $2, $3::jso
 class Writer:
     """The consume loop and what it has seen; `ready` is what /v1/ready reports."""
 
-    def __init__(self, pg: Link[asyncpg.Pool], rd: Link[Any], stream: str,
+    def __init__(self, pg: Link[asyncpg.Pool], rd: Link[Any], stream: str, consumer: str,
                  registry: CollectorRegistry) -> None:
         self.pg, self.rd, self.stream = pg, rd, stream
-        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        # A stable name, not one per process: a restarted writer must find the entries it
+        # read but did not acknowledge before it died (they are pending under this name).
+        self.consumer = consumer
         families = Families(registry)
         self.written = families.add(Counter(
             "event_writer_events_written", "Stream entries appended to the events table.",
@@ -149,13 +161,15 @@ async def run() -> int:
     p = parser("event-writer", 8082)
     add_database(p)
     add_redis(p)
+    p.add_argument("--consumer", default=socket.gethostname(),
+                   help="consumer name in the group; one per writer, stable across restarts")
     args = p.parse_args()
     setup_logging("event-writer", args.log_level)
     registry = CollectorRegistry()
     up = dependency_gauge(registry)
     pg = postgres_link(args.database_url, up, args.retry_max)
     rd = redis_link(args.redis_url, up, args.retry_max)
-    writer = Writer(pg, rd, args.stream, registry)
+    writer = Writer(pg, rd, args.stream, args.consumer, registry)
     app = instrumented(_Router(health_routes([pg, rd], writer.status), registry), registry)
     return await serve(app, args.listen, [pg.run, rd.run, writer.run], [pg.aclose, rd.aclose])
 

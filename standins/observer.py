@@ -14,11 +14,22 @@ import logging
 from typing import Any
 
 import asyncpg
+from common import (
+    Families,
+    Link,
+    Router,
+    Unavailable,
+    add_database,
+    dependency_gauge,
+    health_routes,
+    instrumented,
+    main,
+    parser,
+    serve,
+    setup_logging,
+    wait_connected,
+)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-from common import (Families, Link, Router, Unavailable, add_database, dependency_gauge,
-                    health_routes, instrumented, main, parser, serve, setup_logging,
-                    wait_connected)
 from store import MISSING_SCHEMA, postgres_link
 
 logger = logging.getLogger("observer")

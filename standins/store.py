@@ -12,11 +12,10 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
+from common import Link
 from prometheus_client import Gauge
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-
-from common import Link
 
 SCHEMA_LOCK = 7_462_001  # advisory lock id: two writers starting together do not race DDL
 SCHEMA = """

@@ -14,10 +14,20 @@ import time
 from typing import Any
 
 import httpx
+from common import (
+    Families,
+    Reply,
+    Route,
+    Router,
+    Scope,
+    health_routes,
+    instrumented,
+    main,
+    parser,
+    serve,
+    setup_logging,
+)
 from prometheus_client import CollectorRegistry, Counter, Gauge
-
-from common import (Families, Reply, Route, Router, Scope, health_routes, instrumented, main,
-                    parser, serve, setup_logging)
 
 logger = logging.getLogger("watchdog")
 
