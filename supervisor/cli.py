@@ -20,6 +20,8 @@ from supervisor.errors import ConfigError, SupervisorError
 
 if TYPE_CHECKING:
     from supervisor.notify import Notifier
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 log = logging.getLogger("supervisor")
 
@@ -97,6 +99,9 @@ def _configure_logging(level: str) -> None:
     from supervisor.logsetup import configure_logging
 
     configure_logging(level)
+    # httpx logs every scrape and check at INFO: routine, so only its warnings reach the journal.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,9 +120,23 @@ def _run(args: argparse.Namespace) -> int:
     except SupervisorError as exc:
         log.error("%s", exc)
         return 1
+    except BaseExceptionGroup as group:  # raised from inside the daemon's task group
+        matched, rest = group.split(SupervisorError)
+        if matched is None or rest is not None:
+            raise
+        for exc in _leaves(matched):
+            log.error("%s", exc)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C before the signal receiver was installed
         return 130
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[SupervisorError]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 def _control(args: argparse.Namespace) -> int:

@@ -93,7 +93,7 @@ class Settings:
     listen_port: int = 9464
     environment: str = "development"
     scrape_interval: float = 5.0
-    stats_interval: float = 5.0
+    stats_interval: float = 15.0
     control_socket: str | None = None
     control_socket_group: str | None = None
     log_level: str = "info"
@@ -282,7 +282,7 @@ class _Parser:
             listen_port=port,
             environment=environment,
             scrape_interval=self.number(data, "scrape_interval", where, 5.0, 0.0, strictly=True),
-            stats_interval=self.number(data, "stats_interval", where, 5.0, 0.0, strictly=True),
+            stats_interval=self.number(data, "stats_interval", where, 15.0, 0.0, strictly=True),
             control_socket=self.resolve(control_socket) if control_socket else None,
             control_socket_group=self.string(data, "control_socket_group", where),
             log_level=self.choice(data, "log_level", where,

@@ -41,7 +41,7 @@ from supervisor.status import status_document
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_INTERVAL = 1.0  # /v1/health calls the loop wedged after health_stale_after (5 s)
 
 
 class Notifier(Protocol):
@@ -338,8 +338,6 @@ class Daemon:
     async def _heartbeat(self) -> None:
         while True:
             self.heartbeat = time.monotonic()
-            if self.subreaper:
-                reaper.reap_unowned(self._owned_pids())
             await anyio.sleep(HEARTBEAT_INTERVAL)
 
     async def _sample_stats(self) -> None:
@@ -349,6 +347,8 @@ class Daemon:
             self.stats = {name: sampled.get(name) or TreeStats(
                 self._sampler.cpu_carried(name), 0, 0, 0, 0) for name in self.snapshots}
             self._notify_status()
+            if self.subreaper:  # adopted orphans linger as zombies at most one interval
+                reaper.reap_unowned(self._owned_pids())
             await anyio.sleep(self.config.settings.stats_interval)
 
     async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
