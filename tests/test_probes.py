@@ -194,7 +194,7 @@ async def test_no_leaks_over_hundreds_of_checks(bridge: AsyncioThread) -> None:
     me = psutil.Process()
     for check in checks:  # warm up imports and lazily created objects
         assert (await probe(check, bridge)).healthy
-    threads, fds = threading.active_count(), me.num_fds()
+    threads, fds = set(threading.enumerate()), me.num_fds()
     failures = 0
     for _ in range(100):  # 300 checks, three at a time
         results: list[CheckResult] = []
@@ -207,7 +207,11 @@ async def test_no_leaks_over_hundreds_of_checks(bridge: AsyncioThread) -> None:
                 tg.start_soon(one, check)
         failures += sum(not r.healthy for r in results)
     assert failures == 0
-    assert threading.active_count() == threads
+    # Runtime worker pools (trio's thread cache resolves names, anyio's to_thread) may grow
+    # under load and shrink when idle: they are not leaks. Anything else new is.
+    new = [t.name for t in threading.enumerate() if t not in threads
+           and not t.name.startswith(("Trio thread", "AnyIO worker"))]
+    assert new == []
     assert me.num_fds() <= fds + 2  # slack for the runtime's own lazily opened fds
     assert await anyio.to_thread.run_sync(_bridge_tasks, bridge) == 0
     assert open_connections_to(me, {5432, 6379}) == []
