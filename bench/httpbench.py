@@ -3,13 +3,14 @@ children each exposing about 50 series that the daemon scrapes and merges."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from bench.scenarios import Launched, free_port
 from bench.systems import Child, System, Tools
 
 CHILD = str(Path(__file__).with_name("metrics_child.py"))
+FLOOR_SERVER = str(Path(__file__).with_name("http_floor_server.py"))
 
 
 @dataclass(frozen=True)
@@ -41,34 +43,41 @@ def get(port: int, path: str) -> tuple[int, bytes]:
 
 
 def load(port: int, path: str, clients: int, total: int) -> tuple[list[float], dict[int, int]]:
-    """`clients` threads, each its own connection per request, `total` requests in all."""
-    per_client = max(1, total // clients)
+    """`clients` concurrent clients, a new connection per request, `total` requests in all.
+
+    One asyncio loop on raw sockets rather than threads with http.client: 20 Python client
+    threads fighting over one GIL on a 2-core machine would measure the bench, not the daemon.
+    """
+    return asyncio.run(_load(port, path, clients, max(1, total // clients)))
+
+
+async def _load(port: int, path: str, clients: int, per_client: int
+                ) -> tuple[list[float], dict[int, int]]:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    lock = threading.Lock()
-    barrier = threading.Barrier(clients)
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    go = asyncio.Event()
 
-    def client() -> None:
-        mine, codes = [], []
-        barrier.wait()
+    async def client() -> None:
+        await go.wait()
         for _ in range(per_client):
             t0 = time.perf_counter()
             try:
-                code, _ = get(port, path)
-            except OSError:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+                writer.write(request)
+                head = await reader.readline()
+                while await reader.read(1 << 22):
+                    pass
+                writer.close()
+                code = int(head.split()[1])
+            except (OSError, ValueError, IndexError):
                 code = 0
-            mine.append(time.perf_counter() - t0)
-            codes.append(code)
-        with lock:
-            latencies.extend(mine)
-            for c in codes:
-                statuses[c] = statuses.get(c, 0) + 1
+            latencies.append(time.perf_counter() - t0)
+            statuses[code] = statuses.get(code, 0) + 1
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    tasks = [asyncio.create_task(client()) for _ in range(clients)]
+    go.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 600)
     return latencies, statuses
 
 
@@ -92,7 +101,9 @@ def _merged(port: int, n: int) -> bool:
     return code == 200 and body.count(b'bench_queue_depth{') >= 25 * n
 
 
-def http_run(system: System, n: int, tools: Tools, hp: HttpParams) -> dict[str, float]:
+def http_run(system: System, n: int, tools: Tools, hp: HttpParams
+             ) -> tuple[dict[str, float], bytes]:
+    """Latencies of the daemon with n metrics children; also returns one /v1/metrics body."""
     out: dict[str, float] = {}
     port = free_port()
     children = []
@@ -112,21 +123,50 @@ def http_run(system: System, n: int, tools: Tools, hp: HttpParams) -> dict[str, 
             out["metrics_series"] = float(sum(
                 1 for line in body.splitlines() if line and not line.startswith(b"#")))
             out["metrics_kib"] = len(body) / 1024
-            for path, key, total in (("/v1/metrics", "metrics", hp.metrics_requests),
-                                     ("/v1/ready", "ready", hp.ready_requests)):
-                for clients in hp.concurrency:
-                    lat, statuses = load(port, path, clients, total)
-                    out[f"{key}_c{clients}_p50_ms"] = 1000 * statistics.median(lat)
-                    out[f"{key}_c{clients}_p99_ms"] = 1000 * _quantile(lat, 0.99)
-                    out[f"{key}_c{clients}_errors"] = float(
-                        sum(v for k, v in statuses.items() if k not in (200, 503)))
+            out.update(_latencies(port, hp))
             out["http_rss_mib"] = procs.rss_bytes(d.pid) / 2**20
         except Exception:
             print(d.tail(), file=sys.stderr)
             raise
         finally:
             d.close()
+    return out, body
+
+
+def _latencies(port: int, hp: HttpParams) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for path, key, total in (("/v1/metrics", "metrics", hp.metrics_requests),
+                             ("/v1/ready", "ready", hp.ready_requests)):
+        for clients in hp.concurrency:
+            lat, statuses = load(port, path, clients, total)
+            out[f"{key}_c{clients}_p50_ms"] = 1000 * statistics.median(lat)
+            out[f"{key}_c{clients}_p99_ms"] = 1000 * _quantile(lat, 0.99)
+            out[f"{key}_c{clients}_errors"] = float(
+                sum(v for k, v in statuses.items() if k not in (200, 503)))
     return out
+
+
+def http_floor(tools: Tools, body: bytes, hp: HttpParams) -> dict[str, float]:
+    """The same load against a bare ThreadingWSGIServer serving `body` precomputed."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
+        body_file = Path(tmp) / "body"
+        body_file.write_bytes(body)
+        server = subprocess.Popen([tools.python, FLOOR_SERVER, str(port), str(body_file)],
+                                  stdin=subprocess.DEVNULL)
+        try:
+            def answers() -> bool:
+                try:
+                    return get(port, "/v1/ready")[0] == 200
+                except OSError:
+                    return False
+
+            if procs.wait_until(answers, 30, 0.05) is None:
+                raise TimeoutError("floor server did not answer")
+            return _latencies(port, hp)
+        finally:
+            server.kill()
+            server.wait(10)
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -23,11 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import procs  # noqa: E402
-from bench.httpbench import HttpParams, http_run  # noqa: E402
+from bench.httpbench import HttpParams, http_floor, http_run  # noqa: E402
 from bench.scenarios import Params, lifecycle_run, popen_floor  # noqa: E402
 from bench.systems import ALL, Tools, available, prepare_venv  # noqa: E402
 
 log = logging.getLogger("bench")
+
+FLOOR = "floor: bare WSGI server, static body"
 
 # (key, label, target at the largest N for ours, or None)
 ROWS = [
@@ -121,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         http_n = args.http_n or max(ns)
         hp = (HttpParams(metrics_requests=20, ready_requests=40, scrape_interval=0.5)
               if args.quick else HttpParams())
+        body = b""
         for system in (s for s in systems if s.kind == "ours"):
             log.info("http n=%d %s", http_n, system.name)
-            http[system.name] = http_run(system, http_n, tools, hp)
+            http[system.name], body = http_run(system, http_n, tools, hp)
+        if body:
+            log.info("http floor: bare ThreadingWSGIServer, same body and load")
+            http[FLOOR] = http_floor(tools, body, hp)
     floor_ms = 1000 * popen_floor()
     load_after = procs.loadavg()
 
@@ -190,7 +196,7 @@ def report(systems, ns, results, http, args, floor_ms, load_before, load_after, 
             row.append("≤ " + _fmt(target) if target is not None else "")
             lines.append("| " + " | ".join(row) + " |")
         errors = {name: sum(v for k, v in http[name].items() if k.endswith("_errors"))
-                  for name in names}
+                  for name in names if name != FLOOR}
         lines += ["", "HTTP errors (not 200/503): " + ", ".join(
             f"{k} {v:.0f}" for k, v in errors.items()), ""]
     lines += [f"Note: {note}" for note in notes]
