@@ -58,9 +58,22 @@ class Launched:
     def running(self) -> set[int]:
         return procs.running_children(self.pid, COMM)
 
+    def count_running(self, confirmed: set[int], exclude: frozenset[int] = frozenset()) -> int:
+        """Like len(running()) but stats only pids not yet `confirmed` (which it updates), so
+        polling 200 children every 0.2 ms does not itself load the machine. A confirmed pid
+        has exec'd; it stays counted while it is a child, i.e. until it is reaped."""
+        now = procs.children(self.pid) - exclude
+        confirmed &= now
+        for pid in now - confirmed:
+            st = procs.stat_of(pid)
+            if st is not None and st[1] != "Z" and st[0] == COMM:
+                confirmed.add(pid)
+        return len(confirmed)
+
     def wait_running(self, n: int, timeout: float) -> float:
         """Seconds from launch until n children run."""
-        at = procs.wait_until(lambda: len(self.running()) >= n, timeout, 0.002)
+        confirmed: set[int] = set()
+        at = procs.wait_until(lambda: self.count_running(confirmed) >= n, timeout, 0.001)
         if at is None:
             raise TimeoutError(f"{n} children not running after {timeout}s; see {self.log_path}")
         return at - self.started
@@ -96,20 +109,20 @@ def measure_restarts(d: Launched, n: int, p: Params, rng: random.Random) -> list
         before = set(born) - {victim}
         t0 = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        state: dict[str, set[int]] = {}
+        confirmed = set(before)
 
-        def replaced(before: set[int] = before, victim: int = victim,
-                     state: dict[str, set[int]] = state) -> bool:
-            now_running = d.running() - {victim}
-            state["new"] = now_running - before
-            return len(now_running) >= n and bool(state["new"])
+        def replaced(victim: int = victim, confirmed: set[int] = confirmed,
+                     before: set[int] = before) -> bool:
+            # A killed child stays a zombie child until the daemon reaps it: exclude it.
+            return (d.count_running(confirmed, frozenset((victim,))) >= n
+                    and bool(confirmed - before))
 
         at = procs.wait_until(replaced, p.timeout, 0.0002)
         if at is None:
             raise TimeoutError(f"no replacement for pid {victim}; see {d.log_path}")
         latencies.append(at - t0)
         del born[victim]
-        for pid in state["new"]:
+        for pid in confirmed - before:
             born[pid] = at
     return latencies
 
