@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
 from supervisor import lifecycle as lc
@@ -27,6 +27,7 @@ from supervisor.config import Config, ServiceSpec, load_config
 from supervisor.control import default_socket_path, serve_control
 from supervisor.denylist import DenyList
 from supervisor.errors import ConfigError, SupervisorError
+from supervisor.exposition import SharedRenderMetricsApp
 from supervisor.http import Router, WSGIApp, serve
 from supervisor.instrument import HttpMetrics, instrument_wsgi
 from supervisor.merge import relabel
@@ -130,7 +131,8 @@ class Daemon:
 
     def _build_router(self) -> WSGIApp:
         router = Router()
-        router.add_app("/v1/metrics", make_wsgi_app(self.registry))
+        self.metrics_app = SharedRenderMetricsApp(self.registry)
+        router.add_app("/v1/metrics", self.metrics_app)
         router.add_json("/v1/health", self.health)
         router.add_json("/v1/ready", self.ready)
         router.add_json("/v1/status", self.status)

@@ -280,3 +280,46 @@ async def test_idle_connections_do_not_starve_scrapers(tmp_path: Path) -> None:
         finally:
             for sock in idle:
                 sock.close()
+
+
+async def test_concurrent_scrapes_share_one_render_and_stay_fresh(tmp_path: Path) -> None:
+
+
+    class Slow:
+        """A collector that takes as long as a big merge does."""
+
+        def collect(self):  # type: ignore[no-untyped-def]
+            time.sleep(0.3)
+            return []
+
+    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "api", running)
+        daemon.registry.register(Slow())  # type: ignore[arg-type]
+        before = daemon.metrics_app.renders
+        bodies: list[str] = []
+
+        async def scrape(client: httpx.AsyncClient) -> None:
+            response = await client.get("/v1/metrics")
+            assert response.status_code == 200
+            bodies.append(response.text)
+
+        async with httpx.AsyncClient(base_url=base_url(daemon), timeout=20) as client:
+            async with anyio.create_task_group() as tg:
+                for _ in range(20):
+                    tg.start_soon(scrape, client)
+            shared = daemon.metrics_app.renders - before
+            assert len(bodies) == 20 and shared <= 5  # not one render per scraper
+            # A request after a change renders afresh: it never gets an older shared body.
+            snap = daemon.snapshots["api"]
+            assert snap.pid is not None
+            os.kill(snap.pid, signal.SIGKILL)
+            await wait_for(daemon, "api", lambda s: s.starts == 2)
+            text = (await client.get("/v1/metrics")).text
+            assert sample(text, "service_starts_total", service="api") == 2.0
+            zipped = await client.get("/v1/metrics", headers={"Accept-Encoding": "gzip"})
+            assert zipped.headers["content-encoding"] == "gzip"
+            assert "service_starts_total" in zipped.text  # httpx decodes it
+            only = (await client.get("/v1/metrics", params={"name[]": "service_up"})).text
+            assert "service_up{" in only and "uptime_seconds" not in only
+
