@@ -47,8 +47,8 @@ class SharedRenderMetricsApp:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
-        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT"))
-        compress = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING"))
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        compress = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
         names = tuple(sorted(parse_qs(environ.get("QUERY_STRING", "")).get("name[]", [])))
         body = self._shared((content_type, compress, names), encoder)
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
