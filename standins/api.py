@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter
 from store import MISSING_SCHEMA, postgres_link, redis_link
 
 logger = logging.getLogger("api")
+_FAILED = object()  # fetch() already answered the request
 STREAM_MAXLEN = 100_000  # approximate cap so an absent event-writer cannot fill Redis
 
 
@@ -50,28 +51,32 @@ def build(args: Any, registry: CollectorRegistry) -> tuple[Any, list[Any]]:
     submitted = Families(registry).add(Counter(
         "api_events_submitted", "Events accepted and put on the stream.", registry=None))
 
+    async def fetch(reply: Reply, missing_schema: tuple[int, str], method: str, sql: str,
+                    *args: Any) -> Any:
+        """Run one query; on failure answer the request and return _FAILED."""
+        try:
+            return await getattr(pg.get(), method)(sql, *args)
+        except Unavailable as exc:
+            await reply.json(503, {"error": str(exc)})
+        except MISSING_SCHEMA:
+            await reply.json(missing_schema[0], {"error": missing_schema[1]})
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+                asyncio.TimeoutError) as exc:
+            await pg.drop(exc)
+            await reply.json(503, {"error": "postgres unavailable"})
+        return _FAILED
+
     async def list_events(scope: Scope, receive: Any, reply: Reply) -> None:
         try:
             limit = max(1, min(100, int(query(scope).get("limit", ["20"])[0])))
         except ValueError:
             await reply.json(400, {"error": "limit must be an integer"})
             return
-        try:
-            rows = await pg.get().fetch(
-                "SELECT id, kind, payload, created_at FROM events ORDER BY id DESC LIMIT $1",
-                limit)
-        except Unavailable as exc:
-            await reply.json(503, {"error": str(exc)})
-            return
-        except MISSING_SCHEMA:
-            await reply.json(503, {"error": "event store not initialised"})
-            return
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                asyncio.TimeoutError) as exc:
-            await pg.drop(exc)
-            await reply.json(503, {"error": "postgres unavailable"})
-            return
-        await reply.json(200, {"events": [_row(r) for r in rows]})
+        rows = await fetch(reply, (503, "event store not initialised"), "fetch",
+                           "SELECT id, kind, payload, created_at FROM events "
+                           "ORDER BY id DESC LIMIT $1", limit)
+        if rows is not _FAILED:
+            await reply.json(200, {"events": [_row(r) for r in rows]})
 
     async def get_event(scope: Scope, receive: Any, reply: Reply) -> None:
         try:
@@ -79,19 +84,10 @@ def build(args: Any, registry: CollectorRegistry) -> tuple[Any, list[Any]]:
         except ValueError:
             await reply.json(400, {"error": "id must be an integer"})
             return
-        try:
-            row = await pg.get().fetchrow(
-                "SELECT id, kind, payload, created_at FROM events WHERE id = $1", event_id)
-        except Unavailable as exc:
-            await reply.json(503, {"error": str(exc)})
-            return
-        except MISSING_SCHEMA:
-            await reply.json(404, {"error": "no such event"})
-            return
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
-                asyncio.TimeoutError) as exc:
-            await pg.drop(exc)
-            await reply.json(503, {"error": "postgres unavailable"})
+        row = await fetch(reply, (404, "no such event"), "fetchrow",
+                          "SELECT id, kind, payload, created_at FROM events WHERE id = $1",
+                          event_id)
+        if row is _FAILED:
             return
         if row is None:
             await reply.json(404, {"error": "no such event"})

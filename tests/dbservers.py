@@ -23,16 +23,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import free_port
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_OS_USER = "postgres"  # initdb and postgres refuse to run as root
 CANARY = "canary-Pw-7c1e9b"  # the checker role's password; must never surface anywhere
 START_TIMEOUT = 20.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_until(predicate: object, timeout: float, what: str) -> None:
