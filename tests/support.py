@@ -90,6 +90,20 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+def promtool_ok(text: str | bytes) -> None:
+    """`promtool check metrics` lints the text (it accepts empty input, so that is refused)."""
+    import shutil
+    import subprocess
+
+    data = text.encode() if isinstance(text, str) else text
+    assert data.strip(), "promtool accepts empty input; an empty exposition proves nothing"
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool missing: .ci/run installs Debian's prometheus"
+    done = subprocess.run([promtool, "check", "metrics"], input=data, capture_output=True,
+                          timeout=30)
+    assert done.returncode == 0, (done.stdout + done.stderr).decode()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

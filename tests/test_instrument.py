@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import socket
 import string
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Mount, Route
 
 from supervisor.instrument import DURATION_BUCKETS, HttpMetrics, MetricsMiddleware, instrument_wsgi
+from tests.support import promtool_ok
 
 pytestmark = pytest.mark.anyio
 
@@ -39,11 +39,6 @@ def label_values(registry: CollectorRegistry, sample: str, label: str) -> set[st
             if s.name == sample}
 
 
-def promtool_ok(text: bytes) -> None:
-    assert text.strip(), "promtool accepts empty input; an empty exposition proves nothing"
-    done = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
-                          timeout=30)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # -- a bare ASGI app ------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterable
 
 import pytest
@@ -21,6 +20,7 @@ from supervisor.merge import (
     parse_exposition,
     relabel,
 )
+from tests.support import promtool_ok
 
 CONSTITUTIONAL = """\
 # HELP constitutional_breach_count Breaches.
@@ -61,11 +61,6 @@ def render(families: Iterable[Metric]) -> str:
     return generate_latest(registry).decode()
 
 
-def promtool_ok(text: str) -> None:
-    assert text.strip(), "promtool accepts empty input; an empty exposition proves nothing"
-    done = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
-                          capture_output=True, timeout=30)
-    assert done.returncode == 0, (done.stdout + done.stderr).decode()
 
 
 def child_text(requests: int, service_label: str | None = None) -> str:

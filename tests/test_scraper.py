@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from supervisor.denylist import DenyList
 from supervisor.instrument import HttpMetrics
 from supervisor.merge import merge_families, relabel
 from supervisor.scraper import Scraper, ScrapeResult, Target, scrape_families, scraped_sources
+from tests.support import promtool_ok
 
 pytestmark = pytest.mark.anyio
 
@@ -178,11 +178,6 @@ def render(families: list[Metric]) -> str:
     return generate_latest(registry).decode()
 
 
-def promtool_ok(text: str) -> None:
-    assert text.strip(), "promtool accepts empty input; an empty exposition proves nothing"
-    done = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
-                          capture_output=True, timeout=30)
-    assert done.returncode == 0, (done.stdout + done.stderr).decode()
 
 
 async def test_bad_children_never_delay_or_break_the_good_one() -> None:
