@@ -111,12 +111,8 @@ class PostgresServer:
 
     def kill(self) -> None:
         """SIGKILL the postmaster and its backends (one process group): a crash, not a stop."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
+        if not _kill_group(self.proc):
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
         # Backends share the group; wait until the port is really closed.
         _wait_until(lambda: not _port_open(self.port), 10, "postgres shutdown")
 
@@ -180,12 +176,7 @@ class RedisServer:
         return reply.startswith((b"+PONG", b"-NOAUTH"))
 
     def kill(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        _kill_group(self.proc)
 
     def destroy(self) -> None:
         self.kill()
@@ -233,6 +224,16 @@ class BlackHole:
         self._listener.close()
         for conn in self._held:
             conn.close()
+
+
+def _kill_group(proc: subprocess.Popen[bytes] | None) -> bool:
+    """SIGKILL a server we started and its whole process group; False if it was not running."""
+    if proc is None or proc.poll() is not None:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    return True
 
 
 def _port_open(port: int) -> bool:
