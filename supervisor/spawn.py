@@ -5,8 +5,12 @@ Why not anyio.open_process: it cannot set PR_SET_PDEATHSIG (no preexec hook), an
 
 * `subprocess.Popen` from the event-loop thread (the main thread, which lives as long as the
   daemon: PR_SET_PDEATHSIG fires when the *forking thread* ends, not the process), in a new
-  session, with an empty signal mask and PDEATHSIG=SIGKILL, so a SIGKILLed daemon leaves no
-  service behind.
+  session, with PDEATHSIG=SIGKILL, so a SIGKILLed daemon leaves no service behind.
+* PDEATHSIG is set by exec'ing util-linux `setpriv --pdeathsig KILL --` in front of the
+  command, not by a `preexec_fn`: any preexec_fn makes CPython fork() the whole daemon (page
+  tables and all: 4.3 ms per spawn with 200 services) where it otherwise uses vfork() (0.3 ms);
+  the extra exec of setpriv costs about 1 ms. Without setpriv we fall back to the preexec_fn.
+  The signal mask is inherited from the event-loop thread, which blocks nothing.
 * one pidfd per child, awaited with `anyio.wait_readable`, then `waitpid(pid)` for exactly that
   pid: we are the only reaper of our children, so exit codes are exact on both backends, and
   no thread is needed per child.
@@ -17,10 +21,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -33,6 +38,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
+
+
+# Resolved once: the daemon's PATH at startup, not each service's.
+SETPRIV: str | None = shutil.which("setpriv")
 
 
 def become_subreaper() -> bool:
@@ -103,24 +112,24 @@ class Child:
 
 def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Child:
     """Fork/exec a service in its own session. Raises SpawnError with a one-line reason."""
-    parent = os.getpid()
-
-    def in_child() -> None:  # runs between fork and exec: keep it to async-signal-safe calls
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the daemon died before prctl took effect
-            os._exit(1)
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-
+    if SETPRIV is not None:
+        # setpriv would report a missing program only as its own exit status 127: check here
+        # so that the operator gets the reason and the service is not restarted in a loop.
+        _check_executable(argv[0], env, cwd)
+        command = [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+        preexec = None
+    else:
+        command, preexec = list(argv), _pdeathsig_in_child(os.getpid())
     try:
         popen = subprocess.Popen(
-            list(argv),
+            command,
             env=dict(env),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=in_child,
+            preexec_fn=preexec,
             close_fds=True,
         )
     except OSError as exc:
@@ -138,6 +147,32 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Child:
     os.set_blocking(stderr, False)
     pidfd = os.pidfd_open(popen.pid)
     return Child(popen.pid, stdout, stderr, popen, pidfd)
+
+
+def _check_executable(program: str, env: Mapping[str, str], cwd: str) -> None:
+    """Fail as execvp() in the child would, naming the program."""
+    if "/" in program:
+        path = os.path.join(cwd, program)
+        if not os.path.exists(path):
+            raise SpawnError(f"cannot start {program!r}: No such file or directory")
+        if os.path.isdir(path) or not os.access(path, os.X_OK):
+            raise SpawnError(f"cannot start {program!r}: Permission denied")
+        return
+    search = env.get("PATH", os.defpath)
+    # which() resolves relative PATH entries against our cwd; the child's is `cwd`.
+    search = os.pathsep.join(os.path.join(cwd, d) for d in search.split(os.pathsep))
+    if shutil.which(program, path=search) is None:
+        raise SpawnError(f"cannot start {program!r}: not found on PATH")
+
+
+def _pdeathsig_in_child(parent: int) -> Callable[[], None]:
+    def in_child() -> None:  # runs between fork and exec: keep it to async-signal-safe calls
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the daemon died before prctl took effect
+            os._exit(1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+    return in_child
 
 
 def monotonic_and_wall() -> tuple[float, float]:

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 
+from supervisor import spawn as spawn_module
+from supervisor.errors import SpawnError
 from supervisor.output import LineSplitter, drain
 from supervisor.spawn import spawn
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True, params=["setpriv", "preexec_fn"])
+def pdeathsig_via(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every test runs with both ways of arming PR_SET_PDEATHSIG."""
+    if request.param == "setpriv":
+        assert spawn_module.SETPRIV is not None, "util-linux setpriv is expected on this host"
+    else:
+        monkeypatch.setattr(spawn_module, "SETPRIV", None)
+    yield request.param
 
 ENV = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": "/should/not/leak"}
 
@@ -63,20 +80,63 @@ async def test_child_starts_with_clean_signal_state_and_own_session() -> None:
     assert sid == pgid == pid  # a session and process group of its own
 
 
-async def test_spawn_failure_is_a_clear_error() -> None:
-    from supervisor.errors import SpawnError
-
+async def test_spawn_failure_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SpawnError, match="cannot start '/nonexistent/x'"):
         spawn(["/nonexistent/x"], {}, "/")
+    with pytest.raises(SpawnError, match="cannot start 'no-such-program-here'"):
+        spawn(["no-such-program-here"], {"PATH": "/usr/bin:/bin"}, "/")
+    (tmp_path / "data.txt").write_text("not a program")
+    with pytest.raises(SpawnError, match="cannot start './data.txt': Permission denied"):
+        spawn(["./data.txt"], {}, str(tmp_path))
 
 
-def test_line_splitter_bounds_long_lines() -> None:
-    splitter = LineSplitter(max_line=10)
-    assert splitter.feed(b"abc\ndef") == [b"abc"]
-    assert splitter.feed(b"g" * 25) == [b"defggggggg", b"gggggggggg"]
-    assert splitter.flush() == [b"g" * 8]
-    splitter = LineSplitter(max_line=10)
-    assert splitter.feed(b"x" * 25) == [b"x" * 10, b"x" * 10]
-    assert splitter.feed(b"yy\nz") == [b"xxxxxyy"]
-    assert splitter.flush() == [b"z"]
-    assert splitter.flush() == []
+async def test_relative_programs_resolve_against_the_service_cwd(tmp_path: Path) -> None:
+    script = tmp_path / "bin" / "hello"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\necho hello from $0\n")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    env = {"PATH": "bin:/usr/bin:/bin"}
+    child = spawn(["./bin/hello"], env, str(tmp_path))
+    assert (await child.wait()).code == 0
+    child = spawn(["hello"], env, str(tmp_path))  # a relative PATH entry, as execvp reads it
+    assert (await child.wait()).code == 0
+    for fd in (child.stdout, child.stderr):
+        os.close(fd)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+async def test_child_is_killed_when_the_forking_thread_ends() -> None:
+    """PR_SET_PDEATHSIG follows the thread that forked: with it armed, a child spawned from a
+    thread that then exits gets SIGKILL. (The daemon spawns only from its event-loop thread,
+    which lives as long as the daemon; a SIGKILLed daemon takes its children along.)"""
+    spawned: list[spawn_module.Child] = []
+
+    def spawn_then_end() -> None:
+        child = spawn(["sleep", "30"], ENV, "/")
+        spawned.append(child)
+        # Like the daemon's thread, outlive the exec of setpriv and its prctl (about 1 ms).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _comm(child.pid) != "sleep":
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=spawn_then_end)
+    thread.start()
+    thread.join(10)
+    child = spawned[0]
+    try:
+        with anyio.move_on_after(10):
+            await child.wait()
+        died_with_thread = child.status
+    finally:
+        if child.status is None:
+            child.signal_group(signal.SIGKILL)
+            await child.wait()
+        for fd in (child.stdout, child.stderr):
+            os.close(fd)
+    assert died_with_thread == spawn_module.ExitStatus(None, signal.SIGKILL)
