@@ -162,24 +162,27 @@ class Daemon:
         log.info("listening address=http://%s:%d/v1/metrics", *self.listen_address)
         if self.subreaper:
             become_subreaper()
-        await anyio.to_thread.run_sync(self.bridge.start)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if self.handle_signals:
+                    await tg.start(self._watch_signals)
+                # Services first: checks, scrapes and the control socket are not needed to
+                # spawn them, and starting those (imports, threads) would delay every service.
+                for spec in self.config.services.values():
+                    await self._add_runner(spec)
+                await self._spawn_independent()
+                await anyio.to_thread.run_sync(self.bridge.start)
                 await self._start_monitor()
                 await tg.start(self.scraper.run)
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._sample_stats)
-                if self.handle_signals:
-                    await tg.start(self._watch_signals)
                 await tg.start(serve_control, self, self.control_socket,
                                settings.control_socket_group)
                 interval = watchdog_interval(self.environ)
                 if self.notifier is not None and interval is not None:
                     tg.start_soon(watchdog_loop, self.notifier, interval)
-                for spec in self.config.services.values():
-                    await self._add_runner(spec)
-                await self._spawn_initial(tg)
+                tg.start_soon(self._start_all, self._dependent_autostarts())
                 self._notify("ready")
                 self._notify_status()
                 task_status.started()
@@ -237,12 +240,16 @@ class Daemon:
     def _publish(self, snapshot: ServiceSnapshot) -> None:
         self.snapshots = {**self.snapshots, snapshot.name: snapshot}
 
-    async def _spawn_initial(self, tg: TaskGroup) -> None:
-        """Spawn what has nothing to wait for now, so READY=1 means "spawned and listening";
+    def _autostarts(self) -> list[ServiceSpec]:
+        return [s for s in self.config.services.values() if s.autostart]
+
+    def _dependent_autostarts(self) -> list[ServiceSpec]:
+        return [s for s in self._autostarts() if s.depends_on or s.wait_for]
+
+    async def _spawn_independent(self) -> None:
+        """Spawn what has nothing to wait for, so READY=1 means "spawned and listening";
         services with depends_on or wait_for follow in the background."""
-        specs = [s for s in self.config.services.values() if s.autostart]
-        now = [s for s in specs if not s.depends_on and not s.wait_for]
-        tg.start_soon(self._start_all, [s for s in specs if s not in now])
+        now = [s for s in self._autostarts() if not s.depends_on and not s.wait_for]
         for spec in now:
             self.runners[spec.name].start()
         with anyio.move_on_after(10):

@@ -22,14 +22,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
-import httpx
 
 from supervisor.aioloop import AsyncioThread
 from supervisor.config import CheckSpec
 from supervisor.datatypes import parse_listen
 from supervisor.redact import redact_text, url_secrets
+
+# httpx is imported where it is used: importing it (and, through httpcore, trio) costs about
+# 0.1 s, which the daemon would otherwise spend before spawning its services.
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +164,16 @@ def make_http_client(timeout: float = 5.0) -> httpx.AsyncClient:
 
 
 def _http_client(timeout: float) -> httpx.AsyncClient:
+    import httpx
+
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False,
                              trust_env=False,
                              limits=httpx.Limits(max_keepalive_connections=0))
 
 
 async def _get(client: httpx.AsyncClient, spec: CheckSpec) -> None:
+    import httpx
+
     timeout = httpx.Timeout(spec.timeout)
     async with client.stream("GET", spec.target, timeout=timeout,
                              headers={"User-Agent": APPLICATION_NAME}) as response:
@@ -219,6 +228,8 @@ async def _timed(spec: CheckSpec, phase: _Phase, clock: Clock,
 def _is_timeout(exc: BaseException) -> bool:
     # redis.exceptions.TimeoutError does not derive from the builtin; match it by name so this
     # module need not import redis unless a redis check exists.
+    import httpx
+
     return (isinstance(exc, (TimeoutError, httpx.TimeoutException))
             or type(exc).__name__ == "TimeoutError")
 

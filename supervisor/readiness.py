@@ -19,16 +19,18 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import httpx
 from anyio.abc import TaskStatus
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from supervisor.aioloop import AsyncioThread
 from supervisor.config import CheckSpec
 from supervisor.probes import CheckResult, make_http_client, probe
+
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import anyio
-import httpx
 from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -39,6 +39,11 @@ from supervisor.merge import (
     parse_exposition,
     sample_count,
 )
+
+# httpx is imported where it is used: importing it (and, through httpcore, trio) costs about
+# 0.1 s, which the daemon would otherwise spend before spawning its services.
+if TYPE_CHECKING:
+    import httpx
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +163,8 @@ class Scraper:
     def _new_client(self, verify: bool) -> httpx.AsyncClient:
         # trust_env=False: HTTP(S)_PROXY from the daemon's environment must not route loopback
         # scrapes through a proxy; redirects are not followed (a metrics URL is exact).
+        import httpx
+
         return httpx.AsyncClient(transport=self._transport, trust_env=False, verify=verify,
                                  follow_redirects=False, headers={"Accept": ACCEPT})
 
@@ -234,6 +241,8 @@ class Scraper:
                             self.stale_after(target))
 
     async def _fetch(self, client: httpx.AsyncClient, target: Target) -> tuple[bytes, str]:
+        import httpx
+
         try:
             async with client.stream("GET", target.url,
                                      timeout=httpx.Timeout(target.timeout)) as response:
