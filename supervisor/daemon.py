@@ -231,11 +231,14 @@ class Daemon:
         self._runner_scopes[spec.name] = scope
         self._publish(runner.snapshot)
 
-        async def run_runner(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async def run_runner() -> None:
             with scope:
-                await runner.run(task_status=task_status)
+                await runner.run()
 
-        await self._tg.start(run_runner)
+        # Not tg.start(): a round trip through the scheduler per service adds up (200 services
+        # on trio: 60 ms), and the runner's event queue is unbounded, so events posted before
+        # its task first runs wait for it.
+        self._tg.start_soon(run_runner)
 
     def _publish(self, snapshot: ServiceSnapshot) -> None:
         self.snapshots = {**self.snapshots, snapshot.name: snapshot}
