@@ -7,18 +7,18 @@ has stopped); services without a relation start and stop concurrently.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import Metric
 
 from supervisor import lifecycle as lc
 from supervisor import reaper
@@ -31,10 +31,17 @@ from supervisor.exposition import SharedRenderMetricsApp
 from supervisor.http import Router, WSGIApp, serve
 from supervisor.instrument import HttpMetrics, instrument_wsgi
 from supervisor.merge import relabel
-from supervisor.metrics import SELF, MetricsView, SupervisorCollector, build_registry
+from supervisor.metrics import (
+    SELF,
+    MetricsView,
+    live_service_families,
+    own_process_collector,
+    service_families,
+)
 from supervisor.notify import watchdog_interval, watchdog_loop
 from supervisor.procstats import ProcStatsSampler, TreeStats
 from supervisor.readiness import ReadinessMonitor, collect_families
+from supervisor.render import CachingRenderer, Source
 from supervisor.runner import ServiceRunner, ServiceSnapshot
 from supervisor.scraper import Scraper, scrape_families, scraped_sources
 from supervisor.spawn import become_subreaper
@@ -81,6 +88,7 @@ class Daemon:
         self.runners: dict[str, ServiceRunner] = {}
         self._runner_scopes: dict[str, anyio.CancelScope] = {}
         self._sampler = ProcStatsSampler()
+        self._deny: DenyList | None = None  # rebuilt when a reload changes deny_metrics
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
         self._tg: TaskGroup | None = None
         self._start_scopes: set[anyio.CancelScope] = set()  # pending starts, cancelled at shutdown
@@ -91,9 +99,8 @@ class Daemon:
         # The daemon's own endpoints are instrumented like any service (service="supervisor").
         self._http_registry = CollectorRegistry(auto_describe=False)
         self.http_metrics = HttpMetrics(self._http_registry)
-        self.collector = SupervisorCollector(self.metrics_view, self._metric_sources,
-                                             lambda: DenyList(self.config.settings.deny_metrics))
-        self.registry = build_registry(self.collector)
+        self._own_process = own_process_collector()
+        self.renderer = CachingRenderer(self._metric_sources, self._deny_list)
         self.router = self._build_router()
         self.listen_address: tuple[str, int] | None = None
         self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
@@ -118,20 +125,36 @@ class Daemon:
         body = self.monitor.snapshot().body()
         return (200 if body["status"] == "ready" else 503), body
 
-    def _metric_sources(self) -> list[Iterable[Metric]]:
+    def _deny_list(self) -> DenyList:
+        patterns = self.config.settings.deny_metrics
+        if self._deny is None or self._deny.patterns != tuple(dict.fromkeys(patterns)):
+            self._deny = DenyList(patterns)
+        return self._deny
+
+    def _metric_sources(self) -> list[Source]:
+        """What /v1/metrics merges, in precedence order. Keyed sources are re-rendered only
+        when their key objects change (the loop swaps snapshots and stats whole)."""
         env = self.config.settings.environment
+        view = self.metrics_view()
+        now = time.monotonic()
         scrapes = self.scraper.snapshot()
-        sources: list[Iterable[Metric]] = [
-            relabel(self._http_registry.collect(), SELF, env),
-            collect_families(self.monitor.snapshot(), env),
-            scrape_families(scrapes, env),
+        readiness = self.monitor.snapshot()
+        sources = [
+            Source("services", lambda: service_families(view), (view.services, view.stats, env)),
+            Source("services-live", lambda: live_service_families(view, now)),
+            Source("process", lambda: relabel(self._own_process.collect(), SELF, env)),
+            Source("http", lambda: relabel(self._http_registry.collect(), SELF, env)),
+            Source("readiness", lambda: collect_families(readiness, env)),
+            Source("scrapes", lambda: scrape_families(scrapes, env)),
         ]
-        sources += [relabel(families, name, env) for name, families in scraped_sources(scrapes)]
+        for name, families in scraped_sources(scrapes):
+            relabelled = functools.partial(relabel, families, name, env)
+            sources.append(Source("service:" + name, relabelled, (families, env)))
         return sources
 
     def _build_router(self) -> WSGIApp:
         router = Router()
-        self.metrics_app = SharedRenderMetricsApp(self.registry)
+        self.metrics_app = SharedRenderMetricsApp(self.renderer.render)
         router.add_app("/v1/metrics", self.metrics_app)
         router.add_json("/v1/health", self.health)
         router.add_json("/v1/ready", self.ready)
@@ -319,7 +342,8 @@ class Daemon:
         old = self.config
         removed = [n for n in old.services if n not in new.services]
         added = [n for n in new.services if n not in old.services]
-        changed = [n for n in new.services if n in old.services and new.services[n] != old.services[n]]
+        changed = [n for n in new.services
+                   if n in old.services and new.services[n] != old.services[n]]
         if (new.settings.listen_host, new.settings.listen_port) != (
                 old.settings.listen_host, old.settings.listen_port):
             log.warning("reload: listen address changes take effect on restart only")

@@ -1,7 +1,7 @@
 """/v1/metrics as a WSGI app whose concurrent requests share one render.
 
-Rendering merges every child's families and formats them (hundreds of milliseconds at 200
-services of 50+ series each). Twenty scrapers arriving together used to render twenty times
+Rendering merges every child's families (render.CachingRenderer; tens of milliseconds at 200
+services of 50 series each). Twenty scrapers arriving together used to render twenty times
 over, competing for the GIL on two cores (p99 about 7 s). Here a request that arrives while an
 identical render is in flight waits for it and takes its bytes; a request arriving after a render
 finished always renders afresh, so a reader never sees data older than its own arrival minus one
@@ -17,30 +17,16 @@ from concurrent.futures import Future
 from typing import Any
 from urllib.parse import parse_qs
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 Key = tuple[str, bool, tuple[str, ...]]
-
-
-class _Only:
-    """`?name[]=...`: the families with any of those names (family or sample name). Our collector
-    describes nothing up front, so prometheus_client's restricted_registry cannot be used."""
-
-    def __init__(self, registry: CollectorRegistry, names: tuple[str, ...]) -> None:
-        self._registry = registry
-        self._names = set(names)
-
-    def collect(self) -> Iterable[Metric]:
-        for family in self._registry.collect():
-            if family.name in self._names or any(s.name in self._names for s in family.samples):
-                yield family
+# (encoder, content type, ?name[] filter) -> body; see render.CachingRenderer.render
+Render = Callable[[Callable[[Any], bytes], str, tuple[str, ...]], bytes]
 
 
 class SharedRenderMetricsApp:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
+    def __init__(self, render: Render) -> None:
+        self.render = render
         self._lock = threading.Lock()
         self._inflight: dict[Key, Future[bytes]] = {}
         self.renders = 0  # how many times the body was actually built (for tests and benches)
@@ -66,7 +52,7 @@ class SharedRenderMetricsApp:
         if not owner:
             return future.result()
         try:
-            body = encoder(_Only(self._registry, key[2]) if key[2] else self._registry)
+            body = self.render(encoder, key[0], key[2])
             if key[1]:
                 body = gzip.compress(body, compresslevel=6)
             self.renders += 1

@@ -1,16 +1,15 @@
-"""The /v1/metrics collector: renders immutable snapshots into metric families.
+"""The daemon's own metric families, built from immutable snapshots.
 
-`collect()` runs in the HTTP server's threads, once per concurrent scrape. It reads snapshots
-the event loop published by reference swap and never calls into the loop or psutil. Every
-series carries `service` and `environment`; the daemon's own process figures come from
+These run in the HTTP server's threads (see render.CachingRenderer). They read snapshots the
+event loop published by reference swap and never call into the loop or psutil. Every series
+carries `service` and `environment`; the daemon's own process figures come from
 prometheus_client's stock collectors, relabelled with service="supervisor".
 """
 
 from __future__ import annotations
 
 import functools
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -19,9 +18,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from supervisor.denylist import DenyList
 from supervisor.lifecycle import EXIT_REASONS, State
-from supervisor.merge import merge_families, relabel
 from supervisor.procstats import TreeStats
 from supervisor.runner import ServiceSnapshot
 
@@ -38,48 +35,56 @@ class MetricsView:
     last_reload_ok: bool = True
 
 
-class SupervisorCollector:
-    """Everything /v1/metrics shows: the services' lifecycle, the daemon's own process, and the
-    `sources` (readiness, scrapes, children's own families), merged into one family per name
-    with the FR52 deny-list applied to all of it."""
-
-    def __init__(self, view: Callable[[], MetricsView],
-                 sources: Callable[[], list[Iterable[Metric]]] = list,
-                 deny: Callable[[], DenyList] = DenyList) -> None:
-        self._view = view
-        self._sources = sources
-        self._deny = deny
-        # The stock collectors live in a private registry, relabelled on the way out.
-        self._own = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self._own)
-        PlatformCollector(registry=self._own)
-        GCCollector(registry=self._own)
-
-    def describe(self) -> list[Metric]:
-        return []  # no collect() at registration time
-
-    def collect(self) -> Iterator[Metric]:
-        view = self._view()
-        own = list(service_families(view, time.monotonic()))
-        own += relabel(self._own.collect(), SELF, view.environment)
-        yield from merge_families([own, *self._sources()], self._deny())
+def own_process_collector() -> CollectorRegistry:
+    """prometheus_client's stock process, platform and GC collectors, in a private registry
+    (relabelled service="supervisor" on the way out)."""
+    own = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=own)
+    PlatformCollector(registry=own)
+    GCCollector(registry=own)
+    return own
 
 
-def service_families(view: MetricsView, now: float) -> Iterator[Metric]:
+def _gauge(view: MetricsView, name: str, doc: str,
+           value_of: Callable[[ServiceSnapshot], float | None]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=LABELS)
+    for s in view.services.values():
+        value = value_of(s)
+        if value is not None:
+            family.add_metric([s.name, view.environment], value)
+    return family
+
+
+def live_service_families(view: MetricsView, now: float) -> Iterator[Metric]:
+    """The families that change with the clock, not only with the services' events."""
+    yield _gauge(view, "uptime_seconds", "Seconds since the service's current process started; "
+                 "0 while it is not running.", lambda s: s.uptime(now))
+    yield _gauge(view, "service_restart_backoff_seconds", "Seconds until the next restart "
+                 "while in backoff, else 0.",
+                 lambda s: max(0.0, s.next_start_at - now) if s.next_start_at is not None
+                 else 0.0)
+    env = view.environment
+    ok = GaugeMetricFamily("config_last_reload_successful", "1 if the last reload of "
+                           "services.toml was applied, 0 if it was rejected.", labels=LABELS)
+    ok.add_metric([SELF, env], 1.0 if view.last_reload_ok else 0.0)
+    yield ok
+    reloads = CounterMetricFamily("config_reloads", "Reloads of services.toml by result.",
+                                  labels=[*LABELS, "result"])
+    for result in ("success", "failure"):
+        reloads.add_metric([SELF, env, result], view.reloads.get(result, 0))
+    yield reloads
+
+
+def service_families(view: MetricsView) -> Iterator[Metric]:
+    """The families that change only when a service's snapshot or stats do: the daemon swaps
+    those mappings whole, so /v1/metrics can reuse their rendering while they are the same."""
     env = view.environment
     snaps = list(view.services.values())
 
-    def gauge(name: str, doc: str, value_of: Callable[[ServiceSnapshot], float | None],
-              unit: str = "") -> GaugeMetricFamily:
-        family = GaugeMetricFamily(name, doc, labels=LABELS, unit=unit)
-        for s in snaps:
-            value = value_of(s)
-            if value is not None:
-                family.add_metric([s.name, env], value)
-        return family
+    def gauge(name: str, doc: str, value_of: Callable[[ServiceSnapshot], float | None]
+              ) -> GaugeMetricFamily:
+        return _gauge(view, name, doc, value_of)
 
-    yield gauge("uptime_seconds", "Seconds since the service's current process started; "
-                "0 while it is not running.", lambda s: s.uptime(now))
     starts = CounterMetricFamily("service_starts", "Processes spawned for the service since the "
                                  "daemon started.", labels=LABELS)
     for s in snaps:
@@ -104,9 +109,6 @@ def service_families(view: MetricsView, now: float) -> Iterator[Metric]:
     yield exits
     yield gauge("service_last_exit_code", "Exit code of the last exit; 128+N for a process "
                 "killed by signal N (the shell's convention).", _last_exit_code)
-    yield gauge("service_restart_backoff_seconds", "Seconds until the next restart while in "
-                "backoff, else 0.",
-                lambda s: max(0.0, s.next_start_at - now) if s.next_start_at is not None else 0.0)
     stats = view.stats
     cpu = CounterMetricFamily("service_cpu_seconds", "CPU time (user+system) of the service's "
                               "process group, carried across restarts.", labels=LABELS)
@@ -122,15 +124,6 @@ def service_families(view: MetricsView, now: float) -> Iterator[Metric]:
         ("service_processes", "Processes in the service's process group.", "processes"),
     ):
         yield gauge(name, doc, functools.partial(_stat_of, stats, attr))
-    ok = GaugeMetricFamily("config_last_reload_successful", "1 if the last reload of "
-                           "services.toml was applied, 0 if it was rejected.", labels=LABELS)
-    ok.add_metric([SELF, env], 1.0 if view.last_reload_ok else 0.0)
-    yield ok
-    reloads = CounterMetricFamily("config_reloads", "Reloads of services.toml by result.",
-                                  labels=[*LABELS, "result"])
-    for result in ("success", "failure"):
-        reloads.add_metric([SELF, env, result], view.reloads.get(result, 0))
-    yield reloads
 
 
 def _stat_of(stats: Mapping[str, TreeStats], attr: str, s: ServiceSnapshot) -> float | None:
@@ -144,9 +137,3 @@ def _last_exit_code(s: ServiceSnapshot) -> float | None:
     if s.last_exit.signal is not None:
         return 128.0 + s.last_exit.signal
     return float(s.last_exit.code or 0)
-
-
-def build_registry(collector: SupervisorCollector) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    return registry
