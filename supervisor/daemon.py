@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskGroup
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
 from supervisor import lifecycle as lc
 from supervisor import reaper
@@ -36,6 +37,7 @@ from supervisor.metrics import (
     MetricsView,
     live_service_families,
     own_process_collector,
+    resource_families,
     service_families,
 )
 from supervisor.notify import watchdog_interval, watchdog_loop
@@ -43,7 +45,7 @@ from supervisor.procstats import ProcStatsSampler, TreeStats
 from supervisor.readiness import ReadinessMonitor, collect_families
 from supervisor.render import CachingRenderer, Source
 from supervisor.runner import ServiceRunner, ServiceSnapshot
-from supervisor.scraper import Scraper, scrape_families, scraped_sources
+from supervisor.scraper import Scraper, ScrapeResult, scrape_families
 from supervisor.spawn import become_subreaper
 from supervisor.status import status_document
 
@@ -140,16 +142,22 @@ class Daemon:
         scrapes = self.scraper.snapshot()
         readiness = self.monitor.snapshot()
         sources = [
-            Source("services", lambda: service_families(view), (view.services, view.stats, env)),
+            Source("services", lambda: service_families(view), (view.services, env)),
+            Source("resources", lambda: resource_families(view),
+                   (view.services, view.stats, env)),
             Source("services-live", lambda: live_service_families(view, now)),
             Source("process", lambda: relabel(self._own_process.collect(), SELF, env)),
             Source("http", lambda: relabel(self._http_registry.collect(), SELF, env)),
             Source("readiness", lambda: collect_families(readiness, env)),
-            Source("scrapes", lambda: scrape_families(scrapes, env)),
         ]
-        for name, families in scraped_sources(scrapes):
-            relabelled = functools.partial(relabel, families, name, env)
-            sources.append(Source("service:" + name, relabelled, (families, env)))
+        # One source per scraped service, keyed by its latest result: its scrape health
+        # first (so the daemon's series win over a child's same-named ones), then its own
+        # families relabelled. Re-rendered once per scrape of that service.
+        for name in sorted(scrapes):
+            result = scrapes[name]
+            sources.append(Source("service:" + name,
+                                  functools.partial(_scraped_service, result, env),
+                                  (result, env)))
         return sources
 
     def _build_router(self) -> WSGIApp:
@@ -426,3 +434,7 @@ def _dependency_satisfied(s: ServiceSnapshot) -> bool:
     return s.state is lc.State.RUNNING or (
         s.state is lc.State.EXITED and s.last_exit is not None and s.last_exit.reason == "success")
 
+
+def _scraped_service(result: ScrapeResult, environment: str) -> list[Metric]:
+    return [*scrape_families({result.service: result}, environment),
+            *relabel(result.families, result.service, environment)]

@@ -76,8 +76,8 @@ def live_service_families(view: MetricsView, now: float) -> Iterator[Metric]:
 
 
 def service_families(view: MetricsView) -> Iterator[Metric]:
-    """The families that change only when a service's snapshot or stats do: the daemon swaps
-    those mappings whole, so /v1/metrics can reuse their rendering while they are the same."""
+    """The lifecycle families, which change only when a service's snapshot does: the daemon
+    swaps that mapping whole, so /v1/metrics can reuse their rendering while it is the same."""
     env = view.environment
     snaps = list(view.services.values())
 
@@ -109,6 +109,12 @@ def service_families(view: MetricsView) -> Iterator[Metric]:
     yield exits
     yield gauge("service_last_exit_code", "Exit code of the last exit; 128+N for a process "
                 "killed by signal N (the shell's convention).", _last_exit_code)
+
+
+def resource_families(view: MetricsView) -> Iterator[Metric]:
+    """Per-service resource use: changes with each stats sample (stats_interval)."""
+    env = view.environment
+    snaps = list(view.services.values())
     stats = view.stats
     cpu = CounterMetricFamily("service_cpu_seconds", "CPU time (user+system) of the service's "
                               "process group, carried across restarts.", labels=LABELS)
@@ -123,7 +129,7 @@ def service_families(view: MetricsView) -> Iterator[Metric]:
         ("service_open_fds", "Open file descriptors in the service's process group.", "open_fds"),
         ("service_processes", "Processes in the service's process group.", "processes"),
     ):
-        yield gauge(name, doc, functools.partial(_stat_of, stats, attr))
+        yield _gauge(view, name, doc, functools.partial(_stat_of, stats, attr))
 
 
 def _stat_of(stats: Mapping[str, TreeStats], attr: str, s: ServiceSnapshot) -> float | None:

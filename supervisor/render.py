@@ -58,12 +58,22 @@ class _Families:
 @dataclass
 class _Family:
     metric: Metric
-    names: frozenset[str]  # exposed series names (deny and clash checks)
+    names: tuple[str, ...]  # exposed series names (deny and clash checks)
     sample_names: frozenset[str]  # for ?name[]=
     keys: frozenset[SeriesKey]
+    # The samples' `service` label values (None: no such label). Two parts whose sets do not
+    # meet cannot hold the same series, so merging them needs no per-series check.
+    services: frozenset[str | None]
     clean: bool  # no duplicate series within the family
     splits_in_text: bool  # has samples the text format writes as separate blocks
     lines: dict[str, bytes] = field(default_factory=dict)  # content type -> sample lines
+    denied_by: tuple[DenyList, bool] | None = None  # the last deny-list asked, and its answer
+
+    def denied(self, deny: DenyList) -> bool:
+        cached = self.denied_by
+        if cached is None or cached[0] is not deny:
+            cached = self.denied_by = (deny, any(deny.denies(n) for n in self.names))
+        return cached[1]
 
 
 @dataclass
@@ -72,16 +82,24 @@ class _Prepared:
     families: list[_Family]
 
 
+def _sample_keys(metric: Metric) -> list[SeriesKey]:
+    return [(s.name, tuple(sorted(s.labels.items()))) for s in metric.samples]
+
+
+def _keys_of(metric: Metric) -> set[SeriesKey]:
+    return set(_sample_keys(metric))
+
+
 def _prepare(source: Source) -> _Prepared:
     prepared = []
     for metric in source.families():
-        keys = [(s.name, tuple(sorted(s.labels.items()))) for s in metric.samples]
+        keys = _sample_keys(metric)
         unique = frozenset(keys)
         split_names = {metric.name + suffix for suffix in _SPLIT_SUFFIXES}
         prepared.append(_Family(
-            metric, frozenset(exposed_names(metric)),
-            frozenset(s.name for s in metric.samples), unique, len(unique) == len(keys),
-            any(s.name in split_names for s in metric.samples)))
+            metric, tuple(exposed_names(metric)), frozenset(s.name for s in metric.samples),
+            unique, frozenset(s.labels.get("service") for s in metric.samples),
+            len(unique) == len(keys), any(s.name in split_names for s in metric.samples)))
     return _Prepared(source.key, prepared)
 
 
@@ -92,7 +110,7 @@ def _same_key(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> boo
 
 
 class _Merged:
-    __slots__ = ("name", "documentation", "type", "unit", "parts", "whole")
+    __slots__ = ("name", "documentation", "type", "unit", "parts", "whole", "services", "_keys")
 
     def __init__(self, metric: Metric) -> None:
         self.name = metric.name
@@ -101,6 +119,28 @@ class _Merged:
         self.unit = metric.unit
         self.parts: list[_Family | Metric] = []  # Metric: a filtered copy, rendered uncached
         self.whole = False  # render as one merged family (no cached lines)
+        self.services: set[str | None] = set()
+        self._keys: set[SeriesKey] | None = None  # built only once parts may overlap
+
+    def add(self, family: _Family) -> None:
+        if self._keys is None and family.clean and self.services.isdisjoint(family.services):
+            self.services |= family.services
+            self.parts.append(family)
+            return
+        if self._keys is None:
+            self._keys = set()
+            for part in self.parts:
+                self._keys |= part.keys if isinstance(part, _Family) else _keys_of(part)
+        # Possible duplicate series: keep the first of each, as merge.merge does.
+        metric = family.metric
+        copy = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+        for sample, key in zip(metric.samples, _sample_keys(metric), strict=True):
+            if key not in self._keys:
+                self._keys.add(key)
+                copy.samples.append(sample)
+        self.services |= family.services
+        self.parts.append(copy)
+        self.whole = self.whole or family.splits_in_text
 
 
 class CachingRenderer:
@@ -163,47 +203,24 @@ class CachingRenderer:
     @staticmethod
     def _merge(sources: list[_Prepared], deny: DenyList) -> list[_Merged]:
         merged: dict[str, _Merged] = {}
-        owner: dict[str, str] = {}
-        seen: dict[str, set[SeriesKey]] = {}
-        denied: dict[str, bool] = {}
-
-        def is_denied(name: str) -> bool:
-            found = denied.get(name)
-            if found is None:
-                found = denied[name] = deny.denies(name)
-            return found
-
+        owner: dict[str, str] = {}  # exposed series name -> family name that claimed it
         for prepared in sources:
-            for fam in prepared.families:
-                metric = fam.metric
-                if any(is_denied(n) for n in fam.names):
+            for family in prepared.families:
+                if family.denied(deny):
                     continue
-                if any(owner.get(n, metric.name) != metric.name for n in fam.names):
-                    continue
-                target = merged.get(metric.name)
+                name = family.metric.name
+                if any(owner.get(n, name) != name for n in family.names):
+                    continue  # its series names collide with another family's
+                target = merged.get(name)
                 if target is None:
-                    target = merged[metric.name] = _Merged(metric)
-                    seen[metric.name] = set()
-                elif target.type != metric.type:
-                    continue
-                elif target.documentation == NO_HELP and metric.documentation:
-                    target.documentation = metric.documentation
-                for n in fam.names:
-                    owner[n] = metric.name
-                keys = seen[metric.name]
-                if fam.clean and keys.isdisjoint(fam.keys):
-                    keys |= fam.keys
-                    target.parts.append(fam)
-                    continue
-                # Duplicate series: keep the first of each, as merge.merge does.
-                copy = Metric(metric.name, metric.documentation, metric.type, metric.unit)
-                for sample in metric.samples:
-                    key = (sample.name, tuple(sorted(sample.labels.items())))
-                    if key not in keys:
-                        keys.add(key)
-                        copy.samples.append(sample)
-                target.parts.append(copy)
-                target.whole = target.whole or fam.splits_in_text
+                    target = merged[name] = _Merged(family.metric)
+                elif target.type != family.metric.type:
+                    continue  # the first source's type wins
+                elif target.documentation == NO_HELP and family.metric.documentation:
+                    target.documentation = family.metric.documentation
+                for n in family.names:
+                    owner[n] = name
+                target.add(family)
         return list(merged.values())
 
 
