@@ -103,13 +103,14 @@ class Scraper:
         self._results: Mapping[str, ScrapeResult] = MappingProxyType({})
         self._changed: anyio.Event | None = None
         self._scopes: dict[str, tuple[Target, anyio.CancelScope]] = {}
+        self._running = False
         self._client: httpx.AsyncClient | None = None  # http:// targets
         self._tls_client: httpx.AsyncClient | None = None  # https:// targets, made on demand
 
     def __repr__(self) -> str:
         ok = sum(r.ok for r in self._results.values())
         return (f"<Scraper targets={len(self._targets)} ok={ok} interval={self.interval:g} "
-                f"running={self._client is not None}>")
+                f"running={self._running}>")
 
     def stale_after(self, target: Target) -> float:
         return STALE_INTERVALS * self.interval + target.timeout
@@ -139,26 +140,24 @@ class Scraper:
             self._changed.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        # verify=False is safe for this client because it only ever fetches http:// URLs; it
-        # spares the daemon the ~5 MiB of a loaded CA bundle. https:// targets get a verifying
-        # client of their own, created on first use.
-        async with self._new_client(verify=False) as client:
-            self._client = client
-            try:
-                async with anyio.create_task_group() as tg:
-                    task_status.started()
-                    while True:
-                        self._changed = anyio.Event()
-                        self._reconcile(tg)
-                        await self._changed.wait()
-            finally:
-                self._client = None
-                self._changed = None
-                self._scopes.clear()
-                if self._tls_client is not None:
+        # Clients are made on first use, so a daemon without metrics_url never loads httpx.
+        self._running = True
+        try:
+            async with anyio.create_task_group() as tg:
+                task_status.started()
+                while True:
+                    self._changed = anyio.Event()
+                    self._reconcile(tg)
+                    await self._changed.wait()
+        finally:
+            self._running = False
+            self._changed = None
+            self._scopes.clear()
+            for client in (self._client, self._tls_client):
+                if client is not None:
                     with anyio.CancelScope(shield=True):
-                        await self._tls_client.aclose()
-                    self._tls_client = None
+                        await client.aclose()
+            self._client = self._tls_client = None
 
     def _new_client(self, verify: bool) -> httpx.AsyncClient:
         # trust_env=False: HTTP(S)_PROXY from the daemon's environment must not route loopback
@@ -201,13 +200,18 @@ class Scraper:
         """One fetch and parse; never raises (except cancellation)."""
         target = target if isinstance(target, Target) else Target(str(target[0]),
                                                                    float(target[1]))
-        client = self._client
-        if client is None:
+        if not self._running:
             raise RuntimeError("Scraper.run() is not running")
         if target.url.startswith("https://"):
             if self._tls_client is None:
                 self._tls_client = self._new_client(verify=True)
             client = self._tls_client
+        else:
+            # verify=False is safe here because this client only fetches http:// URLs; it
+            # spares the daemon the ~5 MiB of a loaded CA bundle.
+            if self._client is None:
+                self._client = self._new_client(verify=False)
+            client = self._client
         started = self._clock()
         families: tuple[Metric, ...] = ()
         samples = 0
