@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -81,13 +83,29 @@ class _Handler(WSGIRequestHandler):
 
 
 class BoundedWSGIServer(ThreadingWSGIServer):
+    """At most `max_connections` connections handled or waiting at once, by reused threads.
+
+    A connection is handed to an idle worker thread if there is one, else to a new worker, so
+    slow clients never hold up others (each has its own thread, as with one thread per
+    connection) but a steady load reuses threads instead of creating one per request: starting
+    a thread costs the accepting thread a wait for the new thread to take the GIL, which under
+    load (scrapes, rendering) took most of its time. Workers above `min_workers` exit after
+    `worker_idle_timeout` seconds without a connection; server_close() stops them all.
+    """
+
     request_queue_size = 128
     daemon_threads = True
     allow_reuse_address = True
     max_connections = 128
+    min_workers = 8
+    worker_idle_timeout = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._pool_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._idle = 0  # workers waiting on the queue that no queued connection is meant for
+        self._workers: set[threading.Thread] = set()
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -100,16 +118,71 @@ class BoundedWSGIServer(ThreadingWSGIServer):
             self.shutdown_request(request)
             return
         try:
-            super().process_request(request, client_address)
+            with self._pool_lock:
+                reuse = self._idle > 0
+                if reuse:
+                    self._idle -= 1
+            if reuse:
+                self._queue.put((request, client_address))
+            else:
+                worker = threading.Thread(target=self._work, args=((request, client_address),),
+                                          name="http-worker", daemon=True)
+                with self._pool_lock:
+                    self._workers.add(worker)
+                try:
+                    worker.start()
+                except BaseException:
+                    with self._pool_lock:
+                        self._workers.discard(worker)
+                    raise
         except BaseException:
             self._slots.release()
             raise
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def _work(self, item: tuple[Any, Any] | None) -> None:
+        me = threading.current_thread()
+        while item is not None:
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                self._slots.release()
+            with self._pool_lock:
+                self._idle += 1
+            item = self._next(me)
+
+    def _next(self, me: threading.Thread) -> tuple[Any, Any] | None:
+        """The next connection for an idle worker, or None when it should exit."""
+        while True:
+            try:
+                item = self._queue.get(timeout=self.worker_idle_timeout)
+            except queue.Empty:
+                with self._pool_lock:
+                    # Only an idle worker no connection was queued for may leave.
+                    if self._idle > 0 and len(self._workers) > self.min_workers:
+                        self._idle -= 1
+                        self._workers.discard(me)
+                        return None
+                continue
+            if item is None:  # server_close() queues one per worker
+                with self._pool_lock:
+                    self._workers.discard(me)
+                return None
+            return item
+
+    def server_close(self) -> None:
+        """Close the socket, let the workers finish their connections, and stop them."""
+        super().server_close()
+        with self._pool_lock:
+            workers = list(self._workers)
+        for _ in workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + 2 * HANDLER_TIMEOUT
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Idle or slow clients hitting HANDLER_TIMEOUT, and clients that hang up, are routine.
