@@ -1,20 +1,14 @@
-"""Calibration for the HTTP part: the same server class as the daemon's (prometheus_client's
-ThreadingWSGIServer) serving precomputed bytes, so no rendering happens.
+"""Calibration for the HTTP part: the daemon's own server (supervisor.http.serve) serving
+precomputed bytes, so no rendering, no readiness snapshot and no daemon competing for the GIL.
 
 `python http_floor_server.py PORT BODY_FILE`: GET /v1/metrics returns BODY_FILE's bytes,
 GET /v1/ready a small fixed JSON. Latency against this is the floor set by the bench's clients,
-the thread-per-connection server and the transport; the daemon's excess over it is its own work.
+the server and the transport; the daemon's excess over it is its own work.
 """
 
 import sys
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client.exposition import ThreadingWSGIServer
-
-
-class QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
-        pass
+from supervisor.http import serve
 
 
 def main() -> None:
@@ -23,7 +17,7 @@ def main() -> None:
         metrics = f.read()
     ready = b'{"status":"ready","checks":{}}'
 
-    def app(environ, start_response):
+    def app(environ, start_response):  # type: ignore[no-untyped-def]
         if environ.get("PATH_INFO") == "/v1/metrics":
             body, kind = metrics, "text/plain; version=0.0.4; charset=utf-8"
         else:
@@ -31,11 +25,8 @@ def main() -> None:
         start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body)))])
         return [body]
 
-    ThreadingWSGIServer.request_queue_size = 128
-    ThreadingWSGIServer.daemon_threads = True
-    server = make_server("127.0.0.1", port, app, ThreadingWSGIServer,
-                         handler_class=QuietHandler)
-    server.serve_forever()
+    _, thread = serve("127.0.0.1", port, app)
+    thread.join()
 
 
 if __name__ == "__main__":

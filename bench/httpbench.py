@@ -198,7 +198,7 @@ def _latencies(port: int, hp: HttpParams) -> dict[str, float]:
 
 
 def http_floor(tools: Tools, body: bytes, hp: HttpParams) -> dict[str, float]:
-    """The same load against a bare ThreadingWSGIServer serving `body` precomputed."""
+    """The same load against the daemon's server class alone, serving `body` precomputed."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
         body_file = Path(tmp) / "body"
