@@ -115,6 +115,11 @@ def _run(args: argparse.Namespace) -> int:
     daemon = Daemon(config, notifier=notifier, subreaper=True, freeze_gc=True)
     log.info("starting version=%s backend=%s config=%s services=%d", __version__, args.backend,
              config.path, len(config.services))
+    # HTTP threads give the GIL up at every system call; while the event loop or a parse thread
+    # is busy (a scrape round), taking it back waits up to one switch interval (default 5 ms).
+    # At 0.5 ms /v1/ready's worst latencies under load halve (p99.9 with 20 clients: 75-115 ->
+    # 36-53 ms); idle CPU is unchanged (nothing contends when idle) and so is /v1/metrics.
+    sys.setswitchinterval(0.0005)
     try:
         anyio.run(daemon.run, backend=args.backend)
     except SupervisorError as exc:
