@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -91,7 +92,8 @@ class Scraper:
                  max_series: int = DEFAULT_MAX_SERIES,
                  clock: Callable[[], float] = time.monotonic, *,
                  max_bytes: int | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 rng: Callable[[], float] = random.random) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
         self.interval = float(interval)
@@ -103,6 +105,7 @@ class Scraper:
         self._results: Mapping[str, ScrapeResult] = MappingProxyType({})
         self._changed: anyio.Event | None = None
         self._scopes: dict[str, tuple[Target, anyio.CancelScope]] = {}
+        self._rng = rng
         self._running = False
         self._client: httpx.AsyncClient | None = None  # http:// targets
         self._tls_client: httpx.AsyncClient | None = None  # https:// targets, made on demand
@@ -176,16 +179,23 @@ class Scraper:
             if name not in self._scopes:
                 scope = anyio.CancelScope()
                 self._scopes[name] = (target, scope)
-                tg.start_soon(self._loop, name, target, scope, name=f"scrape {name}")
+                phase = self._rng() * self.interval
+                tg.start_soon(self._loop, name, target, scope, phase, name=f"scrape {name}")
 
-    async def _loop(self, name: str, target: Target, scope: anyio.CancelScope) -> None:
+    async def _loop(self, name: str, target: Target, scope: anyio.CancelScope,
+                    phase: float) -> None:
+        # The first scrape is at once (data as soon as possible); after it each target moves
+        # to a random phase of the interval, so that 200 targets do not scrape (and parse,
+        # holding the GIL) in one burst every interval, which stalled /v1/ready and
+        # /v1/metrics for about a second in five.
         with scope:
             while True:
                 began = anyio.current_time()
                 result = await self.scrape_once(name, target)
                 self._publish(result)
                 # Fixed-rate schedule; an attempt that overran the interval is followed at once.
-                await anyio.sleep_until(began + self.interval)
+                await anyio.sleep_until(began + self.interval + phase)
+                phase = 0.0
 
     def _publish(self, result: ScrapeResult) -> None:
         if result.service not in self._targets:

@@ -322,3 +322,20 @@ def test_scrape_result_is_frozen() -> None:
     result = ScrapeResult("api", True, 0.1, (), 1.0)
     with pytest.raises(AttributeError):
         result.ok = False  # type: ignore[misc]
+
+
+async def test_targets_spread_over_the_interval_after_the_first_scrape() -> None:
+    """All targets are scraped at once at start; then each keeps its own random phase."""
+    phases = iter([0.0, 0.9])
+    with children("good", "good") as (early, late):
+        scraper = Scraper({"early": (early.url, 1.0), "late": (late.url, 1.0)}, interval=1.0,
+                          rng=lambda: next(phases))
+        async with anyio.create_task_group() as tg:
+            await tg.start(scraper.run)
+            await wait_until(scraper, lambda s: early.hits >= 1 and late.hits >= 1)
+            await wait_until(scraper, lambda s: early.hits >= 2)
+            # early's second scrape came one interval after the first; late's waits 0.9 more.
+            assert late.hits == 1
+            await wait_until(scraper, lambda s: late.hits >= 2)
+            assert early.hits == 2
+            tg.cancel_scope.cancel()
