@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("http n=%d %s", http_n, system.name)
             http[system.name], body = http_run(system, http_n, tools, hp)
         if body:
-            log.info("http floor: bare ThreadingWSGIServer, same body and load")
+            log.info("http floor: the daemon's server class serving a static body, same load")
             http[FLOOR] = http_floor(tools, body, hp)
     floor_ms = 1000 * popen_floor()
     load_after = procs.loadavg()
