@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -313,10 +313,3 @@ def scrape_families(snapshot: Mapping[str, ScrapeResult], environment: str) -> l
         samples.add_metric(values, float(result.samples))
         limited.add_metric(values, 1.0 if result.limited else 0.0)
     return [up, duration, samples, limited]
-
-
-def scraped_sources(
-        snapshot: Mapping[str, ScrapeResult]) -> Iterable[tuple[str, tuple[Metric, ...]]]:
-    """(service, families) pairs with data to serve, in service-name order (for relabel)."""
-    return [(name, snapshot[name].families) for name in sorted(snapshot)
-            if snapshot[name].families]

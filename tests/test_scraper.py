@@ -19,7 +19,7 @@ from supervisor.config import DEFAULT_DENY_METRICS
 from supervisor.denylist import DenyList
 from supervisor.instrument import HttpMetrics
 from supervisor.merge import merge_families, relabel
-from supervisor.scraper import Scraper, ScrapeResult, Target, scrape_families, scraped_sources
+from supervisor.scraper import Scraper, ScrapeResult, Target, scrape_families
 from tests.support import promtool_ok
 
 pytestmark = pytest.mark.anyio
@@ -303,8 +303,7 @@ async def test_fr52_scrape_merge_render_drops_constitutional_metrics() -> None:
     own_registry = CollectorRegistry()
     HttpMetrics(own_registry).observe("GET", "/v1/metrics", 200, 0.002)
     sources = [relabel(own_registry.collect(), "supervisor", "prod")]
-    sources += [relabel(families, service, "prod") for service, families in
-                scraped_sources(snap)]
+    sources += [relabel(snap[service].families, service, "prod") for service in sorted(snap)]
     sources.append(scrape_families(snap, "prod"))
     text = render(merge_families(sources, DenyList(DEFAULT_DENY_METRICS)))
     for banned in ("constitutional_breach_count", "halt_state", "dissent_health_ratio",
