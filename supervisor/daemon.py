@@ -93,7 +93,8 @@ class Daemon:
         self.runners: dict[str, ServiceRunner] = {}
         self._runner_scopes: dict[str, anyio.CancelScope] = {}
         self._sampler = ProcStatsSampler()
-        self._deny: DenyList | None = None  # rebuilt when a reload changes deny_metrics
+        # Built once per deny_metrics tuple; the render caches each family's answer per list.
+        self._deny: tuple[tuple[str, ...], DenyList] | None = None
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
         self._tg: TaskGroup | None = None
         self._start_scopes: set[anyio.CancelScope] = set()  # pending starts, cancelled at shutdown
@@ -132,9 +133,9 @@ class Daemon:
 
     def _deny_list(self) -> DenyList:
         patterns = self.config.settings.deny_metrics
-        if self._deny is None or self._deny.patterns != tuple(dict.fromkeys(patterns)):
-            self._deny = DenyList(patterns)
-        return self._deny
+        if self._deny is None or self._deny[0] is not patterns:  # a reload made new settings
+            self._deny = (patterns, DenyList(patterns))
+        return self._deny[1]
 
     def _metric_sources(self) -> list[Source]:
         """What /v1/metrics merges, in precedence order. Keyed sources are re-rendered only

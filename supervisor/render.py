@@ -110,7 +110,8 @@ def _same_key(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> boo
 
 
 class _Merged:
-    __slots__ = ("name", "documentation", "type", "unit", "parts", "whole", "services", "_keys")
+    __slots__ = ("name", "documentation", "type", "unit", "parts", "whole", "splits_in_text",
+                 "services", "_keys")
 
     def __init__(self, metric: Metric) -> None:
         self.name = metric.name
@@ -119,10 +120,12 @@ class _Merged:
         self.unit = metric.unit
         self.parts: list[_Family | Metric] = []  # Metric: a filtered copy, rendered uncached
         self.whole = False  # render as one merged family (no cached lines)
+        self.splits_in_text = False  # some part has samples text 0.0.4 writes as own blocks
         self.services: set[str | None] = set()
         self._keys: set[SeriesKey] | None = None  # built only once parts may overlap
 
     def add(self, family: _Family) -> None:
+        self.splits_in_text = self.splits_in_text or family.splits_in_text
         if self._keys is None and family.clean and self.services.isdisjoint(family.services):
             self.services |= family.services
             self.parts.append(family)
@@ -141,6 +144,13 @@ class _Merged:
         self.services |= family.services
         self.parts.append(copy)
         self.whole = self.whole or family.splits_in_text
+
+    def mentions(self, names: set[str]) -> bool:
+        """`?name[]=` matches the family name or any of its samples' names."""
+        return self.name in names or any(
+            not names.isdisjoint(p.sample_names if isinstance(p, _Family)
+                                 else (s.name for s in p.samples))
+            for p in self.parts)
 
 
 class CachingRenderer:
@@ -162,13 +172,9 @@ class CachingRenderer:
         out: list[bytes] = []
         openmetrics = content_type.startswith("application/openmetrics-text")
         for family in merged:
-            if wanted and family.name not in wanted and not any(
-                    not isinstance(p, Metric) and p.sample_names & wanted
-                    or isinstance(p, Metric) and any(s.name in wanted for s in p.samples)
-                    for p in family.parts):
+            if wanted and not family.mentions(wanted):
                 continue
-            if family.whole or (not openmetrics and any(
-                    not isinstance(p, Metric) and p.splits_in_text for p in family.parts)):
+            if family.whole or (not openmetrics and family.splits_in_text):
                 out.append(_strip_eof(encoder(_Families([_whole(family)]))))
                 continue
             out.append(_strip_eof(encoder(_Families([_meta(family)]))))
