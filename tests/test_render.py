@@ -70,9 +70,9 @@ def own_registry(kind: str = "x") -> CollectorRegistry:
 
 def sources(own: CollectorRegistry, children: dict[str, str]) -> list[Source]:
     parsed = {name: tuple(parse_exposition(text)) for name, text in children.items()}
-    more = own_registry("y")  # the same families again, other series: one block of _created
+    more = own_registry("y")  # the same families, another service: one block of _created
     out = [Source("own", lambda: relabel(own.collect(), "supervisor", "prod")),
-           Source("more", lambda: relabel(more.collect(), "supervisor", "prod"))]
+           Source("more", lambda: relabel(more.collect(), "sidecar", "prod"))]
     for name, families in parsed.items():
         out.append(Source("service:" + name,
                           lambda f=families, n=name: relabel(f, n, "prod"),  # type: ignore[misc]
