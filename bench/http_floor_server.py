@@ -25,7 +25,7 @@ def main() -> None:
         start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body)))])
         return [body]
 
-    _, thread = serve("127.0.0.1", port, app)
+    _, thread = serve("127.0.0.1", port, app, inline_paths=("/v1/ready",))
     thread.join()
 
 

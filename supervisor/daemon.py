@@ -53,6 +53,8 @@ from supervisor.status import status_document
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0  # /v1/health calls the loop wedged after health_stale_after (5 s)
+# Answered by the listener's accepting thread itself (see http.BoundedWSGIServer).
+INLINE_PATHS = ("/v1/health", "/v1/ready")
 
 
 class Notifier(Protocol):
@@ -165,6 +167,8 @@ class Daemon:
         return sources
 
     def _build_router(self) -> WSGIApp:
+        # INLINE_PATHS are answered on the accepting thread: their handlers must stay
+        # non-blocking with small bodies (health reads a clock, ready one snapshot attribute).
         router = Router()
         self.metrics_app = SharedRenderMetricsApp(self.renderer.render)
         router.add_app("/v1/metrics", self.metrics_app)
@@ -187,7 +191,7 @@ class Daemon:
         settings = self.config.settings
         try:
             server, _ = serve(settings.listen_host, settings.listen_port, self.router,
-                              settings.max_connections)
+                              settings.max_connections, inline_paths=INLINE_PATHS)
         except OSError as exc:
             raise SupervisorError(f"cannot listen on {settings.listen_host}:"
                                   f"{settings.listen_port}: {exc.strerror or exc}") from None

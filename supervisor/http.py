@@ -77,13 +77,29 @@ class Router:
 
 class _Handler(WSGIRequestHandler):
     timeout = HANDLER_TIMEOUT  # StreamRequestHandler applies it to the socket
+    # wsgiref writes the status line, Date, Server, the other headers and the body with one
+    # sendall each; unbuffered, that is five syscalls, each dropping and retaking the GIL.
+    # Buffered, a small response leaves in one send (finish() flushes). Measured on the bare
+    # server with 20 clients: 1,900 -> 2,900 requests/s.
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True  # the buffered response is complete when it is sent
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http %s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("http %s %s", self.address_string(), format % args)
 
 
 class BoundedWSGIServer(ThreadingWSGIServer):
     """At most `max_connections` connections handled or waiting at once, by reused threads.
+
+    Requests for `inline_paths` (small answers such as /v1/ready) whose whole head has already
+    arrived are answered by the accepting thread itself: reading cannot block, the response
+    fits in the socket's send buffer, and the app is non-blocking, so no thread handoff is
+    needed. Handing a connection to another thread costs each side a wakeup and a GIL
+    round-trip, which doubled the CPU per request; answered inline, the bare server went from
+    2,900 to about 6,500 probes/s with 20 clients. TCP_DEFER_ACCEPT makes accept() return
+    only once the request has arrived, so the inline check usually succeeds; anything else
+    (slow or partial clients, /v1/metrics with its megabyte bodies) goes to the pool.
 
     A connection is handed to an idle worker thread if there is one, else to a new worker, so
     slow clients never hold up others (each has its own thread, as with one thread per
@@ -99,6 +115,15 @@ class BoundedWSGIServer(ThreadingWSGIServer):
     max_connections = 128
     min_workers = 8
     worker_idle_timeout = 30.0
+    inline_paths: frozenset[bytes] = frozenset()
+    inline_peek_bytes = 2048
+
+    def server_bind(self) -> None:
+        super().server_bind()
+        if self.inline_paths and hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # Seconds the kernel holds a connection that has sent nothing; after that it is
+            # accepted anyway and handled by the pool like any slow client.
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 2)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
@@ -116,6 +141,15 @@ class BoundedWSGIServer(ThreadingWSGIServer):
             except OSError:
                 pass
             self.shutdown_request(request)
+            return
+        if self._answerable_inline(request):
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                self._slots.release()
             return
         try:
             with self._pool_lock:
@@ -138,6 +172,21 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         except BaseException:
             self._slots.release()
             raise
+
+    def _answerable_inline(self, request: socket.socket) -> bool:
+        """The request's head is all here (so wsgiref's reads cannot block) and asks for an
+        inline path. Only the end of the head and the request target are looked at, on a
+        peeked copy; wsgiref parses the request itself."""
+        if not self.inline_paths:
+            return False
+        try:
+            head = request.recv(self.inline_peek_bytes, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:  # nothing arrived yet, or the client already went away
+            return False
+        if b"\r\n\r\n" not in head:
+            return False
+        request_line = head.split(b"\r\n", 1)[0].split(b" ")
+        return len(request_line) == 3 and request_line[1] in self.inline_paths
 
     def _work(self, item: tuple[Any, Any] | None) -> None:
         me = threading.current_thread()
@@ -189,12 +238,16 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         log.debug("http connection error from %s", client_address, exc_info=True)
 
 
-def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128
-          ) -> tuple[BoundedWSGIServer, threading.Thread]:
-    """Bind (raises OSError on failure) and serve in a daemon thread."""
+def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128,
+          inline_paths: Iterable[str] = ()) -> tuple[BoundedWSGIServer, threading.Thread]:
+    """Bind (raises OSError on failure) and serve in a daemon thread.
+
+    `inline_paths` must be answered by `app` quickly, without blocking, and with a small body
+    (a few KiB): the accepting thread answers them itself (see BoundedWSGIServer)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     server_class = type("Server", (BoundedWSGIServer,),
-                        {"max_connections": max_connections, "address_family": family})
+                        {"max_connections": max_connections, "address_family": family,
+                         "inline_paths": frozenset(p.encode() for p in inline_paths)})
     server: BoundedWSGIServer = make_server(host, port, app, server_class, handler_class=_Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                               name="http", daemon=True)

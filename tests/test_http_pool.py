@@ -1,9 +1,13 @@
-"""The listener's handler threads are reused across connections and stay bounded."""
+"""The listener's handler threads are reused across connections and stay bounded; small
+probe answers are given by the accepting thread without a handoff, and a client that stalls
+mid-request never holds that thread."""
 
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
+import time
 
 from supervisor.http import Router, serve
 
@@ -25,11 +29,11 @@ def _workers() -> list[threading.Thread]:
 
 def test_sequential_requests_reuse_worker_threads() -> None:
     router = Router()
-    router.add_json("/v1/ready", lambda: (200, {"status": "ready"}))
+    router.add_json("/v1/status", lambda: (200, {"status": "ok"}))
     server, thread = serve("127.0.0.1", 0, router, max_connections=16)
     port = server.server_address[1]
     try:
-        statuses = [_get(port, "/v1/ready") for _ in range(200)]
+        statuses = [_get(port, "/v1/status") for _ in range(200)]
         assert statuses == [200] * 200
         # A thread per connection would have made 200; the pool keeps a handful.
         assert 1 <= len(_workers()) <= 16
@@ -39,3 +43,55 @@ def test_sequential_requests_reuse_worker_threads() -> None:
         server.server_close()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_probe_paths_are_answered_by_the_accepting_thread() -> None:
+    seen: list[str] = []
+
+    def handler() -> tuple[int, dict[str, str]]:
+        seen.append(threading.current_thread().name)
+        return 200, {"status": "ready"}
+
+    router = Router()
+    router.add_json("/v1/ready", handler)
+    router.add_json("/v1/status", handler)
+    server, thread = serve("127.0.0.1", 0, router, max_connections=16,
+                           inline_paths=("/v1/ready",))
+    port = server.server_address[1]
+    try:
+        for _ in range(50):
+            assert _get(port, "/v1/ready") == 200
+        assert set(seen) == {"http"}  # the serving thread itself, no worker handoff
+        seen.clear()
+        assert _get(port, "/v1/status") == 200  # not inline: a pool worker
+        assert _get(port, "/v1/ready?verbose=1") == 200  # not the exact target: the pool
+        assert set(seen) == {"http-worker"}
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_a_stalled_partial_request_does_not_hold_up_probes() -> None:
+    router = Router()
+    router.add_json("/v1/ready", lambda: (200, {"status": "ready"}))
+    server, thread = serve("127.0.0.1", 0, router, max_connections=16,
+                           inline_paths=("/v1/ready",))
+    port = server.server_address[1]
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    try:
+        for sock in stalled:  # a head that never ends: reading it would block
+            sock.sendall(b"GET /v1/ready HTTP/1.1\r\nHost: x\r\n")
+        time.sleep(0.2)  # let the server accept them and hand them to workers
+        started = time.monotonic()
+        assert [_get(port, "/v1/ready") for _ in range(20)] == [200] * 20
+        # Each stalled client waits out HANDLER_TIMEOUT (5 s) in its own worker; had one been
+        # read on the accepting thread, these requests would queue behind it.
+        assert time.monotonic() - started < 4.0
+        assert len(_workers()) >= 4
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
