@@ -36,6 +36,7 @@ from supervisor.merge import relabel
 from supervisor.metrics import (
     SELF,
     MetricsView,
+    config_families,
     live_service_families,
     own_process_collector,
     resource_families,
@@ -44,7 +45,7 @@ from supervisor.metrics import (
 from supervisor.notify import watchdog_interval, watchdog_loop
 from supervisor.procstats import ProcStatsSampler, TreeStats
 from supervisor.readiness import ReadinessMonitor, collect_families
-from supervisor.render import CachingRenderer, Source
+from supervisor.render import CachingRenderer, Source, Ticker
 from supervisor.runner import ServiceRunner, ServiceSnapshot
 from supervisor.scraper import Scraper, ScrapeResult, scrape_families
 from supervisor.spawn import become_subreaper
@@ -53,6 +54,7 @@ from supervisor.status import status_document
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL = 1.0  # /v1/health calls the loop wedged after health_stale_after (5 s)
+CLOCK_RESOLUTION = 0.1  # s; /v1/metrics' uptimes and own process figures are at most this old
 # Answered by the listener's accepting thread itself (see http.BoundedWSGIServer).
 INLINE_PATHS = ("/v1/health", "/v1/ready")
 
@@ -108,6 +110,7 @@ class Daemon:
         self._http_registry = CollectorRegistry(auto_describe=False)
         self.http_metrics = HttpMetrics(self._http_registry)
         self._own_process = own_process_collector()
+        self._clock_tick = Ticker(CLOCK_RESOLUTION)
         self.renderer = CachingRenderer(self._metric_sources, self._deny_list)
         self.router = self._build_router()
         self.listen_address: tuple[str, int] | None = None
@@ -145,14 +148,21 @@ class Daemon:
         env = self.config.settings.environment
         view = self.metrics_view()
         now = time.monotonic()
+        tick = self._clock_tick.token(now)
         scrapes = self.scraper.snapshot()
         readiness = self.monitor.snapshot()
         sources = [
             Source("services", lambda: service_families(view), (view.services, env)),
             Source("resources", lambda: resource_families(view),
                    (view.services, view.stats, env)),
-            Source("services-live", lambda: live_service_families(view, now)),
-            Source("process", lambda: relabel(self._own_process.collect(), SELF, env)),
+            # Uptimes and the daemon's own process figures move with the clock; they are
+            # rebuilt at most once per CLOCK_RESOLUTION (0.1 s), not on every scrape: with 200
+            # services that was ~2.5 ms of each render.
+            Source("services-live", lambda: live_service_families(view, now),
+                   (view.services, env, tick)),
+            Source("config", lambda: config_families(view)),
+            Source("process", lambda: relabel(self._own_process.collect(), SELF, env),
+                   (env, tick)),
             Source("http", lambda: relabel(self._http_registry.collect(), SELF, env)),
             Source("readiness", lambda: collect_families(readiness, env)),
         ]

@@ -56,13 +56,16 @@ def _gauge(view: MetricsView, name: str, doc: str,
 
 
 def live_service_families(view: MetricsView, now: float) -> Iterator[Metric]:
-    """The families that change with the clock, not only with the services' events."""
+    """The services' families that change with the clock, not only with their events."""
     yield _gauge(view, "uptime_seconds", "Seconds since the service's current process started; "
                  "0 while it is not running.", lambda s: s.uptime(now))
     yield _gauge(view, "service_restart_backoff_seconds", "Seconds until the next restart "
                  "while in backoff, else 0.",
                  lambda s: max(0.0, s.next_start_at - now) if s.next_start_at is not None
                  else 0.0)
+
+
+def config_families(view: MetricsView) -> Iterator[Metric]:
     env = view.environment
     ok = GaugeMetricFamily("config_last_reload_successful", "1 if the last reload of "
                            "services.toml was applied, 0 if it was rejected.", labels=LABELS)

@@ -33,6 +33,7 @@ SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 # Samples the 0.0.4 text encoder moves out of their family into a gauge block of their own.
 _SPLIT_SUFFIXES = ("_created", "_gsum", "_gcount")
 _EOF = b"# EOF\n"
+_MAX_HEADERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,23 @@ def _prepare(source: Source) -> _Prepared:
     return _Prepared(source.key, prepared)
 
 
+class Ticker:
+    """Key material for sources that change with the clock: the same object throughout each
+    `period` seconds, so such a source is rebuilt at most once per period however often
+    /v1/metrics is scraped, and its values are at most `period` old."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self._token: tuple[int] = (-1,)
+
+    def token(self, now: float) -> object:
+        index = int(now // self.period)
+        token = self._token
+        if token[0] != index:  # a race between renders only costs one extra rebuild
+            token = self._token = (index,)
+        return token
+
+
 def _same_key(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> bool:
     if a is None or b is None or len(a) != len(b):
         return False
@@ -162,6 +180,7 @@ class CachingRenderer:
         self._deny = deny
         self._lock = threading.Lock()
         self._cache: dict[str, _Prepared] = {}
+        self._headers: dict[tuple[str, str, str, str, str], bytes] = {}
         self.prepared = 0  # sources (re)built, for tests and benches
 
     def render(self, encoder: Encoder, content_type: str,
@@ -177,7 +196,7 @@ class CachingRenderer:
             if family.whole or (not openmetrics and family.splits_in_text):
                 out.append(_strip_eof(encoder(_Families([_whole(family)]))))
                 continue
-            out.append(_strip_eof(encoder(_Families([_meta(family)]))))
+            out.append(self._header(encoder, content_type, family))
             for part in family.parts:
                 if isinstance(part, Metric):
                     out.append(_lines(encoder, part))
@@ -189,6 +208,17 @@ class CachingRenderer:
         if openmetrics:
             out.append(_EOF)
         return b"".join(out)
+
+    def _header(self, encoder: Encoder, content_type: str, family: _Merged) -> bytes:
+        """The encoder's `# HELP`/`# TYPE`/`# UNIT` lines for the merged metadata."""
+        key = (content_type, family.name, family.documentation, family.type, family.unit)
+        header = self._headers.get(key)
+        if header is None:
+            header = _strip_eof(encoder(_Families([_meta(family)])))
+            if len(self._headers) >= _MAX_HEADERS:  # children churning their HELP texts
+                self._headers.clear()
+            self._headers[key] = header
+        return header
 
     def _prepared_sources(self) -> list[_Prepared]:
         cache = self._cache

@@ -13,7 +13,7 @@ from prometheus_client.metrics_core import Metric
 from supervisor.config import DEFAULT_DENY_METRICS
 from supervisor.denylist import DenyList
 from supervisor.merge import merge_families, parse_exposition, relabel
-from supervisor.render import CachingRenderer, Source
+from supervisor.render import CachingRenderer, Source, Ticker
 from tests.support import promtool_ok
 
 TEXT = "text/plain;version=0.0.4"
@@ -147,3 +147,42 @@ def test_changing_values_of_unkeyed_sources_show_at_once() -> None:
     own_counter.labels("x").inc()  # type: ignore[attr-defined]
     assert 'own_events_total{environment="prod",kind="x",service="supervisor"} 3.0' in \
         renderer.render(encoder, content_type).decode()
+
+
+def test_a_clock_keyed_source_is_rebuilt_once_per_tick() -> None:
+    ticker = Ticker(0.25)
+    clock = [100.0]
+    builds: list[float] = []
+
+    def uptime() -> list[Metric]:
+        builds.append(clock[0])
+        metric = Metric("uptime_seconds", "Uptime.", "gauge")
+        metric.add_sample("uptime_seconds", {"service": "api"}, clock[0] - 40.0)
+        return [metric]
+
+    renderer = CachingRenderer(
+        lambda: [Source("live", uptime, (ticker.token(clock[0]),))], DenyList)
+    encoder, content_type = choose_encoder(TEXT)
+    for now in (100.0, 100.1, 100.2):  # one tick: one build, the first value
+        clock[0] = now
+        assert b'uptime_seconds{service="api"} 60.0' in renderer.render(encoder, content_type)
+    clock[0] = 100.3  # the next tick shows the clock's value at once
+    assert b'uptime_seconds{service="api"} 60.3' in renderer.render(encoder, content_type)
+    assert builds == [100.0, 100.3]
+
+
+def test_a_changed_help_text_is_written_for_the_family() -> None:
+    docs = ["First help."]
+
+    def family() -> list[Metric]:
+        metric = Metric("queue_depth", docs[0], "gauge")
+        metric.add_sample("queue_depth", {"service": "api"}, 1.0)
+        return [metric]
+
+    renderer = CachingRenderer(lambda: [Source("api", family)], DenyList)
+    for accept in (TEXT, OPENMETRICS):
+        encoder, content_type = choose_encoder(accept)
+        docs[0] = "First help."
+        assert b"# HELP queue_depth First help.\n" in renderer.render(encoder, content_type)
+        docs[0] = "Second help."
+        assert b"# HELP queue_depth Second help.\n" in renderer.render(encoder, content_type)
