@@ -176,11 +176,17 @@ class Daemon:
                                   (result, env)))
         return sources
 
+    def _metrics_version(self) -> tuple[object, ...]:
+        """What a kept /v1/metrics body must match to be served again: the clock tick, and
+        every object the loop swaps whole when something an operator acts on changes."""
+        return (self._clock_tick.token(time.monotonic()), self.snapshots, self.stats,
+                self.monitor.snapshot(), self.config, self.last_reload_ok)
+
     def _build_router(self) -> WSGIApp:
         # INLINE_PATHS are answered on the accepting thread: their handlers must stay
         # non-blocking with small bodies (health reads a clock, ready one snapshot attribute).
         router = Router()
-        self.metrics_app = SharedRenderMetricsApp(self.renderer.render)
+        self.metrics_app = SharedRenderMetricsApp(self.renderer.render, self._metrics_version)
         router.add_app("/v1/metrics", self.metrics_app)
         router.add_json("/v1/health", self.health)
         router.add_json("/v1/ready", self.ready)

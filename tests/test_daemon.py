@@ -317,3 +317,29 @@ async def test_concurrent_scrapes_share_one_render_and_stay_fresh(tmp_path: Path
             only = (await client.get("/v1/metrics", params={"name[]": "service_up"})).text
             assert "service_up{" in only and "uptime_seconds" not in only
 
+
+
+async def test_a_kept_body_is_served_until_something_operators_act_on_changes(
+        tmp_path: Path) -> None:
+    from supervisor.render import Ticker
+
+    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "api", running)
+        daemon._clock_tick = Ticker(3600.0)  # no tick boundary during the test
+        async with httpx.AsyncClient(base_url=base_url(daemon), timeout=10) as client:
+            bodies = [(await client.get("/v1/metrics")).text for _ in range(5)]
+            # Kept: one render (two if the stats sampler swapped its figures meanwhile).
+            assert len(set(bodies)) <= 2
+            # A restart is news at once: the next scrape renders afresh.
+            snap = daemon.snapshots["api"]
+            assert snap.pid is not None
+            os.kill(snap.pid, signal.SIGKILL)
+            await wait_for(daemon, "api", lambda s: s.starts == 2 and s.pid is not None)
+            text = (await client.get("/v1/metrics")).text
+            assert sample(text, "service_starts_total", service="api") == 2.0
+            # Filtered requests are never kept.
+            before = daemon.metrics_app.renders
+            for _ in range(3):
+                await client.get("/v1/metrics", params={"name[]": "service_up"})
+            assert daemon.metrics_app.renders - before == 3

@@ -12,6 +12,7 @@ import anyio
 import httpx
 import pytest
 
+from supervisor.daemon import CLOCK_RESOLUTION
 from supervisor.lifecycle import State
 from tests.dbservers import CANARY, PostgresServer, pg_server  # noqa: F401 (fixture)
 from tests.support import (
@@ -245,6 +246,7 @@ async def test_children_metrics_are_merged_and_fr52_filtered(tmp_path: Path) -> 
                     or sample(text, "service_scrape_up", service="api") != 1.0:
                 await anyio.sleep(0.1)
         await get(daemon, "/v1/health")  # the daemon's own request metrics
+        await anyio.sleep(2 * CLOCK_RESOLUTION)  # they may lag the last body by one tick
         text = (await get(daemon, "/v1/metrics")).text
     assert sample(text, "http_request_duration_seconds_bucket", service="api",
                   environment="development", endpoint="/v1/events", le="0.1") == 3.0
