@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from supervisor.control import default_socket_path, serve_control
 from supervisor.denylist import DenyList
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.exposition import SharedRenderMetricsApp
+from supervisor.guard import OrphanGuard
 from supervisor.http import Router, WSGIApp, serve
 from supervisor.instrument import HttpMetrics, instrument_wsgi
 from supervisor.merge import relabel
@@ -48,7 +49,7 @@ from supervisor.readiness import ReadinessMonitor, collect_families
 from supervisor.render import CachingRenderer, Source, Ticker
 from supervisor.runner import ServiceRunner, ServiceSnapshot
 from supervisor.scraper import Scraper, ScrapeResult, scrape_families
-from supervisor.spawn import become_subreaper
+from supervisor.spawn import Child, become_subreaper, spawn
 from supervisor.status import status_document
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class Daemon:
         self.runners: dict[str, ServiceRunner] = {}
         self._runner_scopes: dict[str, anyio.CancelScope] = {}
         self._sampler = ProcStatsSampler()
+        # Kills every service if this process dies without stopping them (see guard.py).
+        self.guard = OrphanGuard()
         # Built once per deny_metrics tuple; the render caches each family's answer per list.
         self._deny: tuple[tuple[str, ...], DenyList] | None = None
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
@@ -265,6 +268,8 @@ class Daemon:
             server.server_close()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.bridge.stop)
+                # After the services are stopped, so the guard has nothing left to kill.
+                await anyio.to_thread.run_sync(self.guard.close)
             if self.subreaper:
                 reaper.reap_unowned(self._owned_pids())
         log.info("stopped")
@@ -286,7 +291,8 @@ class Daemon:
 
     async def _add_runner(self, spec: ServiceSpec) -> None:
         assert self._tg is not None
-        runner = ServiceRunner(spec, environ=self.environ, publish=self._publish)
+        runner = ServiceRunner(spec, environ=self.environ, publish=self._publish,
+                               spawner=self._spawn)
         scope = anyio.CancelScope()
         self.runners[spec.name] = runner
         self._runner_scopes[spec.name] = scope
@@ -439,9 +445,13 @@ class Daemon:
                     log.info("%s: stopping", signal.Signals(signum).name)
                     self.request_shutdown()
 
+    def _spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Child:
+        return spawn(argv, env, cwd, self.guard)
+
     def _owned_pids(self) -> list[int]:
+        guard = [self.guard.pid] if self.guard.pid is not None else []
         return [s.pid for s in self.snapshots.values() if s.pid is not None] + [
-            pid for r in self.runners.values() if (pid := r.child_pid()) is not None]
+            pid for r in self.runners.values() if (pid := r.child_pid()) is not None] + guard
 
     def _notify(self, what: str) -> None:
         if self.notifier is not None:

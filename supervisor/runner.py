@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -22,6 +22,8 @@ from supervisor.datatypes import signal_name
 from supervisor.errors import SpawnError
 from supervisor.output import drain
 from supervisor.spawn import Child, monotonic_and_wall, spawn
+
+Spawner = Callable[[Sequence[str], Mapping[str, str], str], Child]
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,13 @@ class ServiceSnapshot:
 class ServiceRunner:
     def __init__(self, spec: ServiceSpec, *, environ: Mapping[str, str],
                  publish: Callable[[ServiceSnapshot], None],
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 spawner: Spawner = spawn) -> None:
         self.spec = spec
         self.machine = lc.Lifecycle(spec, rng)
         self._environ = environ
         self._publish = publish
+        self._spawner = spawner
         self._send, self._receive = anyio.create_memory_object_stream[lc.Event](math.inf)
         self._child: Child | None = None
         self._timer_scope: anyio.CancelScope | None = None
@@ -148,7 +152,7 @@ class ServiceRunner:
         assert self._tg is not None
         env = child_environment(self.spec, self._environ)
         try:
-            child = spawn(self.spec.command, env, self.spec.cwd)
+            child = self._spawner(self.spec.command, env, self.spec.cwd)
         except SpawnError as exc:
             at, wall = monotonic_and_wall()
             log.error("spawn failed service=%s error=%s", self.spec.name, exc)

@@ -7,7 +7,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import anyio
@@ -15,20 +15,35 @@ import pytest
 
 from supervisor import spawn as spawn_module
 from supervisor.errors import SpawnError
-from supervisor.output import LineSplitter, drain
-from supervisor.spawn import spawn
+from supervisor.guard import OrphanGuard
+from supervisor.output import drain
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(autouse=True, params=["setpriv", "preexec_fn"])
-def pdeathsig_via(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Every test runs with both ways of arming PR_SET_PDEATHSIG."""
-    if request.param == "setpriv":
+GUARD: list[OrphanGuard] = []  # the orphan guard of the current test, in "guard" mode
+
+
+@pytest.fixture(autouse=True, params=["guard", "setpriv", "preexec_fn"])
+def orphans_handled_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+                       ) -> Iterator[str]:
+    """Every test runs with each way of not leaving orphans: the guard process (the daemon's
+    default), and PR_SET_PDEATHSIG armed by setpriv or by a preexec_fn (the fallbacks)."""
+    if request.param == "guard":
+        GUARD.append(OrphanGuard())
+    elif request.param == "setpriv":
         assert spawn_module.SETPRIV is not None, "util-linux setpriv is expected on this host"
     else:
         monkeypatch.setattr(spawn_module, "SETPRIV", None)
-    yield request.param
+    try:
+        yield request.param
+    finally:
+        while GUARD:
+            GUARD.pop().close()
+
+
+def spawn(argv: list[str], env: Mapping[str, str], cwd: str) -> spawn_module.Child:
+    return spawn_module.spawn(argv, env, cwd, GUARD[0] if GUARD else None)
 
 ENV = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": "/should/not/leak"}
 
@@ -111,10 +126,12 @@ def _comm(pid: int) -> str:
         return ""
 
 
-async def test_child_is_killed_when_the_forking_thread_ends() -> None:
+async def test_child_is_killed_when_the_forking_thread_ends_only_with_pdeathsig(
+        orphans_handled_by: str) -> None:
     """PR_SET_PDEATHSIG follows the thread that forked: with it armed, a child spawned from a
     thread that then exits gets SIGKILL. (The daemon spawns only from its event-loop thread,
-    which lives as long as the daemon; a SIGKILLed daemon takes its children along.)"""
+    which lives as long as the daemon; a SIGKILLed daemon takes its children along.) The guard
+    watches the daemon process, not a thread: there the child lives on."""
     spawned: list[spawn_module.Child] = []
 
     def spawn_then_end() -> None:
@@ -130,7 +147,7 @@ async def test_child_is_killed_when_the_forking_thread_ends() -> None:
     thread.join(10)
     child = spawned[0]
     try:
-        with anyio.move_on_after(10):
+        with anyio.move_on_after(1.0 if orphans_handled_by == "guard" else 10.0):
             await child.wait()
         died_with_thread = child.status
     finally:
@@ -139,4 +156,7 @@ async def test_child_is_killed_when_the_forking_thread_ends() -> None:
             await child.wait()
         for fd in (child.stdout, child.stderr):
             os.close(fd)
-    assert died_with_thread == spawn_module.ExitStatus(None, signal.SIGKILL)
+    if orphans_handled_by == "guard":
+        assert died_with_thread is None
+    else:
+        assert died_with_thread == spawn_module.ExitStatus(None, signal.SIGKILL)

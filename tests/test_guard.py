@@ -1,0 +1,160 @@
+"""The orphan guard: a SIGKILLed daemon takes every service's process group along, a dead guard
+is replaced with every live service handed over again, and stop signals do not end it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A stand-in daemon: spawns services through a guard as the real one does, reports their pids
+# (and each service's own child), then does whatever stdin asks.
+FAKE_DAEMON = """\
+import json, os, sys, time
+from supervisor.guard import OrphanGuard
+from supervisor.spawn import spawn
+
+guard = OrphanGuard()
+children = []
+
+def start(n):
+    for _ in range(n):
+        # A service with a child in its group, as a shell script with a pipeline has.
+        child = spawn(["sh", "-c", "sleep 300 & exec sleep 301"], {"PATH": "/usr/bin:/bin"},
+                      "/", guard)
+        children.append(child)
+
+start(2)
+for line in sys.stdin:
+    if line.startswith("start"):
+        start(int(line.split()[1]))
+    elif line.startswith("close"):
+        for c in children:
+            c.signal_group(9)
+        time.sleep(0.2)
+        guard.close()
+    print(json.dumps({"guard": guard.pid, "starts": guard.starts,
+                      "services": [c.pid for c in children]}), flush=True)
+"""
+
+
+def dead(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # nobody reaps it here
+    except psutil.NoSuchProcess:
+        return True
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and not dead(proc.pid):
+                members.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+class Fake:
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen([sys.executable, "-c", FAKE_DAEMON], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.state = self.ask("")
+
+    def ask(self, command: str) -> dict[str, object]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())  # type: ignore[no-any-return]
+
+    def services(self) -> list[int]:
+        return list(self.state["services"])  # type: ignore[call-overload]
+
+
+@pytest.fixture
+def fake() -> Iterator[Fake]:
+    daemon = Fake()
+    try:
+        yield daemon
+    finally:
+        everything = [p for s in daemon.services() for p in group_members(s)]
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+        for pipe in (daemon.proc.stdin, daemon.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        for pid in everything:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_killed_daemon_takes_every_service_group_along(fake: Fake) -> None:
+    services = fake.services()
+    assert wait_until(lambda: all(len(group_members(s)) == 2 for s in services), 10)
+    members = [p for s in services for p in group_members(s)]
+    guard = psutil.Process(int(fake.state["guard"]))  # type: ignore[call-overload]
+    fake.proc.kill()  # no chance to stop anything
+    fake.proc.wait(10)
+    assert wait_until(lambda: all(dead(p) for p in members), 10), \
+        [p for p in members if not dead(p)]
+    assert wait_until(lambda: dead(guard.pid), 10)  # and the guard is gone too
+
+
+def test_a_dead_guard_is_replaced_and_given_every_live_service(fake: Fake) -> None:
+    first_guard = int(fake.state["guard"])  # type: ignore[call-overload]
+    os.kill(first_guard, signal.SIGKILL)
+    assert wait_until(lambda: dead(first_guard), 10)
+    fake.state = fake.ask("start 1")  # the next spawn notices and starts a new guard
+    assert fake.state["starts"] == 2 and fake.state["guard"] != first_guard
+    services = fake.services()
+    assert len(services) == 3
+    assert wait_until(lambda: all(len(group_members(s)) == 2 for s in services), 10)
+    members = [p for s in services for p in group_members(s)]
+    fake.proc.kill()
+    fake.proc.wait(10)
+    # The two started under the first guard were handed to the second one.
+    assert wait_until(lambda: all(dead(p) for p in members), 10)
+
+
+def test_stop_signals_do_not_end_the_guard_and_a_clean_close_does(fake: Fake) -> None:
+    guard = int(fake.state["guard"])  # type: ignore[call-overload]
+
+    def ignoring(sig: int) -> bool:  # once the guard's interpreter has set itself up
+        for line in Path(f"/proc/{guard}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+        return False
+
+    assert wait_until(lambda: ignoring(signal.SIGHUP), 10)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        os.kill(guard, sig)
+    time.sleep(0.3)
+    assert not dead(guard)
+    services = fake.services()
+    state = fake.ask("close")  # services stopped first, then our end closed
+    assert state["guard"] is None
+    assert dead(guard)
+    assert all(dead(s) for s in services)
