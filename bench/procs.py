@@ -105,6 +105,19 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def uss_bytes(pid: int) -> int:
+    """Memory only this process holds (private clean + dirty pages), 0 if it is gone."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.0005) -> float | None:  # type: ignore[no-untyped-def]
     """Poll `predicate` until true; return the monotonic time it first held, None on timeout.
 

@@ -76,15 +76,19 @@ class OrphanGuard:
             log.warning("orphan guard restarted guard_pid=%s services=%d", self.pid,
                         len(self._guarded))
         for child in list(self._guarded.values()):
-            self._send(child)
+            if (fd := child.pidfd()) >= 0:  # else already reaped: nothing to guard
+                self._send(child.pid, fd)
         return True
 
-    def register(self, child: Guarded) -> bool:
-        """Hand a just-spawned service process to the guard."""
-        self._guarded[child.pid] = child
-        if self._running() and self._send(child):
+    def register(self, pid: int, pidfd: int) -> bool:
+        """Hand a just-spawned service process to the guard, first thing after its exec."""
+        if self._running() and self._send(pid, pidfd):
             return True
-        return self.ready()  # it died meanwhile: a new one gets them all, this one included
+        return self.ready() and self._send(pid, pidfd)  # it died meanwhile: start another
+
+    def track(self, child: Guarded) -> None:
+        """Remember a registered child, to hand it to a guard that replaces a dead one."""
+        self._guarded[child.pid] = child
 
     def close(self) -> None:
         """Close our end (the guard then exits, killing whatever is still registered) and
@@ -118,14 +122,11 @@ class OrphanGuard:
         self._sock = ours
         self.starts += 1
 
-    def _send(self, child: Guarded) -> bool:
-        fd = child.pidfd()
-        if fd < 0:
-            return True  # already reaped: nothing to guard
+    def _send(self, pid: int, pidfd: int) -> bool:
         assert self._sock is not None
         try:
             # Blocking, but the guard only ever reads; its buffer holds thousands of these.
-            socket.send_fds(self._sock, [_PID.pack(child.pid)], [fd])
+            socket.send_fds(self._sock, [_PID.pack(pid)], [pidfd])
             return True
         except OSError:
             return False

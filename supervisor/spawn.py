@@ -128,10 +128,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str,
     With a `guard`, the child is exec'd directly and handed to the guard; without one (or if
     the guard cannot run), PR_SET_PDEATHSIG is armed through setpriv or a preexec_fn."""
     if guard is not None and guard.ready():
-        child = _popen(list(argv), env, cwd, None, argv[0])
-        if not guard.register(child):
-            log.warning("no orphan guard for service_pid=%d", child.pid)
-        return child
+        return _popen(list(argv), env, cwd, None, argv[0], guard)
     if SETPRIV is not None:
         # setpriv would report a missing program only as its own exit status 127: check here
         # so that the operator gets the reason and the service is not restarted in a loop.
@@ -144,7 +141,8 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str,
 
 
 def _popen(command: list[str], env: Mapping[str, str], cwd: str,
-           preexec: Callable[[], None] | None, program: str) -> Child:
+           preexec: Callable[[], None] | None, program: str,
+           guard: OrphanGuard | None = None) -> Child:
     try:
         popen = subprocess.Popen(
             command,
@@ -161,6 +159,11 @@ def _popen(command: list[str], env: Mapping[str, str], cwd: str,
         raise SpawnError(f"cannot start {program!r}: {exc.strerror or exc}") from None
     except subprocess.SubprocessError as exc:
         raise SpawnError(f"cannot start {program!r}: {exc}") from None
+    pidfd = os.pidfd_open(popen.pid)
+    if guard is not None and not guard.register(popen.pid, pidfd):
+        # First thing after the exec: until the guard has the pidfd, a daemon killed now
+        # would leave this service running.
+        log.warning("no orphan guard for service_pid=%d", popen.pid)
     assert popen.stdout is not None and popen.stderr is not None
     stdout, stderr = popen.stdout.fileno(), popen.stderr.fileno()
     # Detach the fds from Popen's file objects: the drainers own and close them.
@@ -170,8 +173,10 @@ def _popen(command: list[str], env: Mapping[str, str], cwd: str,
     popen.stdout = popen.stderr = None
     os.set_blocking(stdout, False)
     os.set_blocking(stderr, False)
-    pidfd = os.pidfd_open(popen.pid)
-    return Child(popen.pid, stdout, stderr, popen, pidfd)
+    child = Child(popen.pid, stdout, stderr, popen, pidfd)
+    if guard is not None:
+        guard.track(child)
+    return child
 
 
 def _check_executable(program: str, env: Mapping[str, str], cwd: str) -> None:

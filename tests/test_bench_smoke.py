@@ -33,7 +33,8 @@ def test_quick_bench_prints_a_table_of_numbers_for_both_backends(tmp_path: Path)
     header = _row(out, "metric (N=4)")
     assert header[:2] == ["ours/asyncio", "ours/trio"]
     for label in ("startup, all N running (s)", "restart after SIGKILL p50 (ms)",
-                  "idle CPU (% of a core)", "RSS (MiB)", "shutdown after SIGTERM (s)",
+                  "idle CPU, with helper processes (% of a core)", "RSS of the daemon (MiB)",
+                  "RSS + helpers' USS (MiB)", "shutdown after SIGTERM (s)",
                   "orphans 2 s after SIGKILL of daemon", "/v1/metrics p99, 20 clients (ms)",
                   "/v1/ready p99, 20 clients (ms)"):
         cells = _row(out, label)[:2]
