@@ -11,30 +11,33 @@ every service still alive, then exits. A pidfd names one process, so a reused pi
 be hit; a live leader's pid is its group's id, so the group is killed only while its leader
 provably lives.
 
-The guard runs this file as a script (`python -I -S guard.py FD`): standard library only, no
-package import, so it starts in a few milliseconds and stays at a few MiB. It ignores the
-terminal's and systemd's stop signals: only the daemon's end ends it (or SIGKILL). On a clean
-shutdown the daemon stops its services first and then closes the socket, so there is nothing
-left to kill. If the guard dies, the daemon starts a new one on its next spawn and hands it
-every live service again (see OrphanGuard.register).
+The guard runs guard_process.py as a script (`python -I -S guard_process.py FD`): builtin
+modules only, no package import, so it starts in a few milliseconds and holds about 3 MiB of
+its own memory. It ignores the terminal's and systemd's stop signals: only the daemon's end
+ends it (or SIGKILL). On a clean shutdown the daemon stops its services first and then closes
+the socket, so there is nothing left to kill. If the guard dies, the daemon starts a new one
+on its next spawn and hands it every live service again (see OrphanGuard.ready).
+
+The window: a service's pidfd reaches the guard once the daemon runs again after the exec
+(usually microseconds; up to a scheduler time slice on a loaded machine). A daemon SIGKILLed
+inside it leaves that one service running; see docs/operator-guide.md.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import select
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 from typing import Protocol
 
 log = logging.getLogger(__name__)
 
 _PID = struct.Struct("=i")
+_GUARD_SCRIPT = str(Path(__file__).with_name("guard_process.py"))
 
 
 class Guarded(Protocol):
@@ -111,7 +114,7 @@ class OrphanGuard:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [self._python, "-I", "-S", __file__, str(theirs.fileno())],
+                [self._python, "-I", "-S", _GUARD_SCRIPT, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True)
         except BaseException:
@@ -130,48 +133,3 @@ class OrphanGuard:
             return True
         except OSError:
             return False
-
-
-def _serve(fd: int) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_IGN)
-    sock = socket.socket(fileno=fd)
-    poller = select.epoll()
-    poller.register(fd, select.EPOLLIN)
-    watched: dict[int, int] = {}  # pidfd -> pid
-    while True:
-        for ready, _ in poller.poll():
-            if ready != fd:  # that service process ended: it needs no killing any more
-                poller.unregister(ready)
-                os.close(ready)
-                del watched[ready]
-                continue
-            try:
-                data, fds, _, _ = socket.recv_fds(sock, 64, 4)
-            except OSError:
-                data, fds = b"", []
-            if not data:  # the daemon is gone
-                _kill_all(watched)
-                return
-            pid = _PID.unpack_from(data)[0]
-            for pidfd in fds:
-                watched[pidfd] = pid
-                poller.register(pidfd, select.EPOLLIN)
-
-
-def _kill_all(watched: dict[int, int]) -> None:
-    for pidfd, pid in watched.items():
-        alive = not select.select([pidfd], [], [], 0)[0]  # a pidfd reads ready once it exits
-        if alive:
-            try:
-                os.killpg(pid, signal.SIGKILL)  # the leader lives, so its group id is its pid
-            except OSError:
-                pass
-        try:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-if __name__ == "__main__":
-    _serve(int(sys.argv[1]))
