@@ -15,42 +15,38 @@ import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
-from prometheus_client import CollectorRegistry
-from prometheus_client.metrics_core import Metric
 
 from supervisor import lifecycle as lc
-from supervisor import reaper
-from supervisor.aioloop import AsyncioThread
+from supervisor import listen, reaper
 from supervisor.config import Config, ServiceSpec, load_config
 from supervisor.control import default_socket_path, serve_control
-from supervisor.denylist import DenyList
 from supervisor.errors import ConfigError, SupervisorError
-from supervisor.exposition import SharedRenderMetricsApp
 from supervisor.guard import OrphanGuard
-from supervisor.http import Router, WSGIApp, serve
-from supervisor.instrument import HttpMetrics, instrument_wsgi
-from supervisor.merge import relabel
-from supervisor.metrics import (
-    SELF,
-    MetricsView,
-    config_families,
-    live_service_families,
-    own_process_collector,
-    resource_families,
-    service_families,
-)
 from supervisor.notify import watchdog_interval, watchdog_loop
-from supervisor.procstats import ProcStatsSampler, TreeStats
-from supervisor.readiness import ReadinessMonitor, collect_families
-from supervisor.render import CachingRenderer, Source, Ticker
 from supervisor.runner import ServiceRunner, ServiceSnapshot
-from supervisor.scraper import Scraper, ScrapeResult, scrape_families
 from supervisor.spawn import Child, become_subreaper, spawn
 from supervisor.status import status_document
+
+# The HTTP, metrics, checks and stats stack (prometheus_client, wsgiref, psutil, asyncio for
+# the bridge: about 80 ms of imports) is imported by Daemon._observe, once the services are
+# spawned, so that they start that much sooner.
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from supervisor.aioloop import AsyncioThread
+    from supervisor.denylist import DenyList
+    from supervisor.exposition import SharedRenderMetricsApp
+    from supervisor.http import WSGIApp
+    from supervisor.instrument import HttpMetrics
+    from supervisor.metrics import MetricsView
+    from supervisor.procstats import ProcStatsSampler, TreeStats
+    from supervisor.readiness import ReadinessMonitor
+    from supervisor.render import CachingRenderer, Source, Ticker
+    from supervisor.scraper import Scraper, ScrapeResult
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +93,47 @@ class Daemon:
         self.last_reload_ok = True
         self.runners: dict[str, ServiceRunner] = {}
         self._runner_scopes: dict[str, anyio.CancelScope] = {}
-        self._sampler = ProcStatsSampler()
         # Kills every service if this process dies without stopping them (see guard.py).
         self.guard = OrphanGuard()
         # Built once per deny_metrics tuple; the render caches each family's answer per list.
         self._deny: tuple[tuple[str, ...], DenyList] | None = None
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
+        self._observing: anyio.Event | None = None  # set once _observe() has built the stack
         self._tg: TaskGroup | None = None
         self._start_scopes: set[anyio.CancelScope] = set()  # pending starts, cancelled at shutdown
-        self.bridge = AsyncioThread()
-        self.monitor = ReadinessMonitor(config.checks, self.bridge)
         self._monitor_scope: anyio.CancelScope | None = None
-        self.scraper = Scraper(_scrape_targets(config), config.settings.scrape_interval)
-        # The daemon's own endpoints are instrumented like any service (service="supervisor").
-        self._http_registry = CollectorRegistry(auto_describe=False)
-        self.http_metrics = HttpMetrics(self._http_registry)
-        self._own_process = own_process_collector()
-        self._clock_tick = Ticker(CLOCK_RESOLUTION)
-        self.renderer = CachingRenderer(self._metric_sources, self._deny_list)
-        self.router = self._build_router()
         self.listen_address: tuple[str, int] | None = None
         self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
 
+    def _observe(self) -> None:
+        """Build the HTTP, metrics, readiness, scrape and stats stack (and import it)."""
+        from prometheus_client import CollectorRegistry
+
+        from supervisor.aioloop import AsyncioThread
+        from supervisor.instrument import HttpMetrics
+        from supervisor.metrics import own_process_collector
+        from supervisor.procstats import ProcStatsSampler
+        from supervisor.readiness import ReadinessMonitor
+        from supervisor.render import CachingRenderer, Ticker
+        from supervisor.scraper import Scraper
+
+        config = self.config
+        self._sampler: ProcStatsSampler = ProcStatsSampler()
+        self.bridge: AsyncioThread = AsyncioThread()
+        self.monitor: ReadinessMonitor = ReadinessMonitor(config.checks, self.bridge)
+        self.scraper: Scraper = Scraper(_scrape_targets(config), config.settings.scrape_interval)
+        # The daemon's own endpoints are instrumented like any service (service="supervisor").
+        self._http_registry = CollectorRegistry(auto_describe=False)
+        self.http_metrics: HttpMetrics = HttpMetrics(self._http_registry)
+        self._own_process = own_process_collector()
+        self._clock_tick: Ticker = Ticker(CLOCK_RESOLUTION)
+        self.renderer: CachingRenderer = CachingRenderer(self._metric_sources, self._deny_list)
+        self.router: WSGIApp = self._build_router()
+
     # -- views read from HTTP threads -----------------------------------------------------
     def metrics_view(self) -> MetricsView:
+        from supervisor.metrics import MetricsView
+
         return MetricsView(self.config.settings.environment, self.snapshots, self.stats,
                            dict(self.reloads), self.last_reload_ok)
 
@@ -140,6 +153,8 @@ class Daemon:
         return (200 if body["status"] == "ready" else 503), body
 
     def _deny_list(self) -> DenyList:
+        from supervisor.denylist import DenyList
+
         patterns = self.config.settings.deny_metrics
         if self._deny is None or self._deny[0] is not patterns:  # a reload made new settings
             self._deny = (patterns, DenyList(patterns))
@@ -148,6 +163,17 @@ class Daemon:
     def _metric_sources(self) -> list[Source]:
         """What /v1/metrics merges, in precedence order. Keyed sources are re-rendered only
         when their key objects change (the loop swaps snapshots and stats whole)."""
+        from supervisor.merge import relabel
+        from supervisor.metrics import (
+            SELF,
+            config_families,
+            live_service_families,
+            resource_families,
+            service_families,
+        )
+        from supervisor.readiness import collect_families
+        from supervisor.render import Source
+
         env = self.config.settings.environment
         view = self.metrics_view()
         now = time.monotonic()
@@ -188,8 +214,13 @@ class Daemon:
     def _build_router(self) -> WSGIApp:
         # INLINE_PATHS are answered on the accepting thread: their handlers must stay
         # non-blocking with small bodies (health reads a clock, ready one snapshot attribute).
+        from supervisor.exposition import SharedRenderMetricsApp
+        from supervisor.http import Router
+        from supervisor.instrument import instrument_wsgi
+
         router = Router()
-        self.metrics_app = SharedRenderMetricsApp(self.renderer.render, self._metrics_version)
+        self.metrics_app: SharedRenderMetricsApp = SharedRenderMetricsApp(
+            self.renderer.render, self._metrics_version)
         router.add_app("/v1/metrics", self.metrics_app)
         router.add_json("/v1/health", self.health)
         router.add_json("/v1/ready", self.ready)
@@ -209,17 +240,18 @@ class Daemon:
                   ) -> None:
         settings = self.config.settings
         try:
-            server, _ = serve(settings.listen_host, settings.listen_port, self.router,
-                              settings.max_connections, inline_paths=INLINE_PATHS)
+            listener = listen.bind(settings.listen_host, settings.listen_port)
         except OSError as exc:
             raise SupervisorError(f"cannot listen on {settings.listen_host}:"
                                   f"{settings.listen_port}: {exc.strerror or exc}") from None
         self._shutdown = anyio.Event()
-        bound_host, bound_port = server.server_address[:2]
+        self._observing = anyio.Event()
+        bound_host, bound_port = listener.getsockname()[:2]
         self.listen_address = (str(bound_host), int(bound_port))
         log.info("listening address=http://%s:%d/v1/metrics", *self.listen_address)
         if self.subreaper:
             become_subreaper()
+        server = None
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -230,6 +262,13 @@ class Daemon:
                 for spec in self.config.services.values():
                     await self._add_runner(spec)
                 await self._spawn_independent()
+                # Requests that arrived meanwhile wait in the listen backlog.
+                self._observe()
+                from supervisor.http import serve
+
+                server, _ = serve(settings.listen_host, settings.listen_port, self.router,
+                                  settings.max_connections, INLINE_PATHS, sock=listener)
+                self._observing.set()
                 await anyio.to_thread.run_sync(self.bridge.start)
                 await self._start_monitor()
                 await tg.start(self.scraper.run)
@@ -264,10 +303,14 @@ class Daemon:
                         reaper.signal_unowned(self._owned_pids())
                 tg.cancel_scope.cancel()
         finally:
-            server.shutdown()
-            server.server_close()
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+            else:
+                listener.close()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.bridge.stop)
+                if self._observing.is_set():
+                    await anyio.to_thread.run_sync(self.bridge.stop)
                 # After the services are stopped, so the guard has nothing left to kill.
                 await anyio.to_thread.run_sync(self.guard.close)
             if self.subreaper:
@@ -276,6 +319,8 @@ class Daemon:
 
     async def _start_monitor(self) -> None:
         """(Re)start the readiness checks; a reload with other checks replaces the monitor."""
+        from supervisor.readiness import ReadinessMonitor
+
         assert self._tg is not None
         if self._monitor_scope is not None:
             self._monitor_scope.cancel()
@@ -373,6 +418,8 @@ class Daemon:
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file; apply it only if entirely valid."""
+        if self._observing is not None:  # a SIGHUP while the services are being spawned
+            await self._observing.wait()
         self._notify("reloading")
         try:
             new = load_config(self.config.path, self.environ)
@@ -424,8 +471,8 @@ class Daemon:
         while True:
             leaders = {name: s.pid for name, s in self.snapshots.items() if s.pid is not None}
             sampled = await anyio.to_thread.run_sync(self._sampler.sample, leaders)
-            self.stats = {name: sampled.get(name) or TreeStats(
-                self._sampler.cpu_carried(name), 0, 0, 0, 0) for name in self.snapshots}
+            self.stats = {name: sampled.get(name) or _no_stats(
+                self._sampler.cpu_carried(name)) for name in self.snapshots}
             self._notify_status()
             if self.subreaper:  # adopted orphans linger as zombies at most one interval
                 reaper.reap_unowned(self._owned_pids())
@@ -465,6 +512,12 @@ class Daemon:
             self.notifier.status(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
 
 
+def _no_stats(cpu_carried: float) -> TreeStats:
+    from supervisor.procstats import TreeStats
+
+    return TreeStats(cpu_carried, 0, 0, 0, 0)
+
+
 def _scrape_targets(config: Config) -> dict[str, tuple[str, float]]:
     return {name: (spec.metrics_url, spec.scrape_timeout)
             for name, spec in config.services.items() if spec.metrics_url}
@@ -476,5 +529,8 @@ def _dependency_satisfied(s: ServiceSnapshot) -> bool:
 
 
 def _scraped_service(result: ScrapeResult, environment: str) -> list[Metric]:
+    from supervisor.merge import relabel
+    from supervisor.scraper import scrape_families
+
     return [*scrape_families({result.service: result}, environment),
             *relabel(result.families, result.service, environment)]

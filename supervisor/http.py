@@ -117,9 +117,19 @@ class BoundedWSGIServer(ThreadingWSGIServer):
     worker_idle_timeout = 30.0
     inline_paths: frozenset[bytes] = frozenset()
     inline_peek_bytes = 2048
+    prebound: socket.socket | None = None  # a listening socket to take over (listen.bind)
 
     def server_bind(self) -> None:
-        super().server_bind()
+        if self.prebound is None:
+            super().server_bind()
+        else:  # what TCPServer, HTTPServer and WSGIServer.server_bind do, minus the bind
+            self.socket.close()
+            self.socket = self.prebound
+            self.server_address = self.socket.getsockname()
+            host, port = self.server_address[:2]
+            self.server_name = socket.getfqdn(str(host))
+            self.server_port = port
+            self.setup_environ()
         if self.inline_paths and hasattr(socket, "TCP_DEFER_ACCEPT"):
             # Seconds the kernel holds a connection that has sent nothing; after that it is
             # accepted anyway and handled by the pool like any slow client.
@@ -239,15 +249,18 @@ class BoundedWSGIServer(ThreadingWSGIServer):
 
 
 def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128,
-          inline_paths: Iterable[str] = ()) -> tuple[BoundedWSGIServer, threading.Thread]:
-    """Bind (raises OSError on failure) and serve in a daemon thread.
+          inline_paths: Iterable[str] = (), sock: socket.socket | None = None
+          ) -> tuple[BoundedWSGIServer, threading.Thread]:
+    """Bind (raises OSError on failure), or take over `sock`, and serve in a daemon thread.
 
     `inline_paths` must be answered by `app` quickly, without blocking, and with a small body
     (a few KiB): the accepting thread answers them itself (see BoundedWSGIServer)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = sock.family if sock is not None else (
+        socket.AF_INET6 if ":" in host else socket.AF_INET)
     server_class = type("Server", (BoundedWSGIServer,),
                         {"max_connections": max_connections, "address_family": family,
-                         "inline_paths": frozenset(p.encode() for p in inline_paths)})
+                         "inline_paths": frozenset(p.encode() for p in inline_paths),
+                         "prebound": sock})
     server: BoundedWSGIServer = make_server(host, port, app, server_class, handler_class=_Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                               name="http", daemon=True)
