@@ -106,6 +106,7 @@ class Scraper:
         self._changed: anyio.Event | None = None
         self._scopes: dict[str, tuple[Target, anyio.CancelScope]] = {}
         self._rng = rng
+        self._stale: dict[str, tuple[ScrapeResult, bool, ScrapeResult]] = {}  # see _staled
         self._running = False
         self._client: httpx.AsyncClient | None = None  # http:// targets
         self._tls_client: httpx.AsyncClient | None = None  # https:// targets, made on demand
@@ -125,13 +126,27 @@ class Scraper:
         now = self._clock()
         fresh: dict[str, ScrapeResult] = {}
         for name, result in results.items():
-            if now - result.fetched_at > result.stale_after:
-                result = replace(result, ok=False, families=(), good_at=None,
-                                 error=result.error or "stale: no recent scrape attempt")
-            elif result.good_at is not None and now - result.good_at > result.stale_after:
-                result = replace(result, families=(), good_at=None)
+            if now - result.fetched_at > result.stale_after or (
+                    result.good_at is not None and now - result.good_at > result.stale_after):
+                result = self._staled(name, result, now)
             fresh[name] = result
         return MappingProxyType(fresh)
+
+    def _staled(self, name: str, result: ScrapeResult, now: float) -> ScrapeResult:
+        """`result` with its stale parts dropped; the same object on every read until the
+        result itself changes, so readers that key caches by identity (the /v1/metrics
+        renderer) do not rebuild a stale target on every scrape of their own."""
+        unattempted = now - result.fetched_at > result.stale_after
+        cached = self._stale.get(name)
+        if cached is not None and cached[0] is result and cached[1] == unattempted:
+            return cached[2]
+        if unattempted:
+            staled = replace(result, ok=False, families=(), good_at=None,
+                             error=result.error or "stale: no recent scrape attempt")
+        else:  # attempted lately, but its last good payload is too old to serve
+            staled = replace(result, families=(), good_at=None)
+        self._stale[name] = (result, unattempted, staled)
+        return staled
 
     # -- writing (event loop thread) -----------------------------------------------------------
     def set_targets(self, targets: TargetsArg) -> None:

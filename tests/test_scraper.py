@@ -252,6 +252,8 @@ async def test_stale_data_is_dropped_at_read_time() -> None:
         clock.advance(1.31)
         stopped = scraper.snapshot()["api"]
         assert not stopped.ok and stopped.families == ()
+        # The same object on every read while nothing changes: /v1/metrics keys its cache by it.
+        assert scraper.snapshot()["api"] is stopped
 
 
 async def test_absurd_payloads_are_cut_and_reported() -> None:
