@@ -129,8 +129,8 @@ def _run(args: argparse.Namespace) -> int:
         matched, rest = group.split(SupervisorError)
         if matched is None or rest is not None:
             raise
-        for exc in _leaves(matched):
-            log.error("%s", exc)
+        for leaf in _leaves(matched):
+            log.error("%s", leaf)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C before the signal receiver was installed
         return 130

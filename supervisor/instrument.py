@@ -150,7 +150,7 @@ def starlette_endpoint(scope: Scope, entry_root_path: str = "") -> str | None:
 def _mount_prefix(router: Any, path: str, entry_root_path: str, leaf: Any) -> str | None:
     remaining = path[len(entry_root_path):] if path.startswith(entry_root_path) else path
     routes = getattr(router, "routes", None)
-    prefix = ""
+    prefix: str = ""
     for _depth in range(16):  # bounded: mounts nest only a few levels in practice
         if not routes:
             return None
@@ -163,7 +163,7 @@ def _mount_prefix(router: Any, path: str, entry_root_path: str, leaf: Any) -> st
                 continue
             match = regex.match(remaining)
             if match and "path" in match.groupdict():
-                prefix += mount_path
+                prefix += str(mount_path)
                 remaining = "/" + match.group("path")
                 routes = candidate.routes
                 break
@@ -216,7 +216,7 @@ class MetricsMiddleware:
                                  status, self.clock() - start, error_type)
 
         async def receive_wrapper() -> Message:
-            message = await receive()
+            message: Message = await receive()
             if message.get("type") == "http.disconnect" and not state["done"]:
                 state["disconnected"] = True
             return message
