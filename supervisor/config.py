@@ -59,7 +59,8 @@ class Backoff:
 class ServiceSpec:
     name: str
     command: tuple[str, ...]
-    env: Mapping[str, str]  # env_file values overlaid by `env`; the daemon's environ is added at spawn
+    # env_file values overlaid by `env`; the daemon's environ is added at spawn
+    env: Mapping[str, str]
     cwd: str
     restart: str = "always"
     stop_signal: int = 15
@@ -142,7 +143,8 @@ class _Parser:
         for key in data:
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                self.problem(f"{where}.{key}" if where else key, f"unknown key (expected one of {hint})")
+                self.problem(f"{where}.{key}" if where else key,
+                             f"unknown key (expected one of {hint})")
 
     def string(self, data: Mapping[str, Any], key: str, where: str, default: Any = None,
                interpolated: bool = True) -> Any:
@@ -306,7 +308,8 @@ class _Parser:
             self.problem(where, "service names may hold letters, digits, '-', '_' and '.'")
         command = self.strings(data, "command", where)
         if "command" not in data:
-            self.problem(f"{where}.command", "required (an argv list, e.g. [\"python3\", \"app.py\"])")
+            self.problem(f"{where}.command",
+                         "required (an argv list, e.g. [\"python3\", \"app.py\"])")
         elif not command or not command[0]:
             self.problem(f"{where}.command", "must be a non-empty list of strings")
         env_files = tuple(self.resolve(p.lstrip("-")) if not p.startswith("-")
@@ -459,7 +462,8 @@ class _Parser:
                 if dep not in services:
                     self.problem(f"services.{spec.name}.depends_on", f"unknown service {dep!r}")
                 elif dep == spec.name:
-                    self.problem(f"services.{spec.name}.depends_on", "a service cannot depend on itself")
+                    self.problem(f"services.{spec.name}.depends_on",
+                                 "a service cannot depend on itself")
             for check in spec.wait_for:
                 if check not in checks:
                     self.problem(f"services.{spec.name}.wait_for", f"unknown check {check!r}")
@@ -502,7 +506,8 @@ def load_toml_file(path: str) -> dict[str, Any]:
 
 def child_environment(spec: ServiceSpec, daemon_environ: Mapping[str, str]) -> dict[str, str]:
     """The complete environment a service's process starts with."""
-    env = {k: v for k, v in daemon_environ.items() if k not in PRIVATE_ENV} if spec.inherit_env else {}
+    env = ({k: v for k, v in daemon_environ.items() if k not in PRIVATE_ENV}
+           if spec.inherit_env else {})
     env.update(spec.env)
     return env
 

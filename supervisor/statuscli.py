@@ -20,7 +20,8 @@ def show_status(url: str | None, config_path: str, as_json: bool) -> int:
     if url is None:
         try:
             settings = load_config(config_path).settings
-            host = f"[{settings.listen_host}]" if ":" in settings.listen_host else settings.listen_host
+            host = settings.listen_host
+            host = f"[{host}]" if ":" in host else host
             url = f"http://{host}:{settings.listen_port}"
         except ConfigError as exc:
             print(exc.render(), file=sys.stderr)
@@ -57,7 +58,8 @@ def render(document: dict[str, Any]) -> str:
             _scrape(s.get("scrape")),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
     readiness = document.get("readiness")
     if readiness is not None:
         lines.append("")
