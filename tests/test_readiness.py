@@ -299,11 +299,13 @@ async def test_no_thread_task_or_connection_leak_over_hundreds_of_checks(
         await until(lambda: monitor.snapshot().generation >= 6, 3.0)
     threads, fds = threading.active_count(), me.num_fds()
     tasks = len(asyncio.all_tasks()) if anyio_backend == "asyncio" else 0
+    # A leak would grow with the ~900 checks; worker pools (anyio's, asyncio's default
+    # executor for getaddrinfo) may add a thread or two under load and keep it idle.
     async with running(checks, bridge) as monitor:
         await until(lambda: monitor.snapshot().generation >= 300, 20.0)
         assert monitor.snapshot().ready
-        assert threading.active_count() == threads
-    assert threading.active_count() == threads
+        assert threading.active_count() <= threads + 4
+    assert threading.active_count() <= threads + 4
     assert me.num_fds() <= fds + 2
     if anyio_backend == "asyncio":
         assert len(asyncio.all_tasks()) == tasks
