@@ -153,13 +153,7 @@ class BoundedWSGIServer(ThreadingWSGIServer):
             self.shutdown_request(request)
             return
         if self._answerable_inline(request):
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
-                self._slots.release()
+            self._handle(request, client_address)
             return
         try:
             with self._pool_lock:
@@ -183,6 +177,16 @@ class BoundedWSGIServer(ThreadingWSGIServer):
             self._slots.release()
             raise
 
+    def _handle(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, close it and free its slot."""
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
     def _answerable_inline(self, request: socket.socket) -> bool:
         """The request's head is all here (so wsgiref's reads cannot block) and asks for an
         inline path. Only the end of the head and the request target are looked at, on a
@@ -201,14 +205,7 @@ class BoundedWSGIServer(ThreadingWSGIServer):
     def _work(self, item: tuple[Any, Any] | None) -> None:
         me = threading.current_thread()
         while item is not None:
-            request, client_address = item
-            try:
-                self.finish_request(request, client_address)
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
-                self._slots.release()
+            self._handle(*item)
             with self._pool_lock:
                 self._idle += 1
             item = self._next(me)

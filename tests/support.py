@@ -7,6 +7,7 @@ import socket
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -115,3 +116,13 @@ def pid_alive(pid: int) -> bool:
 
 def pid_exists(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
+
+
+def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """Poll a cheap predicate (sync code) until it holds or `timeout` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.support import poll_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,15 +68,6 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 class Fake:
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -113,30 +106,30 @@ def fake() -> Iterator[Fake]:
 
 def test_a_killed_daemon_takes_every_service_group_along(fake: Fake) -> None:
     services = fake.services()
-    assert wait_until(lambda: all(len(group_members(s)) == 2 for s in services), 10)
+    assert poll_until(lambda: all(len(group_members(s)) == 2 for s in services), 10)
     members = [p for s in services for p in group_members(s)]
     guard = psutil.Process(int(fake.state["guard"]))  # type: ignore[call-overload]
     fake.proc.kill()  # no chance to stop anything
     fake.proc.wait(10)
-    assert wait_until(lambda: all(dead(p) for p in members), 10), \
+    assert poll_until(lambda: all(dead(p) for p in members), 10), \
         [p for p in members if not dead(p)]
-    assert wait_until(lambda: dead(guard.pid), 10)  # and the guard is gone too
+    assert poll_until(lambda: dead(guard.pid), 10)  # and the guard is gone too
 
 
 def test_a_dead_guard_is_replaced_and_given_every_live_service(fake: Fake) -> None:
     first_guard = int(fake.state["guard"])  # type: ignore[call-overload]
     os.kill(first_guard, signal.SIGKILL)
-    assert wait_until(lambda: dead(first_guard), 10)
+    assert poll_until(lambda: dead(first_guard), 10)
     fake.state = fake.ask("start 1")  # the next spawn notices and starts a new guard
     assert fake.state["starts"] == 2 and fake.state["guard"] != first_guard
     services = fake.services()
     assert len(services) == 3
-    assert wait_until(lambda: all(len(group_members(s)) == 2 for s in services), 10)
+    assert poll_until(lambda: all(len(group_members(s)) == 2 for s in services), 10)
     members = [p for s in services for p in group_members(s)]
     fake.proc.kill()
     fake.proc.wait(10)
     # The two started under the first guard were handed to the second one.
-    assert wait_until(lambda: all(dead(p) for p in members), 10)
+    assert poll_until(lambda: all(dead(p) for p in members), 10)
 
 
 def test_stop_signals_do_not_end_the_guard_and_a_clean_close_does(fake: Fake) -> None:
@@ -148,7 +141,7 @@ def test_stop_signals_do_not_end_the_guard_and_a_clean_close_does(fake: Fake) ->
                 return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
         return False
 
-    assert wait_until(lambda: ignoring(signal.SIGHUP), 10)
+    assert poll_until(lambda: ignoring(signal.SIGHUP), 10)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         os.kill(guard, sig)
     time.sleep(0.3)

@@ -6,22 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from supervisor.procstats import SLOW_EVERY, ProcStatsSampler
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.support import poll_until
 
 # A leader that forks one worker into its own group, and starts 3 more threads once `go` exists.
 LEADER = """\
@@ -61,14 +52,14 @@ def test_group_is_summed_and_slow_counts_refresh_on_their_round(
         leader: tuple[subprocess.Popen[bytes], Path]) -> None:
     proc, go = leader
     sampler = ProcStatsSampler()
-    assert wait_until(lambda: sampler.sample({"svc": proc.pid})["svc"].processes == 2, 10)
+    assert poll_until(lambda: sampler.sample({"svc": proc.pid})["svc"].processes == 2, 10)
     while sampler._round % SLOW_EVERY != 0:  # up to the next round that reads the counts
         sampler.sample({"svc": proc.pid})
     stats = sampler.sample({"svc": proc.pid})["svc"]
     assert stats.processes == 2 and stats.threads == 2 and stats.rss_bytes > 0
     assert stats.open_fds >= 6  # stdin, stdout, stderr of each member
     go.touch()
-    assert wait_until(lambda: (go.parent / "go.done").exists(), 10)
+    assert poll_until(lambda: (go.parent / "go.done").exists(), 10)
     for _ in range(SLOW_EVERY - 1):  # not re-read on these rounds
         assert sampler.sample({"svc": proc.pid})["svc"].threads == 2
     assert sampler._round % SLOW_EVERY == 0
@@ -79,8 +70,8 @@ def test_cpu_never_goes_down_when_members_exit(
         leader: tuple[subprocess.Popen[bytes], Path]) -> None:
     proc, _ = leader
     sampler = ProcStatsSampler()
-    assert wait_until(lambda: sampler.sample({"svc": proc.pid})["svc"].processes == 2, 10)
-    assert wait_until(lambda: sampler.sample({"svc": proc.pid})["svc"].cpu_seconds > 0.05, 20)
+    assert poll_until(lambda: sampler.sample({"svc": proc.pid})["svc"].processes == 2, 10)
+    assert poll_until(lambda: sampler.sample({"svc": proc.pid})["svc"].cpu_seconds > 0.05, 20)
     before = sampler.sample({"svc": proc.pid})["svc"]
     os.kill(proc.pid, 9)  # the leader goes; its worker stays in the group
     proc.wait(10)
