@@ -353,7 +353,12 @@ class Daemon:
         self._tg.start_soon(run_runner)
 
     def _publish(self, snapshot: ServiceSnapshot) -> None:
+        previous = self.snapshots.get(snapshot.name)
         self.snapshots = {**self.snapshots, snapshot.name: snapshot}
+        if (snapshot.state is lc.State.RUNNING and self._observing is not None
+                and self._observing.is_set()
+                and (previous is None or previous.state is not lc.State.RUNNING)):
+            self.scraper.poke(snapshot.name)  # its metrics, now rather than up to 2 intervals on
 
     def _autostarts(self) -> list[ServiceSpec]:
         return [s for s in self.config.services.values() if s.autostart]

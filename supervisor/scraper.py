@@ -107,6 +107,7 @@ class Scraper:
         self._scopes: dict[str, tuple[Target, anyio.CancelScope]] = {}
         self._rng = rng
         self._stale: dict[str, tuple[ScrapeResult, bool, ScrapeResult]] = {}  # see _staled
+        self._pokes: dict[str, anyio.Event] = {}  # target -> wakes its loop's wait (poke)
         self._running = False
         self._client: httpx.AsyncClient | None = None  # http:// targets
         self._tls_client: httpx.AsyncClient | None = None  # https:// targets, made on demand
@@ -190,6 +191,7 @@ class Scraper:
             if self._targets.get(name) != target:
                 scope.cancel()
                 del self._scopes[name]
+                self._pokes.pop(name, None)
         for name, target in self._targets.items():
             if name not in self._scopes:
                 scope = anyio.CancelScope()
@@ -208,9 +210,20 @@ class Scraper:
                 began = anyio.current_time()
                 result = await self.scrape_once(name, target)
                 self._publish(result)
-                # Fixed-rate schedule; an attempt that overran the interval is followed at once.
-                await anyio.sleep_until(began + self.interval + phase)
+                # Fixed-rate schedule; an attempt that overran the interval is followed at once,
+                # and a poke (the service has just come up) cuts the wait short.
+                poked = self._pokes[name] = anyio.Event()
+                with anyio.move_on_after(began + self.interval + phase - anyio.current_time()):
+                    await poked.wait()
                 phase = 0.0
+
+    def poke(self, name: str) -> None:
+        """Scrape `name` now rather than at its next turn: its service has just (re)started,
+        so the last result is about a process that is gone, or about one not yet listening.
+        Event loop thread only."""
+        poked = self._pokes.get(name)
+        if poked is not None:
+            poked.set()
 
     def _publish(self, result: ScrapeResult) -> None:
         if result.service not in self._targets:

@@ -343,3 +343,46 @@ async def test_a_kept_body_is_served_until_something_operators_act_on_changes(
             for _ in range(3):
                 await client.get("/v1/metrics", params={"name[]": "service_up"})
             assert daemon.metrics_app.renders - before == 3
+
+
+async def test_a_service_is_scraped_as_soon_as_it_runs(tmp_path: Path) -> None:
+    """`web` starts only after `db` runs, so the scrape at the daemon's start finds nothing
+    listening; once `web` runs it is scraped at once, not a scrape_interval (60 s) later.
+    The same after a restart: the new process is scraped at once."""
+    from tests.support import free_port
+
+    port = free_port()
+    server = (
+        "import http.server\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        body = b'# TYPE jobs_done_total counter\\njobs_done_total 7\\n'\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Content-Type', 'text/plain; version=0.0.4')\n"
+        "        self.send_header('Content-Length', str(len(body)))\n"
+        "        self.end_headers(); self.wfile.write(body)\n"
+        "    def log_message(self, *a): pass\n"
+        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    path = write_config(
+        tmp_path,
+        service("db", SLEEPER, start_seconds=0.5)
+        + service("web", server, start_seconds=0.3, depends_on=["db"],
+                  metrics_url=f"http://127.0.0.1:{port}/metrics"),
+        supervisor="scrape_interval = 60.0\n")
+    async with running_daemon(path) as daemon:
+        first = daemon.scraper.snapshot().get("web")
+        assert first is None or not first.ok  # scraped before web even existed
+        await wait_for(daemon, "web", running)
+        with anyio.fail_after(5):
+            while not ((r := daemon.scraper.snapshot().get("web")) and r.ok):
+                await anyio.sleep(0.05)
+        text = (await get(daemon, "/v1/metrics")).text
+        assert sample(text, "jobs_done_total", service="web") == 7.0
+        before = daemon.scraper.snapshot()["web"]
+        snap = daemon.snapshots["web"]
+        assert snap.pid is not None
+        os.kill(snap.pid, signal.SIGKILL)
+        await wait_for(daemon, "web", lambda s: s.starts == 2 and s.state is State.RUNNING)
+        with anyio.fail_after(5):
+            while daemon.scraper.snapshot()["web"].fetched_at <= before.fetched_at:
+                await anyio.sleep(0.05)
