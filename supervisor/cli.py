@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -104,10 +105,26 @@ def _configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def _default_inherited_ignores() -> None:
+    """Signals ignored when we were started (nohup ignores SIGHUP, some CI runners more) stay
+    ignored across exec: every service would inherit them. Start services as systemd does,
+    with default dispositions: restore them here, in the daemon (which handles the signals it
+    cares about itself; SIGPIPE is Python's, and Popen restores it in children)."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE):
+            continue
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):  # real-time and reserved signals
+            continue
+
+
 def _run(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 1
+    _default_inherited_ignores()
     _configure_logging(args.log_level or config.settings.log_level)
     from supervisor.daemon import Daemon
 

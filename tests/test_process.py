@@ -111,3 +111,34 @@ def test_the_http_and_metrics_stack_is_not_imported_before_services_spawn() -> N
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_services_start_with_default_signal_dispositions(tmp_path: Path) -> None:
+    """Started with SIGHUP and SIGUSR1 ignored (nohup, some CI runners), the daemon still
+    gives its services default dispositions, as systemd does: SIG_IGN would survive exec."""
+    port = free_port()
+    report = tmp_path / "sigign"
+    probe = (f"import subprocess\n"  # a shell's view: Python itself ignores SIGPIPE
+             f"subprocess.run(['sh', '-c', 'grep SigIgn /proc/self/status > {report}.tmp && "
+             f"mv {report}.tmp {report}'], check=True)\n"
+             "import time\n"
+             "while True: time.sleep(1)\n")
+    path = write_config(tmp_path, service("probe", probe), port=port)
+
+    def ignore_some() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    daemon = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=ignore_some)
+    try:
+        deadline = time.monotonic() + 20
+        while not report.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        mask = int(report.read_text().split()[1], 16)
+    finally:
+        daemon.terminate()
+        daemon.wait(20)
+    assert mask & (1 << (signal.SIGHUP - 1)) == 0
+    assert mask & (1 << (signal.SIGUSR1 - 1)) == 0
