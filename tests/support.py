@@ -126,3 +126,20 @@ def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def metrics_server(port: int, body_file: Path) -> str:
+    """Code for a service that serves `body_file` (read at every GET, so a test can change it)
+    as a Prometheus text exposition on 127.0.0.1:`port`."""
+    return (
+        "import http.server\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        f"        body = open({str(body_file)!r}, 'rb').read()\n"
+        "        self.send_response(200)\n"
+        "        self.send_header('Content-Type', 'text/plain; version=0.0.4')\n"
+        "        self.send_header('Content-Length', str(len(body)))\n"
+        "        self.end_headers(); self.wfile.write(body)\n"
+        "    def log_message(self, *a): pass\n"
+        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+

@@ -349,20 +349,11 @@ async def test_a_service_is_scraped_as_soon_as_it_runs(tmp_path: Path) -> None:
     """`web` starts only after `db` runs, so the scrape at the daemon's start finds nothing
     listening; once `web` runs it is scraped at once, not a scrape_interval (60 s) later.
     The same after a restart: the new process is scraped at once."""
-    from tests.support import free_port
+    from tests.support import free_port, metrics_server
 
     port = free_port()
-    server = (
-        "import http.server\n"
-        "class H(http.server.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self):\n"
-        "        body = b'# TYPE jobs_done_total counter\\njobs_done_total 7\\n'\n"
-        "        self.send_response(200)\n"
-        "        self.send_header('Content-Type', 'text/plain; version=0.0.4')\n"
-        "        self.send_header('Content-Length', str(len(body)))\n"
-        "        self.end_headers(); self.wfile.write(body)\n"
-        "    def log_message(self, *a): pass\n"
-        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    (tmp_path / "metrics.txt").write_text("# TYPE jobs_done_total counter\njobs_done_total 7\n")
+    server = metrics_server(port, tmp_path / "metrics.txt")
     path = write_config(
         tmp_path,
         service("db", SLEEPER, start_seconds=0.5)

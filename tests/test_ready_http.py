@@ -20,6 +20,7 @@ from tests.support import (
     base_url,
     free_port,
     get,
+    metrics_server,
     promtool_ok,
     running_daemon,
     sample,
@@ -223,17 +224,7 @@ foo_breach_count_total 1
 async def test_children_metrics_are_merged_and_fr52_filtered(tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / "metrics.txt").write_text(CHILD_METRICS)
-    server = (
-        "import http.server, functools\n"
-        "class H(http.server.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self):\n"
-        f"        body = open({str(tmp_path / 'metrics.txt')!r}, 'rb').read()\n"
-        "        self.send_response(200)\n"
-        "        self.send_header('Content-Type', 'text/plain; version=0.0.4')\n"
-        "        self.send_header('Content-Length', str(len(body)))\n"
-        "        self.end_headers(); self.wfile.write(body)\n"
-        "    def log_message(self, *a): pass\n"
-        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    server = metrics_server(port, tmp_path / "metrics.txt")
     path = write_config(
         tmp_path,
         service("api", server, start_seconds=0.1, metrics_url=f"http://127.0.0.1:{port}/metrics")
