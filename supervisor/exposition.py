@@ -28,6 +28,8 @@ from urllib.parse import parse_qs
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
+from supervisor.render import same_objects
+
 Key = tuple[str, bool, tuple[str, ...]]
 # (encoder, content type, ?name[] filter) -> body; see render.CachingRenderer.render
 Render = Callable[[Callable[[Any], bytes], str, tuple[str, ...]], bytes]
@@ -62,7 +64,7 @@ class SharedRenderMetricsApp:
         version = self.version() if self.version is not None and not key[2] else None
         if version is not None:
             recent = self._recent.get(key)
-            if recent is not None and _same(recent[0], version):
+            if recent is not None and same_objects(recent[0], version):
                 return recent[1]
         with self._lock:
             future = self._inflight.get(key)
@@ -86,7 +88,3 @@ class SharedRenderMetricsApp:
         finally:
             with self._lock:
                 del self._inflight[key]
-
-
-def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))

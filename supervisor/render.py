@@ -121,7 +121,8 @@ class Ticker:
         return token
 
 
-def _same_key(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> bool:
+def same_objects(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> bool:
+    """Element by element the very same objects (identity, not equality); None never is."""
     if a is None or b is None or len(a) != len(b):
         return False
     return all(x is y for x, y in zip(a, b, strict=True))
@@ -226,7 +227,7 @@ class CachingRenderer:
         result = []
         for source in self._sources():
             cached = cache.get(source.name)
-            if cached is None or not _same_key(cached.key, source.key):
+            if cached is None or not same_objects(cached.key, source.key):
                 cached = _prepare(source)
                 self.prepared += 1
             if source.key is not None:
