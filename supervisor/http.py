@@ -22,6 +22,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from supervisor import listen
+
 log = logging.getLogger(__name__)
 
 HANDLER_TIMEOUT = 5.0
@@ -109,27 +111,26 @@ class BoundedWSGIServer(ThreadingWSGIServer):
     `worker_idle_timeout` seconds without a connection; server_close() stops them all.
     """
 
-    request_queue_size = 128
+    request_queue_size = listen.BACKLOG  # server_activate() listens again with it
     daemon_threads = True
-    allow_reuse_address = True
     max_connections = 128
     min_workers = 8
     worker_idle_timeout = 30.0
     inline_paths: frozenset[bytes] = frozenset()
     inline_peek_bytes = 2048
-    prebound: socket.socket | None = None  # a listening socket to take over (listen.bind)
+    prebound: socket.socket | None = None  # the listening socket to take over (listen.bind)
 
     def server_bind(self) -> None:
-        if self.prebound is None:
-            super().server_bind()
-        else:  # what TCPServer, HTTPServer and WSGIServer.server_bind do, minus the bind
-            self.socket.close()
-            self.socket = self.prebound
-            self.server_address = self.socket.getsockname()
-            host, port = self.server_address[:2]
-            self.server_name = socket.getfqdn(str(host))
-            self.server_port = port
-            self.setup_environ()
+        # What TCPServer, HTTPServer and WSGIServer.server_bind do, minus the bind: serve()
+        # always hands over a socket bound by listen.bind.
+        assert self.prebound is not None, "use serve()"
+        self.socket.close()
+        self.socket = self.prebound
+        self.server_address = self.socket.getsockname()
+        host, port = self.server_address[:2]
+        self.server_name = socket.getfqdn(str(host))
+        self.server_port = port
+        self.setup_environ()
         if self.inline_paths and hasattr(socket, "TCP_DEFER_ACCEPT"):
             # Seconds the kernel holds a connection that has sent nothing; after that it is
             # accepted anyway and handled by the pool like any slow client.
@@ -252,10 +253,10 @@ def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128,
 
     `inline_paths` must be answered by `app` quickly, without blocking, and with a small body
     (a few KiB): the accepting thread answers them itself (see BoundedWSGIServer)."""
-    family = sock.family if sock is not None else (
-        socket.AF_INET6 if ":" in host else socket.AF_INET)
+    if sock is None:
+        sock = listen.bind(host, port)
     server_class = type("Server", (BoundedWSGIServer,),
-                        {"max_connections": max_connections, "address_family": family,
+                        {"max_connections": max_connections, "address_family": sock.family,
                          "inline_paths": frozenset(p.encode() for p in inline_paths),
                          "prebound": sock})
     server: BoundedWSGIServer = make_server(host, port, app, server_class, handler_class=_Handler)
