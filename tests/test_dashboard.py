@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,7 +193,7 @@ def test_metric_name_extraction() -> None:
 def test_rules_use_only_exported_metrics() -> None:
     recording = rule_exprs(RECORDING)
     alerts = rule_exprs(ALERTS)
-    assert len(recording) == 4 and len(alerts) == 6
+    assert len(recording) == 4 and len(alerts) == 7
     used = check_names_and_labels(recording + alerts, allowed_extra=set())
     assert {"service_up", "service_state", "dependency_up", "service_scrape_up", "up"} <= used
 
@@ -286,3 +287,66 @@ def test_metrics_reference_documents_every_exported_metric() -> None:
             assert f"`{value}`" in reference, (label, value)
     for name in recorded_names():
         assert f"`{name}`" in reference, name
+
+
+def _panels() -> list[dict[str, Any]]:
+    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+
+
+def test_every_panel_has_a_description() -> None:
+    missing = [p["title"] for p in _panels() if not p.get("description", "").strip()]
+    assert missing == []
+
+
+def test_job_and_instance_variables_filter_every_query() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert {"datasource", "job", "instance", "environment", "service"} <= set(variables)
+    # The job's default is the job name the rules select and the guide's scrape config uses.
+    assert variables["job"]["current"]["value"] == "supervisor"
+    for p in _panels():
+        for target in p["targets"]:
+            found = list(selectors(target["expr"]))
+            assert found, target["expr"]
+            for metric, matchers in found:
+                assert ("job", "=~", "$job") in matchers, (p["title"], metric)
+                assert ("instance", "=~", "$instance") in matchers, (p["title"], metric)
+            bare = re.sub(r"[A-Za-z_:][\w:]*\s*\{[^}]*\}", " ", target["expr"])
+            assert metric_names(bare) == set(), (p["title"], target["expr"])
+
+
+def _kind(expr: str) -> str:
+    names = metric_names(expr)
+    if any(n.endswith("_bytes") for n in names):
+        return "bytes"
+    if any(n.endswith("_seconds_total") for n in names) and "rate(" in expr:
+        return "cores"
+    return "other"
+
+
+def test_each_unit_has_its_own_axis() -> None:
+    """A panel whose queries have different units gives each its unit and its own axis."""
+    mixed = 0
+    for p in _panels():
+        kinds = {t["refId"]: _kind(t["expr"]) for t in p["targets"]}
+        if len(set(kinds.values())) < 2:
+            continue
+        mixed += 1
+        defaults = p["fieldConfig"]["defaults"]
+        default_axis = defaults.get("custom", {}).get("axisPlacement", "auto")
+        overrides = {
+            o["matcher"]["options"]: {prop["id"]: prop["value"] for prop in o["properties"]}
+            for o in p["fieldConfig"].get("overrides", [])
+            if o["matcher"]["id"] == "byFrameRefID"
+        }
+        for ref, kind in kinds.items():
+            if kind == "bytes":
+                props = overrides.get(ref, {})
+                assert props.get("unit") == "bytes", (p["title"], ref)
+                assert props.get("custom.axisPlacement") not in (None, default_axis), p["title"]
+            else:
+                assert ref not in overrides and defaults["unit"] != "bytes", (p["title"], ref)
+        # Values are plotted as exported: a unit conversion in the query (`/ 1e6`) would
+        # mislabel the axis.
+        assert not any(re.search(r"/\s*1e\d", t["expr"]) for t in p["targets"]), p["title"]
+    assert mixed >= 1  # the daemon's CPU and memory panel
