@@ -29,7 +29,8 @@ from tests.support import free_port, promtool_ok, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("event-writer", "api", "observer", "watchdog")
-BUCKETS = ["0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "+Inf"]
+BUCKETS = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5",
+           "5.0", "10.0", "+Inf"]
 
 
 def render_shipped_config(directory: Path, scrape_interval: float = 0.5) -> dict[str, Any]:
