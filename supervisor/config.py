@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor.datatypes import interpolate, parse_env_file, parse_listen, signal_number
+from supervisor.datatypes import (
+    interpolate,
+    parse_env_file,
+    parse_listen,
+    priority_number,
+    signal_number,
+)
 from supervisor.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -76,6 +82,8 @@ class ServiceSpec:
     scrape_timeout: float = 2.0
     inherit_env: bool = True
     env_files: tuple[str, ...] = ()
+    stdout_priority: int = 6  # syslog priority of an output line without a <N> prefix: info
+    stderr_priority: int = 4  # warning
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class Settings:
     log_level: str = "info"
     deny_metrics: tuple[str, ...] = DEFAULT_DENY_METRICS
     max_connections: int = 128
+    stdout_priority: int = 6  # the services' default (see ServiceSpec)
+    stderr_priority: int = 4
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 
 class _Parser:
     def __init__(self, path: str, environ: dict[str, str]) -> None:
+        self.defaults = Settings()
         self.path = path
         self.base = Path(path).resolve().parent
         self.environ = environ
@@ -214,6 +225,19 @@ class _Parser:
             return default
         return str(value)
 
+    def priority(self, data: Mapping[str, Any], key: str, where: str, default: int) -> int:
+        if key not in data:
+            return default
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            self.problem(f"{where}.{key}", f"expected a syslog priority name, got {_kind(value)}")
+            return default
+        try:
+            return priority_number(str(value))
+        except ValueError as exc:
+            self.problem(f"{where}.{key}", str(exc))
+            return default
+
     def expand(self, text: str, where: str) -> str:
         try:
             return interpolate(text, self.environ)
@@ -232,6 +256,7 @@ class _Parser:
     def parse(self, data: Mapping[str, Any]) -> Config:
         self.table(data, {"supervisor", "services", "checks"}, "")
         settings = self.settings(self.section(data, "supervisor"))
+        self.defaults = settings
         checks = {
             name: self.check(name, spec)
             for name, spec in self.section(data, "checks").items()
@@ -267,7 +292,8 @@ class _Parser:
         where = "supervisor"
         self.table(data, {"listen", "environment", "scrape_interval", "stats_interval",
                           "control_socket", "control_socket_group", "log_level",
-                          "deny_metrics", "max_connections"}, where)
+                          "deny_metrics", "max_connections", "stdout_priority",
+                          "stderr_priority"}, where)
         defaults = Settings()
         host, port = defaults.listen_host, defaults.listen_port
         listen = self.string(data, "listen", where)
@@ -291,6 +317,8 @@ class _Parser:
                                   ("debug", "info", "warning", "error"), "info"),
             deny_metrics=DEFAULT_DENY_METRICS + self.strings(data, "deny_metrics", where, False),
             max_connections=self.integer(data, "max_connections", where, 128, minimum=1),
+            stdout_priority=self.priority(data, "stdout_priority", where, 6),
+            stderr_priority=self.priority(data, "stderr_priority", where, 4),
         )
 
     def service(self, name: str, data: Mapping[str, Any]) -> ServiceSpec:
@@ -300,7 +328,7 @@ class _Parser:
             "stop_timeout", "start_seconds", "autostart", "depends_on", "wait_for",
             "wait_timeout", "success_exit_codes", "backoff_initial", "backoff_max",
             "backoff_factor", "backoff_jitter", "backoff_reset_after", "max_retries",
-            "metrics_url", "scrape_timeout",
+            "metrics_url", "scrape_timeout", "stdout_priority", "stderr_priority",
         }, where)
         if name == "supervisor":
             self.problem(where, "the name 'supervisor' is reserved for the daemon's own metrics")
@@ -376,6 +404,10 @@ class _Parser:
             scrape_timeout=self.number(data, "scrape_timeout", where, 2.0, 0.0, strictly=True),
             inherit_env=self.boolean(data, "inherit_env", where, True),
             env_files=env_files,
+            stdout_priority=self.priority(data, "stdout_priority", where,
+                                          self.defaults.stdout_priority),
+            stderr_priority=self.priority(data, "stderr_priority", where,
+                                          self.defaults.stderr_priority),
         )
 
     def environment(self, data: Mapping[str, Any], where: str,

@@ -27,6 +27,22 @@ def signal_number(name: str) -> int:
         raise ValueError(f"unknown signal {name!r} (expected a name such as SIGTERM)") from None
 
 
+# syslog priorities by name, as journalctl -p and systemd's SyslogLevel= spell them.
+PRIORITIES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5,
+              "info": 6, "debug": 7}
+
+
+def priority_number(name: str) -> int:
+    """`"err"` or `"3"` -> 3; ValueError names the accepted forms."""
+    text = name.lower()
+    if text in PRIORITIES:
+        return PRIORITIES[text]
+    if text.isdigit() and len(text) == 1 and int(text) <= 7:
+        return int(text)
+    raise ValueError(f"unknown syslog priority {name!r} (expected one of "
+                     f"{', '.join(PRIORITIES)}, or 0-7)")
+
+
 def signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name

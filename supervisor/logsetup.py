@@ -1,9 +1,16 @@
-"""Log output that fits journald and plain terminals: one record per line, always.
+"""Log output that fits journald and plain terminals.
 
-Under systemd, stderr is connected to the journal and `$JOURNAL_STREAM` holds its "dev:ino";
-each line then starts with a `<N>` syslog priority, which journald turns into the record's
-PRIORITY (and strips), and journald adds its own timestamp. Anywhere else a line starts with
-an ISO 8601 timestamp. Only the CLI calls `configure_logging`; modules just log.
+Under systemd, stderr is connected to the journal and `$JOURNAL_STREAM` holds its "dev:ino".
+When journald's native socket is there too, every record is sent as one journal entry with
+fields (PRIORITY, SYSLOG_IDENTIFIER, and for a service's output SUPERVISOR_SERVICE,
+SUPERVISOR_STREAM, SYSLOG_PID), the way systemd logs for its own units; multi-line messages
+stay one entry. Without the socket each line starts with a `<N>` syslog priority, which
+journald turns into the record's PRIORITY (and strips). Anywhere else a line starts with an
+ISO 8601 timestamp. Both line formats keep one record per line (a service's output: one line
+per line it wrote). Only the CLI calls `configure_logging`; modules just log.
+
+Records of a service's output carry `child_tag`, `child_lines`, `syslog_priority` and
+`journal_fields` (see supervisor.output).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import sys
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TextIO
+
+from supervisor.journal import DEFAULT_SOCKET, SOCKET_ENV, JournalSocket
 
 # Handlers we install carry this attribute, so reconfiguring replaces them (and only them).
 _OWNED = "_supervisor_logsetup"
@@ -40,6 +49,19 @@ def syslog_priority(levelno: int) -> int:
     return 7
 
 
+def level_of_priority(priority: int) -> int:
+    """syslog priority -> the Python level that logs it (0-2 critical ... 7 debug)."""
+    if priority <= 2:
+        return logging.CRITICAL
+    return {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging.INFO}.get(
+        priority, logging.DEBUG)
+
+
+def record_priority(record: logging.LogRecord) -> int:
+    explicit = getattr(record, "syslog_priority", None)
+    return explicit if isinstance(explicit, int) else syslog_priority(record.levelno)
+
+
 def escape_line(text: str) -> str:
     r"""Make `text` one line: CR/LF become the two-character escapes `\r` / `\n`.
 
@@ -57,6 +79,16 @@ class LineFormatter(logging.Formatter):
         self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
+        lines = getattr(record, "child_lines", None)
+        if lines is not None:
+            # A service's output: one line per line it wrote, each tagged, as before grouping.
+            tag = getattr(record, "child_tag", "?")
+            return "\n".join(self._line(record, f"[{tag}] {escape_line(line)}")
+                             for line in lines)
+        return self._line(record, escape_line(self.text(record)))
+
+    def text(self, record: logging.LogRecord) -> str:
+        """The message with exception and stack text, newlines kept."""
         text = record.getMessage()
         if record.exc_info:
             # Cache like logging.Formatter does, so other handlers don't re-render it.
@@ -66,11 +98,59 @@ class LineFormatter(logging.Formatter):
             text = f"{text}\n{record.exc_text}"
         if record.stack_info:
             text = f"{text}\n{self.formatStack(record.stack_info)}"
-        body = f"{record.levelname} {record.name}: {escape_line(text)}"
+        return text
+
+    def _line(self, record: logging.LogRecord, message: str) -> str:
+        body = f"{record.levelname} {record.name}: {message}"
         if self.journal:
-            return f"<{syslog_priority(record.levelno)}>{body}"
+            return f"<{record_priority(record)}>{body}"
         stamp = datetime.fromtimestamp(record.created).astimezone()
         return f"{stamp.isoformat(timespec='milliseconds')} {body}"
+
+
+class JournalHandler(logging.Handler):
+    """One native journal entry per record; the stream's line when the journal refuses it."""
+
+    def __init__(self, journal: JournalSocket, fallback: logging.Handler,
+                 identifier: str = "supervisor") -> None:
+        super().__init__()
+        self.journal = journal
+        self.fallback = fallback
+        self.identifier = identifier
+        self.text = LineFormatter(journal=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = self.fields(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if not self.journal.send(fields):
+            self.fallback.handle(record)
+
+    def fields(self, record: logging.LogRecord) -> list[tuple[str, str]]:
+        lines = getattr(record, "child_lines", None)
+        if lines is not None:
+            message = "\n".join(lines)
+        else:
+            message = f"{record.name}: {self.text.text(record)}"
+        fields = [("MESSAGE", message), ("PRIORITY", str(record_priority(record))),
+                  ("SYSLOG_IDENTIFIER", self.identifier)]
+        if lines is None:
+            fields += [("LOGGER", record.name), ("CODE_FILE", record.pathname),
+                       ("CODE_LINE", str(record.lineno)), ("CODE_FUNC", record.funcName)]
+        extra = getattr(record, "journal_fields", None)
+        if isinstance(extra, Mapping):
+            # Later fields of the same name win in journalctl's display; drop ours instead.
+            names = set(extra)
+            fields = [f for f in fields if f[0] not in names]
+            fields += [(str(k), str(v)) for k, v in extra.items()]
+        return fields
+
+    def close(self) -> None:
+        self.journal.close()
+        self.fallback.close()
+        super().close()
 
 
 def stream_is_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
@@ -92,12 +172,28 @@ def stream_is_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
+def journal_socket_path(stream: TextIO, environ: Mapping[str, str]) -> str | None:
+    """Where to send native journal entries, or None for lines on `stream`.
+
+    `$SUPERVISOR_JOURNAL_SOCKET` names a socket explicitly; otherwise the journal's own socket,
+    when `stream` is the journal (so a daemon run from a terminal keeps writing there).
+    """
+    explicit = environ.get(SOCKET_ENV, "")
+    if explicit:
+        return explicit
+    if stream_is_journal(stream, environ) and os.path.exists(DEFAULT_SOCKET):
+        return DEFAULT_SOCKET
+    return None
+
+
 def configure_logging(
     level: str,
     stream: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
+    journal_socket: str | None = None,
 ) -> logging.Handler:
-    """Send every record at `level` or above to `stream` (default stderr), one line each.
+    """Send every record at `level` or above to the journal (see `journal_socket_path`; the
+    `journal_socket` argument overrides it) or to `stream` (default stderr), one line each.
 
     Replaces a handler installed by an earlier call, leaves foreign handlers alone, and
     returns the new handler. ValueError for an unknown level name.
@@ -110,8 +206,12 @@ def configure_logging(
         ) from None
     stream = sys.stderr if stream is None else stream
     environ = os.environ if environ is None else environ
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(LineFormatter(journal=stream_is_journal(stream, environ)))
+    lines = logging.StreamHandler(stream)
+    lines.setFormatter(LineFormatter(journal=stream_is_journal(stream, environ)))
+    handler: logging.Handler = lines
+    socket_path = journal_socket or journal_socket_path(stream, environ)
+    if socket_path is not None:
+        handler = JournalHandler(JournalSocket(socket_path), fallback=lines)
     setattr(handler, _OWNED, True)
     root = logging.getLogger()
     for old in list(root.handlers):

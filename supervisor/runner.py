@@ -161,8 +161,10 @@ class ServiceRunner:
         at, wall = monotonic_and_wall()
         self._child = child
         log.info("spawned service=%s pid=%d", self.spec.name, child.pid)
-        self._tg.start_soon(drain, child.stdout, self.spec.name, "stdout")
-        self._tg.start_soon(drain, child.stderr, self.spec.name, "stderr")
+        self._tg.start_soon(drain, child.stdout, self.spec.name, "stdout",
+                            self.spec.stdout_priority, child.pid)
+        self._tg.start_soon(drain, child.stderr, self.spec.name, "stderr",
+                            self.spec.stderr_priority, child.pid)
         self._tg.start_soon(self._watch, child)
         # Applied synchronously so that no other event can slip between Spawn and Spawned.
         for action in self.machine.handle(lc.Spawned(child.pid, at, wall)):
