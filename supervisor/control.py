@@ -35,14 +35,14 @@ REQUEST_TIMEOUT = 5.0
 
 
 def default_socket_path(environ: dict[str, str] | None = None) -> str:
-    """systemd's RuntimeDirectory=supervisor gives /run/supervisor; the CLI run by root outside
-    systemd finds the same path. Other users get a private directory of their own."""
+    """systemd's RuntimeDirectory=platform-supervisor gives /run/platform-supervisor; the CLI
+    run by root outside systemd finds the same path. Other users get a private directory of their own."""
     env = os.environ if environ is None else environ
     runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:
         return str(Path(runtime) / "control.sock")
     if os.geteuid() == 0:
-        return "/run/supervisor/control.sock"
+        return "/run/platform-supervisor/control.sock"
     base = env.get("XDG_RUNTIME_DIR") or "/tmp"
     return str(Path(base) / f"supervisor-{os.geteuid()}" / "control.sock")
 

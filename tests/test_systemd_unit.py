@@ -1,8 +1,8 @@
-"""systemd/supervisor.service: systemd's own verifier and security scorer, plus the contract.
+"""systemd/platform-supervisor.service: systemd's verifier and security scorer, plus the contract.
 
-`systemd-analyze verify` needs ExecStart's executable to exist when it runs, and
-/usr/local/bin/supervisor is only there after installation. The tests therefore verify a copy
-whose ExecStart program is rewritten to this test's Python interpreter; nothing else changes.
+`systemd-analyze verify` needs ExecStart's (and ExecReload's) executable to exist when it runs,
+and /usr/local/bin/supervisor is only there after installation. The tests therefore verify a
+copy whose Exec* program is rewritten to this test's Python interpreter; nothing else changes.
 `verify` exits 0 even for values it rejects (`Type=notifyy`), so its stderr is the signal.
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from supervisor.config import ServiceSpec
 
-UNIT = Path(__file__).resolve().parents[1] / "systemd" / "supervisor.service"
+UNIT = Path(__file__).resolve().parents[1] / "systemd" / "platform-supervisor.service"
 INSTALLED_EXEC = "/usr/local/bin/supervisor"
 
 
@@ -50,8 +50,8 @@ def seconds(value: str) -> float:
 def unit_copy(tmp_path: Path) -> Path:
     text = UNIT.read_text()
     assert f"ExecStart={INSTALLED_EXEC} " in text
-    copy = tmp_path / "supervisor.service"
-    copy.write_text(text.replace(f"ExecStart={INSTALLED_EXEC} ", f"ExecStart={sys.executable} "))
+    copy = tmp_path / UNIT.name
+    copy.write_text(text.replace(f"={INSTALLED_EXEC} ", f"={sys.executable} "))
     return copy
 
 
@@ -89,11 +89,25 @@ def test_service_contract() -> None:
     assert d["Type"] == ["notify"]
     assert d["NotifyAccess"] == ["main"]
     assert seconds(d["WatchdogSec"][0]) == 30
-    assert d["ExecStart"] == [f"{INSTALLED_EXEC} run --config /etc/supervisor/services.toml"]
-    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    config = "/etc/platform-supervisor/services.toml"
+    assert d["ExecStart"] == [f"{INSTALLED_EXEC} run --config {config}"]
+    # Waits for the daemon's verdict: a rejected file fails `systemctl reload`.
+    assert d["ExecReload"] == [f"{INSTALLED_EXEC} reload --config {config}"]
     assert d["KillMode"] == ["mixed"]
     assert d["Restart"] == ["on-failure"]
-    assert d["RuntimeDirectory"] == ["supervisor"]
+    # Names Debian's supervisord package does not use (supervisor.service, /etc/supervisor,
+    # /var/log/supervisor, /run/supervisor).
+    assert UNIT.name == "platform-supervisor.service"
+    for key in ("RuntimeDirectory", "StateDirectory", "LogsDirectory",
+                "ConfigurationDirectory", "User", "Group"):
+        assert d[key] == ["platform-supervisor"], key
+    values = " ".join(v for vs in d.values() for v in vs)
+    assert not re.search(r"/(etc|run|var/log|var/lib)/supervisor\b", values), values
+    # ~3 fds per service: the default soft limit of 1024 would cap the daemon near 250.
+    assert int(d["LimitNOFILE"][0].split(":")[0]) >= 16384
+    # Services find the venv's interpreter first.
+    (path_env,) = [e for e in d["Environment"] if e.startswith("PATH=")]
+    assert path_env.split("=", 1)[1].split(":")[0] == "/opt/platform-supervisor/bin"
     # systemd must wait longer than the daemon's own graceful stop of a default service.
     assert seconds(d["TimeoutStopSec"][0]) >= 4 * ServiceSpec.stop_timeout
     for key in (
@@ -178,3 +192,35 @@ def test_python_stack_survives_memory_deny_write_execute() -> None:
     assert result.stdout.strip() == "ok"
     # And the unit really asks for it.
     assert directives(UNIT.read_text())["MemoryDenyWriteExecute"] == ["yes"]
+
+
+def test_ready_comment_says_when_ready_is_sent() -> None:
+    """The unit's comment matches daemon.py: READY=1 after the listener, the control socket and
+    the spawn of services without depends_on/wait_for; the others start afterwards."""
+    text = UNIT.read_text()
+    assert "READY=1 once every service is spawned" not in text
+    comment = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    for words in ("control socket", "neither depends_on nor wait_for", "after READY=1"):
+        assert words in comment, words
+    daemon = (Path(__file__).resolve().parents[1] / "supervisor" / "daemon.py").read_text()
+    run = daemon[daemon.index("async def run("):]
+    order = [run.index(s) for s in ("_spawn_independent()", "serve(settings.listen_host",
+                                    "serve_control", "_start_all, self._dependent_autostarts",
+                                    'self._notify("ready")')]
+    assert order == sorted(order)
+
+
+def test_documentation_points_at_a_shipped_file() -> None:
+    """Documentation= names the guide that pip installs with the package (wheel data files)."""
+    from supervisor.config import tomllib
+
+    (doc,) = [line.split("=", 1)[1] for line in UNIT.read_text().splitlines()
+              if line.startswith("Documentation=")]
+    assert doc.startswith("file:///opt/platform-supervisor/share/doc/platform-supervisor/")
+    root = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    data_files = pyproject["tool"]["setuptools"]["data-files"]
+    shipped = {f"{target}/{Path(pattern).name}" for target, patterns in data_files.items()
+               for pattern in patterns}
+    assert doc.removeprefix("file:///opt/platform-supervisor/") in shipped
+    assert (root / "docs" / Path(doc).name).is_file()
