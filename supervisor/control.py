@@ -36,7 +36,8 @@ REQUEST_TIMEOUT = 5.0
 
 def default_socket_path(environ: dict[str, str] | None = None) -> str:
     """systemd's RuntimeDirectory=platform-supervisor gives /run/platform-supervisor; the CLI
-    run by root outside systemd finds the same path. Other users get a private directory of their own."""
+    run by root outside systemd finds the same path. Other users get a private directory of
+    their own."""
     env = os.environ if environ is None else environ
     runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
     if runtime:

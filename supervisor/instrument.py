@@ -136,7 +136,7 @@ def checked_buckets(buckets: Sequence[float]) -> tuple[float, ...]:
     except (TypeError, ValueError):
         raise ValueError(f"buckets must be numbers, got {buckets!r}") from None
     if not bounds or not all(math.isfinite(b) and b > 0 for b in bounds) or any(
-            a >= b for a, b in zip(bounds, bounds[1:])):
+            a >= b for a, b in zip(bounds, bounds[1:], strict=False)):
         raise ValueError(f"buckets must be finite, positive and increasing, got {bounds!r}")
     return bounds
 

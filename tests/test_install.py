@@ -131,9 +131,11 @@ class Daemon:
         except subprocess.TimeoutExpired:
             os.killpg(self.shim.pid, signal.SIGKILL)
             out, _ = self.shim.communicate(timeout=10)
-        lines = dict(line.split(" ", 1) if " " in line else (line, "")
-                     for line in out.splitlines())
-        return lines.get("exit", "?").strip(), lines.get("leftover", "?").strip()
+        lines: dict[str, str] = {}
+        for line in out.splitlines():
+            key, _, value = line.partition(" ")
+            lines[key] = value.strip()
+        return lines.get("exit", "?"), lines.get("leftover", "?")
 
 
 @pytest.fixture
