@@ -357,3 +357,67 @@ def test_priorities_config_defaults_overrides_and_errors(tmp_path: Path) -> None
     for i in range(len(bad)):
         assert any(p.startswith(f"services.s{i}.stderr_priority: ") for p in found), (bad[i], found)
     assert any(p.startswith("supervisor.stdout_priority: unknown syslog priority") for p in found)
+
+
+# -- the daemon's own records and the stream fallback --------------------------------------------
+
+def test_own_records_with_a_traceback_are_one_entry(journal: FakeJournal) -> None:
+    import logging
+
+    from supervisor.logsetup import configure_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        configure_logging("info", environ={}, journal_socket=journal.path)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("supervisor.probes").exception("check failed check=%s", "db")
+        logging.getLogger("supervisor.probes").debug("not at info")
+        (entry,) = journal.wait(lambda e: "check failed" in e.get("MESSAGE", ""))
+    finally:
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(level)
+    assert entry["MESSAGE"].startswith("supervisor.probes: check failed check=db\nTraceback")
+    assert entry["MESSAGE"].endswith("RuntimeError: boom")
+    assert entry["PRIORITY"] == "3" and entry["SYSLOG_IDENTIFIER"] == "supervisor"
+    assert entry["LOGGER"] == "supervisor.probes" and entry["CODE_FUNC"]
+    assert not [e for e in journal.entries if "not at info" in e.get("MESSAGE", "")]
+
+
+def test_journal_stream_without_socket_prefixes_each_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from supervisor import logsetup
+    from supervisor.logsetup import configure_logging
+    from supervisor.output import Entry as OutputEntry
+    from supervisor.output import _emit
+
+    monkeypatch.setattr(logsetup, "DEFAULT_SOCKET", str(tmp_path / "no-journal-socket"))
+    path = tmp_path / "journal"
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with open(path, "w") as stream:
+            st = os.fstat(stream.fileno())
+            configure_logging("info", stream=stream,
+                              environ={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+            _emit("api:stderr", {"SUPERVISOR_SERVICE": "api"},
+                  [OutputEntry(3, ("Traceback (most recent call last):", "  File x",
+                                   "ValueError: <6>not a prefix"))])
+    finally:
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        root.setLevel(level)
+    assert path.read_text().splitlines() == [
+        "<3>ERROR supervisor.output: [api:stderr] Traceback (most recent call last):",
+        "<3>ERROR supervisor.output: [api:stderr]   File x",
+        "<3>ERROR supervisor.output: [api:stderr] ValueError: <6>not a prefix",
+    ]
