@@ -120,7 +120,10 @@ def test_real_process_with_journal_stream_on_a_pipe() -> None:
     code = textwrap.dedent(
         """
         import logging
+        import supervisor.logsetup
         from supervisor.logsetup import configure_logging
+        # The stream alone, as without journald's native socket (a host with systemd has one).
+        supervisor.logsetup.DEFAULT_SOCKET = "/nonexistent/journal/socket"
         configure_logging("info")
         logging.getLogger("supervisor.output").info("[api] %s", "line one\\nline two")
         logging.getLogger("supervisor.daemon").warning("stopping reason=%s", "SIGTERM")
