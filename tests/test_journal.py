@@ -38,6 +38,9 @@ def test_encoding_is_the_documented_format() -> None:
     assert encode([("MESSAGE", "hello"), ("PRIORITY", "6")]) == b"MESSAGE=hello\nPRIORITY=6\n"
     # A value with a newline: name, newline, 64-bit little-endian length, bytes, newline.
     assert encode([("MESSAGE", "a\nb")]) == b"MESSAGE\n" + (3).to_bytes(8, "little") + b"a\nb\n"
+    # A service cannot forge fields (or a trusted _PID) with newlines in its output.
+    forged = encode([("MESSAGE", "x\nPRIORITY=0\n_PID=1"), ("PRIORITY", "6")])
+    assert decode(forged) == [("MESSAGE", b"x\nPRIORITY=0\n_PID=1"), ("PRIORITY", b"6")]
     for bad in ("message", "_PID", "", "A-B", "X" * 65, "A=B"):
         with pytest.raises(ValueError):
             encode([(bad, "x")])
