@@ -38,7 +38,9 @@ UNIT_NAME = "platform-supervisor.service"
 SERVICES = ("event-writer", "api", "observer", "watchdog")
 _ABSOLUTE = re.compile(r"(?<![\w./-])/(opt|etc|usr/local/bin|var|run)(?=/|\b)")
 
-pytestmark = pytest.mark.slow
+# pip builds and installs the package (about 10-20 s here); the default 120 s per test is tight
+# on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def install_steps() -> list[str]:
