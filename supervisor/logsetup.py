@@ -49,12 +49,13 @@ def syslog_priority(levelno: int) -> int:
     return 7
 
 
+_LEVEL_OF_PRIORITY = (logging.CRITICAL, logging.CRITICAL, logging.CRITICAL, logging.ERROR,
+                      logging.WARNING, logging.INFO, logging.INFO, logging.DEBUG)
+
+
 def level_of_priority(priority: int) -> int:
-    """syslog priority -> the Python level that logs it (0-2 critical ... 7 debug)."""
-    if priority <= 2:
-        return logging.CRITICAL
-    return {3: logging.ERROR, 4: logging.WARNING, 5: logging.INFO, 6: logging.INFO}.get(
-        priority, logging.DEBUG)
+    """syslog priority 0-7 -> the Python level that logs it (0-2 critical ... 7 debug)."""
+    return _LEVEL_OF_PRIORITY[priority]
 
 
 def record_priority(record: logging.LogRecord) -> int:

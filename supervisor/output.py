@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import anyio
 
@@ -37,6 +37,7 @@ log = logging.getLogger("supervisor.output")
 
 _PREFIX = re.compile(r"<(\d{1,3})>")
 TRACEBACK = "Traceback (most recent call last):"
+_NONE: list[Entry] = []  # returned, never mutated
 _CHAIN = ("During handling of the above exception, another exception occurred:",
           "The above exception was the direct cause of the following exception:")
 
@@ -69,14 +70,15 @@ class LineSplitter:
 
 def split_priority(line: str) -> tuple[int | None, str]:
     """`<N>text` -> (N's priority, text); systemd reads facility*8+priority, up to <191>."""
+    if not line.startswith("<"):
+        return None, line
     m = _PREFIX.match(line)
     if m is None or int(m.group(1)) > 191:
         return None, line
     return int(m.group(1)) & 7, line[m.end():]
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):  # a NamedTuple: built once per output line, so cheaper than a dataclass
     priority: int
     lines: tuple[str, ...]
 
@@ -101,14 +103,13 @@ class EntryGrouper:
 
     def feed(self, raw: str) -> list[Entry]:
         priority, line = split_priority(raw)
-        done: list[Entry] = []
         if self._lines and priority is None and self._continues(line) and (
                 len(self._lines) < self.max_lines
                 and self._size + len(line) + 1 <= self.max_bytes):
             self._lines.append(line)
             self._size += len(line) + 1
-            return done
-        done += self.flush()
+            return _NONE
+        done = self.flush()
         self._explicit = priority is not None
         self._priority = self.default_priority if priority is None else priority
         self._lines = [line]
@@ -166,7 +167,9 @@ async def drain(fd: int, service: str, stream: str, priority: int = 6,
             if not data:
                 break
             for line in splitter.feed(data):
-                _emit(tag, fields, grouper.feed(_text(line)))
+                done = grouper.feed(_text(line))
+                if done:
+                    _emit(tag, fields, done)
     finally:
         # Also when cancelled: what was read is logged, never dropped.
         for line in splitter.flush():
