@@ -137,6 +137,18 @@ async def execute(daemon: Daemon, request: Any) -> dict[str, Any]:
     if unknown:
         return {"ok": False, "error": f"unknown service(s): {', '.join(unknown)} "
                                       f"(known: {', '.join(daemon.runners)})"}
+    if command == "start":
+        # A start never ignores depends_on: refused (nothing changes) while a dependency that
+        # is not named too neither runs nor exited successfully.
+        refused = []
+        for name in dict.fromkeys(names):
+            blockers = daemon.unsatisfied_dependencies(name, ignore=tuple(names))
+            if blockers:
+                why = ", ".join(f"{dep} ({state})" for dep, state in blockers.items())
+                refused.append(f"{name} needs {why}")
+        if refused:
+            return {"ok": False, "error": "not started: " + "; ".join(refused)
+                    + " (start the dependencies first, or name them too)"}
     results: dict[str, str] = {}
     async with anyio.create_task_group() as tg:
         for name in dict.fromkeys(names):
@@ -152,6 +164,9 @@ async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str
         if command == "stop":
             await runner.stop_and_wait()
         elif command == "start":
+            # Dependencies named in the same request start first.
+            while daemon.unsatisfied_dependencies(name):
+                await _wait_changed(daemon, spec.depends_on)
             runner.start()
             await runner.wait_until(lambda s: s.state not in (lc.State.STARTING,)
                                     and s.state is not lc.State.STOPPED)
@@ -162,6 +177,19 @@ async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str
             await runner.wait_until(lambda s: s.starts > before and s.state is not
                                     lc.State.STARTING or s.state in (lc.State.FATAL,))
     results[name] = runner.snapshot.state.value
+
+
+async def _wait_changed(daemon: Daemon, names: Sequence[str]) -> None:
+    """Return once any of the services `names` changes state."""
+    before = {n: daemon.runners[n].snapshot.state for n in names if n in daemon.runners}
+    async with anyio.create_task_group() as tg:
+
+        async def watch(name: str) -> None:
+            await daemon.runners[name].wait_until(lambda s: s.state is not before[name])
+            tg.cancel_scope.cancel()
+
+        for name in before:
+            tg.start_soon(watch, name)
 
 
 # -- client side (the CLI) -------------------------------------------------------------------

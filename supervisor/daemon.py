@@ -1,8 +1,9 @@
 """The composition root: owns the top task group and wires runners, HTTP, stats and signals.
 
 Start order follows `depends_on` (a service starts once its dependencies run, or exited
-successfully); stop order is the reverse (a service is stopped once everything depending on it
-has stopped); services without a relation start and stop concurrently.
+successfully; until then it is `waiting`, with the reason); stop order is the reverse (a
+service is stopped once everything depending on it has stopped); services without a relation
+start and stop concurrently.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ HEARTBEAT_INTERVAL = 1.0  # /v1/health calls the loop wedged after health_stale_
 CLOCK_RESOLUTION = 0.1  # s; /v1/metrics' uptimes and own process figures are at most this old
 # Answered by the listener's accepting thread itself (see http.BoundedWSGIServer).
 INLINE_PATHS = ("/v1/health", "/v1/ready")
+# sd_notify STATUS= follows state changes, at most once per this many seconds (1000 services
+# flapping send 5 datagrams a second, not thousands).
+STATUS_MIN_INTERVAL = 0.2
 
 
 class Notifier(Protocol):
@@ -103,6 +107,8 @@ class Daemon:
         self._tg: TaskGroup | None = None
         self._start_scopes: set[anyio.CancelScope] = set()  # pending starts, cancelled at shutdown
         self._monitor_scope: anyio.CancelScope | None = None
+        self._states_changed: anyio.Event | None = None  # set when a service's state changes
+        self._last_status: str | None = None  # the last STATUS= sent
         self.listen_address: tuple[str, int] | None = None
         self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
 
@@ -247,6 +253,7 @@ class Daemon:
                                   f"{settings.listen_port}: {exc.strerror or exc}") from None
         self._shutdown = anyio.Event()
         self._observing = anyio.Event()
+        self._states_changed = anyio.Event()
         bound_host, bound_port = listener.getsockname()[:2]
         self.listen_address = (str(bound_host), int(bound_port))
         log.info("listening address=http://%s:%d/v1/metrics", *self.listen_address)
@@ -280,6 +287,8 @@ class Daemon:
                 interval = watchdog_interval(self.environ)
                 if self.notifier is not None and interval is not None:
                     tg.start_soon(watchdog_loop, self.notifier, interval)
+                if self.notifier is not None:
+                    tg.start_soon(self._refresh_status)
                 tg.start_soon(self._start_all, self._dependent_autostarts())
                 # Everything that exists now (modules, classes, the loop) lives as long as the
                 # daemon: move it out of the collector's sight, so that full collections, which
@@ -352,7 +361,10 @@ class Daemon:
 
         async def run_runner() -> None:
             with scope:
-                await runner.run()
+                try:
+                    await runner.run()
+                except Exception:  # noqa: BLE001 - last resort: runner.run contains its own
+                    log.exception("runner ended with an error service=%s", spec.name)
 
         # Not tg.start(): a round trip through the scheduler per service adds up (200 services
         # on trio: 60 ms), and the runner's event queue is unbounded, so events posted before
@@ -362,6 +374,9 @@ class Daemon:
     def _publish(self, snapshot: ServiceSnapshot) -> None:
         previous = self.snapshots.get(snapshot.name)
         self.snapshots = {**self.snapshots, snapshot.name: snapshot}
+        if self._states_changed is not None and (
+                previous is None or previous.state is not snapshot.state):
+            self._states_changed.set()
         if (snapshot.state is lc.State.RUNNING and self._observing is not None
                 and self._observing.is_set()
                 and (previous is None or previous.state is not lc.State.RUNNING)):
@@ -395,19 +410,66 @@ class Daemon:
                 self._start_scopes.discard(scope)
 
     async def _start_when_ready(self, spec: ServiceSpec) -> None:
-        for dep in spec.depends_on:
-            runner = self.runners.get(dep)
-            if runner is not None:
-                await runner.wait_until(_dependency_satisfied)
-        if spec.wait_for:
-            log.info("waiting for checks service=%s checks=%s timeout=%g", spec.name,
-                     ",".join(spec.wait_for), spec.wait_timeout)
-            if not await self.monitor.wait_healthy(spec.wait_for, spec.wait_timeout):
-                log.warning("checks still failing after wait_timeout, starting anyway "
-                            "service=%s checks=%s", spec.name, ",".join(spec.wait_for))
+        """Hold an autostart back, as `waiting` with the reason, until its dependencies run
+        (or exited successfully) and its checks pass (or wait_timeout passes); then start it
+        unless an operator stopped it meanwhile."""
         runner = self.runners.get(spec.name)
-        if runner is not None and runner.spec is spec:
-            runner.start()
+        if runner is None or runner.spec is not spec:
+            return
+        try:
+            held = False
+            while self.runners.get(spec.name) is runner and not runner.finished:
+                blockers = self.unsatisfied_dependencies(spec.name)
+                if not blockers:
+                    break
+                runner.hold(waiting_reason(blockers), refresh=held)
+                held = True
+                await self._wait_dependency_change(blockers)
+            if spec.wait_for:
+                runner.hold(f"checks {','.join(spec.wait_for)} (up to wait_timeout "
+                            f"{spec.wait_timeout:g}s)", refresh=held)
+                held = True
+                log.info("waiting for checks service=%s checks=%s timeout=%g", spec.name,
+                         ",".join(spec.wait_for), spec.wait_timeout)
+                if not await self.monitor.wait_healthy(spec.wait_for, spec.wait_timeout):
+                    log.warning("checks still failing after wait_timeout, starting anyway "
+                                "service=%s checks=%s", spec.name, ",".join(spec.wait_for))
+            if self.runners.get(spec.name) is runner:
+                if held:
+                    runner.release()  # a no-op if an operator stopped it meanwhile
+                else:
+                    runner.start()
+        except Exception as exc:  # noqa: BLE001 - one service never takes the daemon down
+            log.exception("start failed service=%s", spec.name)
+            runner.fault(f"internal error: {type(exc).__name__}")
+
+    def unsatisfied_dependencies(self, name: str, ignore: tuple[str, ...] = ()
+                                 ) -> dict[str, str]:
+        """`name`'s dependencies that neither run nor exited successfully -> why not."""
+        runner = self.runners.get(name)
+        if runner is None:
+            return {}
+        blockers: dict[str, str] = {}
+        for dep in runner.spec.depends_on:
+            other = self.runners.get(dep)
+            if other is not None and dep not in ignore and not _dependency_satisfied(
+                    other.snapshot):
+                blockers[dep] = _blocked_because(other.snapshot)
+        return blockers
+
+    async def _wait_dependency_change(self, blockers: Mapping[str, str]) -> None:
+        """Return once any of `blockers` is satisfied or blocks for another reason."""
+        watched = [(self.runners.get(dep), why) for dep, why in blockers.items()]
+        async with anyio.create_task_group() as tg:
+
+            async def watch(runner: ServiceRunner | None, why: str) -> None:
+                if runner is not None:  # None: removed by a reload meanwhile
+                    await runner.wait_until(lambda s: _dependency_satisfied(s)
+                                            or _blocked_because(s) != why)
+                tg.cancel_scope.cancel()
+
+            for runner, why in watched:
+                tg.start_soon(watch, runner, why)
 
     async def _stop_services(self, names: list[str]) -> None:
         async with anyio.create_task_group() as tg:
@@ -474,6 +536,14 @@ class Daemon:
         return ReloadResult(True, (), tuple(added), tuple(removed), tuple(changed))
 
     # -- background tasks -----------------------------------------------------------------
+    async def _refresh_status(self) -> None:
+        """STATUS= follows state changes within STATUS_MIN_INTERVAL, and no more often."""
+        while self._states_changed is not None:
+            await self._states_changed.wait()
+            self._states_changed = anyio.Event()
+            self._notify_status()
+            await anyio.sleep(STATUS_MIN_INTERVAL)
+
     async def _heartbeat(self) -> None:
         while True:
             self.heartbeat = time.monotonic()
@@ -521,7 +591,10 @@ class Daemon:
             counts: dict[str, int] = {}
             for s in self.snapshots.values():
                 counts[s.state.value] = counts.get(s.state.value, 0) + 1
-            self.notifier.status(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+            text = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+            if text != self._last_status:
+                self._last_status = text
+                self.notifier.status(text)
 
 
 def _no_stats(cpu_carried: float) -> TreeStats:
@@ -538,6 +611,21 @@ def _scrape_targets(config: Config) -> dict[str, tuple[str, float]]:
 def _dependency_satisfied(s: ServiceSnapshot) -> bool:
     return s.state is lc.State.RUNNING or (
         s.state is lc.State.EXITED and s.last_exit is not None and s.last_exit.reason == "success")
+
+
+def _blocked_because(s: ServiceSnapshot) -> str:
+    """Why a dependency holds its dependents back, coarse enough that a crash-looping
+    dependency (starting, backoff, starting...) does not change the reason each time."""
+    if s.state in (lc.State.STARTING, lc.State.BACKOFF):
+        return "not running yet"
+    if s.state is lc.State.EXITED:
+        return "exited with failure"
+    return s.state.value  # fatal, stopped, stopping, waiting
+
+
+def waiting_reason(blockers: Mapping[str, str]) -> str:
+    """`{"db": "fatal"}` -> "dependency db is fatal"."""
+    return "; ".join(f"dependency {dep} is {why}" for dep, why in blockers.items())
 
 
 def _scraped_service(result: ScrapeResult, environment: str) -> list[Metric]:

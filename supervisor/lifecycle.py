@@ -8,11 +8,16 @@ imperative shell that performs the actions and feeds back what happened.
 States follow supervisord's well-known set. Restart policy (after Kubernetes' CrashLoopBackOff,
 never giving up by default): the first exit after a stable run restarts at once; each further
 quick exit waits initial * factor**(n-1) seconds, capped at `max`, jittered by +-jitter.
+The delay is computed in log space, so no count of quick failures and no factor can overflow.
+
+A service whose start is held back (an unsatisfied `depends_on`, `wait_for` checks) is
+`waiting`, with the reason; an unexpected error in its runner makes it `fatal` (`Faulted`).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,7 +31,8 @@ class State(str, enum.Enum):
     BACKOFF = "backoff"  # exited; waiting out a restart delay
     STOPPING = "stopping"  # stop signal sent; waiting for the exit
     EXITED = "exited"  # exited and the restart policy says stay down
-    FATAL = "fatal"  # gave up after max_retries quick failures
+    FATAL = "fatal"  # gave up after max_retries quick failures, or its runner failed
+    WAITING = "waiting"  # held back until its dependencies or checks are satisfied
 
     def __str__(self) -> str:
         return self.value
@@ -76,7 +82,35 @@ class TimerFired:
     at: float
 
 
-Event = StartRequested | StopRequested | Spawned | SpawnFailed | Exited | TimerFired
+@dataclass(frozen=True)
+class Held:
+    """The daemon holds an autostart back: `reason` says what it waits for. Enters `waiting`
+    from a settled state; with `refresh`, only updates the reason of a service still waiting
+    (so that an operator's stop is never undone by a later update)."""
+
+    reason: str
+    at: float
+    refresh: bool = False
+
+
+@dataclass(frozen=True)
+class Released:
+    """What a waiting service waited for is there: start it, if it is still waiting."""
+
+    at: float
+
+
+@dataclass(frozen=True)
+class Faulted:
+    """An unexpected error in the service's runner (a spawn, a lifecycle step, a task)."""
+
+    error: str
+    at: float
+    wall: float
+
+
+Event = (StartRequested | StopRequested | Spawned | SpawnFailed | Exited | TimerFired | Held
+         | Released | Faulted)
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -107,12 +141,31 @@ SIGKILL = 9
 
 
 def restart_delay(policy: Backoff, quick_failures: int, random: Callable[[], float]) -> float:
-    """Delay before the next spawn, given how many quick failures came right before this one."""
+    """Delay before the next spawn, given how many quick failures came right before this one.
+
+    Total for any input: initial * factor**(n-1) is compared with `max` in log space, so a
+    crash loop of any length (or a huge factor) gives `max`, never an OverflowError; a
+    non-finite or negative policy value gives a finite, non-negative delay."""
     if quick_failures <= 0:
         return 0.0
-    base = policy.initial * policy.factor ** (quick_failures - 1)
-    jittered = min(policy.max, base) * (1.0 + policy.jitter * (2.0 * random() - 1.0))
-    return max(0.0, min(policy.max, jittered))
+    cap = _finite(policy.max, 0.0)
+    initial = min(_finite(policy.initial, cap), cap)
+    factor = _finite(policy.factor, 1.0)
+    if initial <= 0.0 or cap <= 0.0:
+        return 0.0
+    base = initial
+    if factor > 1.0:
+        steps = min(quick_failures - 1, 1 << 62)  # an int too big for a float cannot overflow
+        log_base = math.log(initial) + steps * math.log(factor)
+        base = cap if log_base >= math.log(cap) else math.exp(log_base)
+    jitter = min(max(_finite(policy.jitter, 0.0), 0.0), 1.0)
+    draw = _finite(random(), 0.5)
+    jittered = base * (1.0 + jitter * (2.0 * draw - 1.0))
+    return max(0.0, min(cap, jittered))
+
+
+def _finite(value: float, fallback: float) -> float:
+    return max(0.0, value) if math.isfinite(value) else fallback
 
 
 @dataclass
@@ -139,6 +192,7 @@ class Lifecycle:
     exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_REASONS, 0))
     timer: str | None = None
     start_after_stop: bool = False
+    waiting_for: str | None = None  # while WAITING: what the start is held back for
 
     def __repr__(self) -> str:
         return (f"<Lifecycle {self.spec.name} {self.state} pid={self.pid} starts={self.starts} "
@@ -147,11 +201,13 @@ class Lifecycle:
     def handle(self, event: Event) -> list[Action]:
         handler = getattr(self, "_on_" + type(event).__name__)
         actions: list[Action] = handler(event)
+        if self.state is not State.WAITING:
+            self.waiting_for = None
         return actions
 
     # -- requests ------------------------------------------------------------------------
     def _on_StartRequested(self, event: StartRequested) -> list[Action]:
-        if self.state in (State.STOPPED, State.EXITED, State.FATAL):
+        if self.state in (State.STOPPED, State.EXITED, State.FATAL, State.WAITING):
             self.quick_failures = 0  # an operator's start is a fresh attempt
             return self._spawn()
         if self.state is State.BACKOFF:  # start now rather than after the delay
@@ -169,9 +225,34 @@ class Lifecycle:
             self.state = State.STOPPED
             self.next_start_at = None
             return self._cancel_timer()
-        if self.state in (State.EXITED, State.FATAL):
+        if self.state in (State.EXITED, State.FATAL, State.WAITING):
             self.state = State.STOPPED
         return []
+
+    def _on_Held(self, event: Held) -> list[Action]:
+        if self.state is State.WAITING or (
+                not event.refresh and self.state in (State.STOPPED, State.EXITED, State.FATAL)):
+            self.state = State.WAITING
+            self.waiting_for = event.reason
+        return []
+
+    def _on_Released(self, event: Released) -> list[Action]:
+        if self.state is State.WAITING:
+            return self._spawn()
+        return []
+
+    def _on_Faulted(self, event: Faulted) -> list[Action]:
+        """Contain an unexpected error: the service goes to `fatal`, with the error, and what
+        is left of its process group is killed. An operator's start tries again."""
+        actions: list[Action] = [SignalGroup(SIGKILL)] if self.pid is not None else []
+        self.last_error = event.error
+        self.pid = None
+        self.started_at = None
+        self.started_wall = None
+        self.next_start_at = None
+        self.start_after_stop = False
+        self.state = State.FATAL
+        return actions + self._cancel_timer()
 
     # -- what the runner reports ---------------------------------------------------------
     def _on_Spawned(self, event: Spawned) -> list[Action]:

@@ -3,6 +3,11 @@
 Everything that happens to the service becomes an event on one queue; one task applies the
 events to the pure Lifecycle in order and performs the actions it returns. After each event
 an immutable ServiceSnapshot is published for the HTTP threads.
+
+The runner is the service's fault boundary: an unexpected exception in a spawn, a lifecycle
+step or one of its tasks kills what is left of the service's process group and makes the
+service `fatal` with the error (status, log, metrics); the daemon and the other services go
+on, and an operator's start tries again.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class ServiceSnapshot:
     next_start_at: float | None  # monotonic
     quick_failures: int
     autostart: bool
+    waiting_for: str | None = None  # while `waiting`: which dependency or check, and why
 
     def uptime(self, now: float) -> float:
         if self.state not in (lc.State.STARTING, lc.State.RUNNING) or self.started_at is None:
@@ -79,6 +85,19 @@ class ServiceRunner:
     def stop(self) -> None:
         self._post(lc.StopRequested(_now()))
 
+    def hold(self, reason: str, refresh: bool = False) -> None:
+        """Show the service as `waiting` for `reason` (see lifecycle.Held)."""
+        self._post(lc.Held(reason, _now(), refresh))
+
+    def fault(self, error: str) -> None:
+        """Make the service `fatal` with `error` (an unexpected error outside the runner)."""
+        at, wall = monotonic_and_wall()
+        self._post(lc.Faulted(error, at, wall))
+
+    def release(self) -> None:
+        """Start the service if it is still waiting (not if an operator stopped it)."""
+        self._post(lc.Released(_now()))
+
     async def wait_until(self, predicate: Callable[[ServiceSnapshot], bool]) -> ServiceSnapshot:
         """Wait for a snapshot matching `predicate`; returns early if the runner has ended."""
         while not predicate(self.snapshot) and not self.finished:
@@ -98,12 +117,22 @@ class ServiceRunner:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         """Process events until cancelled; on the way out, stop the child for good."""
+        started = False
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                task_status.started()
-                async for event in self._receive:
-                    self._apply(event)
+            while True:
+                try:
+                    async with anyio.create_task_group() as tg:
+                        self._tg = tg
+                        if not started:
+                            started = True
+                            task_status.started()
+                        async for event in self._receive:
+                            self._apply(event)
+                    return
+                except Exception as exc:  # noqa: BLE001 - the service's fault boundary
+                    # Cancellation is a BaseException (never caught here); an error in any of
+                    # this runner's tasks ends its task group and lands here.
+                    await self._contain(exc)
         finally:
             self._receive.close()
             self._send.close()
@@ -113,6 +142,29 @@ class ServiceRunner:
             self._changed.set()
 
     # -- internals -------------------------------------------------------------------------
+    async def _contain(self, exc: Exception) -> None:
+        """Make the service `fatal` with the error, killing and reaping what it left."""
+        error = _describe(exc)
+        log.error("service failed unexpectedly service=%s state=fatal error=%s",
+                  self.spec.name, error, exc_info=exc)
+        self._timer_scope = None
+        child, self._child = self._child, None
+        with anyio.CancelScope(shield=True):
+            if child is not None and child.status is None:
+                child.signal_group(lc.SIGKILL)
+                try:
+                    with anyio.move_on_after(5):
+                        await child.wait()
+                except Exception as wait_error:  # noqa: BLE001 - the wait itself failed
+                    log.error("cannot reap service=%s pid=%d error=%s", self.spec.name,
+                              child.pid, _describe(wait_error))
+                child.close_if_unreaped()
+        at, wall = monotonic_and_wall()
+        before = self.machine.state
+        self.machine.handle(lc.Faulted(error, at, wall))  # its SignalGroup was done above
+        log.debug("state service=%s %s -> %s", self.spec.name, before, self.machine.state)
+        self._published()
+
     def _post(self, event: lc.Event) -> None:
         try:
             self._send.send_nowait(event)
@@ -120,15 +172,21 @@ class ServiceRunner:
             log.debug("event after shutdown service=%s event=%r", self.spec.name, event)
 
     def _apply(self, event: lc.Event) -> None:
-        before = self.machine.state
+        before, reason = self.machine.state, self.machine.waiting_for
         for action in self.machine.handle(event):
             self._perform(action)
         after = self.machine.state
+        waiting_for = self.machine.waiting_for
+        if after is lc.State.WAITING and (before is not after or reason != waiting_for):
+            log.info("waiting service=%s reason=%s", self.spec.name, waiting_for)
         if after is not before:
             log.debug("state service=%s %s -> %s", self.spec.name, before, after)
             if after is lc.State.FATAL:
                 log.error("gave up service=%s after %d quick failures (max_retries)",
                           self.spec.name, self.machine.quick_failures)
+        self._published()
+
+    def _published(self) -> None:
         self.snapshot = self._make_snapshot()
         self._publish(self.snapshot)
         self._changed.set()
@@ -218,7 +276,16 @@ class ServiceRunner:
             started_wall=m.started_wall, starts=m.starts, exits=dict(m.exits),
             last_exit=m.last_exit, last_error=m.last_error, next_start_at=m.next_start_at,
             quick_failures=m.quick_failures, autostart=self.spec.autostart,
+            waiting_for=m.waiting_for,
         )
+
+
+def _describe(exc: BaseException) -> str:
+    """One line naming an unexpected error; the first leaf of an exception group."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"internal error: {type(exc).__name__}" + (f": {text}" if text else "")
 
 
 def _now() -> float:

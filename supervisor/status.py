@@ -36,6 +36,7 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
                 "at": last.wall,
             },
             "last_error": snap.last_error,
+            "waiting_for": snap.waiting_for,
             "next_start_in_seconds": (round(max(0.0, snap.next_start_at - now), 3)
                                       if snap.next_start_at is not None else None),
             "quick_failures": snap.quick_failures,

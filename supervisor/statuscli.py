@@ -60,6 +60,11 @@ def render(document: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
+    for s in document.get("services", []):
+        if s.get("state") == "waiting" and s.get("waiting_for"):
+            lines.append(f"{s['name']}: waiting for {s['waiting_for']}")
+        elif s.get("state") == "fatal" and s.get("last_error"):
+            lines.append(f"{s['name']}: fatal: {s['last_error']}")
     readiness = document.get("readiness")
     if readiness is not None:
         lines.append("")
