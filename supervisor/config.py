@@ -7,6 +7,7 @@ environment variables and DSNs never appear in error text.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -30,6 +31,15 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 RESTART_POLICIES = ("always", "on-failure", "never")
+# Bounds on every number, so that what check-config accepts, run and reload can run: NaN and
+# infinities are refused everywhere (TOML accepts them); durations are at most a week, loops
+# (scrape, stats and check intervals) at least 10 ms apart, backoff_factor at most 100.
+MAX_SECONDS = 7 * 24 * 3600.0
+MIN_INTERVAL = 0.01
+MAX_BACKOFF_FACTOR = 100.0
+MAX_RETRIES = 1_000_000_000
+MAX_CONNECTIONS = 65_536
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, with the terminating NUL
 CHECK_TYPES = ("postgres", "redis", "http", "tcp")
 # Variables that belong to the daemon's own relation with systemd; a child must never see them.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
@@ -165,32 +175,47 @@ class _Parser:
         if not isinstance(value, str):
             self.problem(f"{where}.{key}", f"expected a string, got {_kind(value)}")
             return default
-        return self.expand(value, f"{where}.{key}") if interpolated else value
+        text = self.expand(value, f"{where}.{key}") if interpolated else value
+        return text if self.no_nul(text, f"{where}.{key}") else default
+
+    def no_nul(self, text: str, where: str, what: str = "") -> bool:
+        """Strings reach the OS (argv, environ, paths): a NUL byte cannot. Never echoes."""
+        if "\0" in text:
+            self.problem(where, f"{what or 'value'} contains a NUL byte")
+            return False
+        return True
 
     def number(self, data: Mapping[str, Any], key: str, where: str, default: float,
-               minimum: float = 0.0, strictly: bool = False) -> float:
+               minimum: float = 0.0, strictly: bool = False,
+               maximum: float = MAX_SECONDS) -> float:
         if key not in data:
             return default
         value = data[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.problem(f"{where}.{key}", f"expected a number of seconds, got {_kind(value)}")
             return default
+        if not math.isfinite(value):
+            self.problem(f"{where}.{key}", f"must be a finite number, got {value}")
+            return default
         if value < minimum or (strictly and value == minimum):
             relation = ">" if strictly else ">="
             self.problem(f"{where}.{key}", f"must be {relation} {minimum:g}, got {value:g}")
             return default
+        if value > maximum:
+            self.problem(f"{where}.{key}", f"must be <= {maximum:g}, got {value:g}")
+            return default
         return float(value)
 
     def integer(self, data: Mapping[str, Any], key: str, where: str, default: Any,
-                minimum: int = 0) -> Any:
+                minimum: int = 0, maximum: int = MAX_RETRIES) -> Any:
         if key not in data:
             return default
         value = data[key]
         if isinstance(value, bool) or not isinstance(value, int):
             self.problem(f"{where}.{key}", f"expected an integer, got {_kind(value)}")
             return default
-        if value < minimum:
-            self.problem(f"{where}.{key}", f"must be >= {minimum}, got {value}")
+        if value < minimum or value > maximum:
+            self.problem(f"{where}.{key}", f"must be {minimum}..{maximum}, got {value}")
             return default
         return value
 
@@ -213,9 +238,11 @@ class _Parser:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.problem(f"{where}.{key}", "expected a list of strings")
             return ()
-        if interpolated:
-            return tuple(self.expand(v, f"{where}.{key}[{i}]") for i, v in enumerate(value))
-        return tuple(value)
+        texts = tuple(self.expand(v, f"{where}.{key}[{i}]") if interpolated else v
+                      for i, v in enumerate(value))
+        if not all([self.no_nul(v, f"{where}.{key}[{i}]") for i, v in enumerate(texts)]):
+            return ()
+        return texts
 
     def choice(self, data: Mapping[str, Any], key: str, where: str, options: tuple[str, ...],
                default: str) -> str:
@@ -247,6 +274,15 @@ class _Parser:
         except ValueError as exc:
             self.problem(where, str(exc))
         return text
+
+    def socket_path(self, text: str | None, where: str) -> str | None:
+        if not text:
+            return None
+        path = self.resolve(text)
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            self.problem(where, f"path {path} is longer than a Unix socket allows "
+                                f"({MAX_SOCKET_PATH} bytes)")
+        return path
 
     def resolve(self, text: str) -> str:
         path = Path(text).expanduser()
@@ -309,14 +345,15 @@ class _Parser:
             listen_host=host,
             listen_port=port,
             environment=environment,
-            scrape_interval=self.number(data, "scrape_interval", where, 5.0, 0.0, strictly=True),
-            stats_interval=self.number(data, "stats_interval", where, 15.0, 0.0, strictly=True),
-            control_socket=self.resolve(control_socket) if control_socket else None,
+            scrape_interval=self.number(data, "scrape_interval", where, 5.0, MIN_INTERVAL),
+            stats_interval=self.number(data, "stats_interval", where, 15.0, MIN_INTERVAL),
+            control_socket=self.socket_path(control_socket, f"{where}.control_socket"),
             control_socket_group=self.string(data, "control_socket_group", where),
             log_level=self.choice(data, "log_level", where,
                                   ("debug", "info", "warning", "error"), "info"),
             deny_metrics=DEFAULT_DENY_METRICS + self.strings(data, "deny_metrics", where, False),
-            max_connections=self.integer(data, "max_connections", where, 128, minimum=1),
+            max_connections=self.integer(data, "max_connections", where, 128, minimum=1,
+                                         maximum=MAX_CONNECTIONS),
             stdout_priority=self.priority(data, "stdout_priority", where, 6),
             stderr_priority=self.priority(data, "stderr_priority", where, 4),
         )
@@ -338,7 +375,8 @@ class _Parser:
         if "command" not in data:
             self.problem(f"{where}.command",
                          "required (an argv list, e.g. [\"python3\", \"app.py\"])")
-        elif not command or not command[0]:
+        elif (not command or not command[0]) and not any(
+                p.startswith(f"{where}.command") for p in self.problems):
             self.problem(f"{where}.command", "must be a non-empty list of strings")
         env_files = tuple(self.resolve(p.lstrip("-")) if not p.startswith("-")
                           else "-" + self.resolve(p[1:])
@@ -373,13 +411,12 @@ class _Parser:
         backoff = Backoff(
             initial=self.number(data, "backoff_initial", where, 1.0),
             max=self.number(data, "backoff_max", where, 60.0),
-            factor=self.number(data, "backoff_factor", where, 2.0, 1.0),
-            jitter=self.number(data, "backoff_jitter", where, 0.2),
+            factor=self.number(data, "backoff_factor", where, 2.0, 1.0,
+                               maximum=MAX_BACKOFF_FACTOR),
+            jitter=self.number(data, "backoff_jitter", where, 0.2, maximum=1.0),
             reset_after=self.number(data, "backoff_reset_after", where, 10.0),
             max_retries=self.integer(data, "max_retries", where, None),
         )
-        if backoff.jitter > 1.0:
-            self.problem(f"{where}.backoff_jitter", "must be a fraction between 0 and 1")
         if backoff.max < backoff.initial:
             self.problem(f"{where}.backoff_max", "must be >= backoff_initial")
         metrics_url = self.string(data, "metrics_url", where)
@@ -413,6 +450,7 @@ class _Parser:
     def environment(self, data: Mapping[str, Any], where: str,
                     env_files: tuple[str, ...]) -> dict[str, str]:
         env: dict[str, str] = {}
+        origin: dict[str, str] = {}  # variable -> the key path it came from
         for index, entry in enumerate(env_files):
             optional = entry.startswith("-")
             file_path = entry[1:] if optional else entry
@@ -427,15 +465,24 @@ class _Parser:
             for line, message in problems:
                 self.problem(f"{where}.env_file[{index}]", f"{file_path} line {line}: {message}")
             env.update(values)
+            origin.update(dict.fromkeys(values, f"{where}.env_file[{index}] ({file_path})"))
         table = data.get("env", {})
         if not isinstance(table, dict):
             self.problem(f"{where}.env", f"expected a table of strings, got {_kind(table)}")
             return env
         for key, value in table.items():
+            if not key or "=" in key or "\0" in key:
+                self.problem(f"{where}.env.{key!r}" if key else f"{where}.env",
+                             "a variable name must be non-empty, without '=' or NUL bytes")
+                continue
             if not isinstance(value, (str, int, float, bool)) or isinstance(value, bool):
                 self.problem(f"{where}.env.{key}", f"expected a string, got {_kind(value)}")
                 continue
             env[key] = self.expand(str(value), f"{where}.env.{key}")
+            origin[key] = f"{where}.env.{key}"
+        for key, value in env.items():
+            # After ${VAR} interpolation and env files; the value itself is never shown.
+            self.no_nul(value, origin.get(key, f"{where}.env.{key}"), f"the value of {key}")
         for key in PRIVATE_ENV:
             if key in env:
                 self.problem(f"{where}.env.{key}", "reserved for the daemon's own use by systemd")
@@ -484,7 +531,7 @@ class _Parser:
             target=target,
             query=self.string(data, "query", where, "SELECT 1", interpolated=False),
             timeout=self.number(data, "timeout", where, 1.0, 0.0, strictly=True),
-            interval=self.number(data, "interval", where, 5.0, 0.0, strictly=True),
+            interval=self.number(data, "interval", where, 5.0, MIN_INTERVAL),
         )
 
     def start_order(self, services: dict[str, ServiceSpec],
