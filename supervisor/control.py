@@ -167,7 +167,7 @@ async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str
             # Dependencies named in the same request start first.
             while daemon.unsatisfied_dependencies(name):
                 await _wait_changed(daemon, spec.depends_on)
-            runner.start()
+            await runner.wait_applied(runner.start())
             await runner.wait_until(lambda s: s.state not in (lc.State.STARTING,)
                                     and s.state is not lc.State.STOPPED)
         elif command == "restart":

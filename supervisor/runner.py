@@ -73,14 +73,16 @@ class ServiceRunner:
         self._tg: TaskGroup | None = None
         self._changed = anyio.Event()
         self.finished = False
+        self._posted = self._applied = 0  # events queued / applied, for wait_applied
         self.snapshot = self._make_snapshot()
 
     def __repr__(self) -> str:
         return f"<ServiceRunner {self.machine!r}>"
 
     # -- public, called from the daemon's tasks ------------------------------------------
-    def start(self) -> None:
-        self._post(lc.StartRequested(_now()))
+    def start(self) -> int:
+        """Ask for a start; returns the request's number for `wait_applied`."""
+        return self._post(lc.StartRequested(_now()))
 
     def stop(self) -> None:
         self._post(lc.StopRequested(_now()))
@@ -104,6 +106,10 @@ class ServiceRunner:
             changed = self._changed
             await changed.wait()
         return self.snapshot
+
+    async def wait_applied(self, number: int) -> ServiceSnapshot:
+        """Wait until the event numbered `number` (see start) has been applied."""
+        return await self.wait_until(lambda s: self._applied >= number)
 
     def child_pid(self) -> int | None:
         """The pid of our child while it is unreaped (and so safe to signal)."""
@@ -150,8 +156,10 @@ class ServiceRunner:
         self._timer_scope = None
         child, self._child = self._child, None
         with anyio.CancelScope(shield=True):
-            if child is not None and child.status is None:
+            if child is not None:
+                # Also once the leader is reaped: leftovers in its group go with it.
                 child.signal_group(lc.SIGKILL)
+            if child is not None and child.status is None:
                 try:
                     with anyio.move_on_after(5):
                         await child.wait()
@@ -165,13 +173,16 @@ class ServiceRunner:
         log.debug("state service=%s %s -> %s", self.spec.name, before, self.machine.state)
         self._published()
 
-    def _post(self, event: lc.Event) -> None:
+    def _post(self, event: lc.Event) -> int:
         try:
             self._send.send_nowait(event)
+            self._posted += 1
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             log.debug("event after shutdown service=%s event=%r", self.spec.name, event)
+        return self._posted
 
     def _apply(self, event: lc.Event) -> None:
+        self._applied += 1
         before, reason = self.machine.state, self.machine.waiting_for
         for action in self.machine.handle(event):
             self._perform(action)

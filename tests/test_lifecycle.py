@@ -152,3 +152,84 @@ def test_late_exit_after_stop_is_ignored() -> None:
     m = make()
     assert m.handle(lc.Exited(0, None, 1.0, 1.0)) == []
     assert dataclasses.asdict(m.spec)["name"] == "svc"
+
+
+# -- backoff arithmetic is total (issue 12, defect 1) --------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+any_float = st.floats(allow_nan=True, allow_infinity=True)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(initial=any_float, cap=any_float, factor=any_float, jitter=any_float,
+       quick_failures=st.one_of(st.integers(0, 5000), st.integers(0, 10**400)),
+       draw=st.floats(0.0, 1.0))
+def test_restart_delay_never_overflows_and_stays_within_the_cap(
+        initial: float, cap: float, factor: float, jitter: float, quick_failures: int,
+        draw: float) -> None:
+    policy = Backoff(initial=initial, max=cap, factor=factor, jitter=jitter)
+    delay = lc.restart_delay(policy, quick_failures, lambda: draw)
+    assert isinstance(delay, float) and delay >= 0.0
+    assert delay == 0.0 or delay <= cap  # finite, and never past backoff_max
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(initial=st.floats(0.0, 604800.0), cap=st.floats(0.0, 604800.0),
+       factor=st.floats(1.0, 100.0), n=st.integers(1, 100_000))
+def test_restart_delay_is_the_capped_exponential(initial: float, cap: float, factor: float,
+                                                 n: int) -> None:
+    """For every value config accepts: min(cap, initial * factor**(n-1)), without jitter."""
+    policy = Backoff(initial=initial, max=cap, factor=factor, jitter=0.0)
+    delay = lc.restart_delay(policy, n, lambda: 0.5)
+    try:
+        exact = min(cap, initial * factor ** (n - 1))
+    except OverflowError:
+        exact = cap if initial > 0 else 0.0
+    assert delay == pytest.approx(min(exact, cap), rel=1e-9, abs=1e-12)
+
+
+def test_long_crash_loop_and_huge_factor_stay_at_the_cap() -> None:
+    assert lc.restart_delay(Backoff(jitter=0.0), 1025, lambda: 0.5) == 60.0
+    assert lc.restart_delay(Backoff(factor=1e300, jitter=0.0), 3, lambda: 0.5) == 60.0
+    m = make(initial=0.001, max=0.002, factor=2.0, jitter=0.0)
+    m.handle(lc.StartRequested(0.0))
+    for i in range(1200):  # a real lifecycle through 1,200 quick failures
+        m.handle(lc.Spawned(1, float(i), float(i)))
+        for action in m.handle(lc.Exited(1, None, i + 0.1, float(i))):
+            if isinstance(action, lc.StartTimer):
+                assert action.delay == 0.002 or i < 2
+                m.handle(lc.TimerFired("backoff", i + 0.5))
+    assert m.quick_failures == 1200 and m.state is State.STARTING
+
+
+# -- waiting and faults --------------------------------------------------------------------
+def test_held_service_waits_with_its_reason_then_starts_when_released() -> None:
+    m = make()
+    assert m.handle(lc.Held("dependency db is fatal", 0.0)) == []
+    assert m.state is State.WAITING and m.waiting_for == "dependency db is fatal"
+    m.handle(lc.Held("dependency db is stopped", 1.0, refresh=True))
+    assert m.waiting_for == "dependency db is stopped"
+    assert m.handle(lc.Released(2.0)) == [lc.Spawn()]
+    assert m.state is State.STARTING and m.waiting_for is None
+
+
+def test_operator_stop_of_a_waiting_service_is_not_undone() -> None:
+    m = make()
+    m.handle(lc.Held("dependency db is fatal", 0.0))
+    m.handle(lc.StopRequested(1.0))
+    assert m.state is State.STOPPED and m.waiting_for is None
+    assert m.handle(lc.Held("dependency db is stopped", 2.0, refresh=True)) == []
+    assert m.handle(lc.Released(3.0)) == []
+    assert m.state is State.STOPPED
+
+
+def test_fault_makes_the_service_fatal_and_kills_its_group() -> None:
+    m = make()
+    spawned(m, 0.0)
+    actions = m.handle(lc.Faulted("internal error: RuntimeError: boom", 1.0, 1001.0))
+    assert lc.SignalGroup(lc.SIGKILL) in actions and lc.CancelTimer() in actions
+    assert m.state is State.FATAL and m.pid is None
+    assert m.last_error == "internal error: RuntimeError: boom"
+    assert m.handle(lc.Exited(None, 9, 1.1, 1001.1)) == []  # the killed child's exit
+    assert m.handle(lc.StartRequested(2.0)) == [lc.Spawn()]  # an operator's start retries
