@@ -265,14 +265,16 @@ class _Parser:
             self.problem(f"{where}.{key}", str(exc))
             return default
 
-    def expand(self, text: str, where: str) -> str:
+    def expand(self, text: str, where: str, secret: bool = False) -> str:
         try:
             return interpolate(text, self.environ)
         except KeyError as exc:
             self.problem(where, f"environment variable {exc.args[0]} is not set "
                                 f"(use ${{{exc.args[0]}:-default}} for a fallback)")
         except ValueError as exc:
-            self.problem(where, str(exc))
+            # The malformed reference is part of the value: not shown for a secret.
+            self.problem(where, "malformed variable reference (use ${NAME} or $$)" if secret
+                         else str(exc))
         return text
 
     def socket_path(self, text: str | None, where: str) -> str | None:
@@ -478,7 +480,7 @@ class _Parser:
             if not isinstance(value, (str, int, float, bool)) or isinstance(value, bool):
                 self.problem(f"{where}.env.{key}", f"expected a string, got {_kind(value)}")
                 continue
-            env[key] = self.expand(str(value), f"{where}.env.{key}")
+            env[key] = self.expand(str(value), f"{where}.env.{key}", secret=True)
             origin[key] = f"{where}.env.{key}"
         for key, value in env.items():
             # After ${VAR} interpolation and env files; the value itself is never shown.
