@@ -620,7 +620,7 @@ def _blocked_because(s: ServiceSnapshot) -> str:
         return "not running yet"
     if s.state is lc.State.EXITED:
         return "exited with failure"
-    return s.state.value  # fatal, stopped, stopping, waiting
+    return str(s.state)  # fatal, stopped, stopping, waiting
 
 
 def waiting_reason(blockers: Mapping[str, str]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ from supervisor.datatypes import signal_name
 from supervisor.errors import SpawnError
 from supervisor.output import drain
 from supervisor.spawn import Child, monotonic_and_wall, spawn
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 
 Spawner = Callable[[Sequence[str], Mapping[str, str], str], Child]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from tests.support import (
     SLEEPER_CODE,
     free_port,
     get,
+    poll_until,
     running_daemon,
     sample,
     service,
@@ -38,6 +40,7 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.anyio
+FALSE = shutil.which("false") or "/bin/false"  # exits 1 at once
 
 
 async def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -62,8 +65,7 @@ async def assert_healthy(daemon: daemon_module.Daemon) -> None:
 # -- defect 1: a crash loop ------------------------------------------------------------------
 async def test_crash_loop_past_1100_quick_failures_keeps_the_daemon_up(tmp_path: Path) -> None:
     """Before the fix, the 1,025th quick failure raised OverflowError out of the daemon."""
-    false = "/bin/false" if os.path.exists("/bin/false") else "/usr/bin/false"
-    path = write_config(tmp_path, raw_service("loop", [false], backoff_initial=0.0001,
+    path = write_config(tmp_path, raw_service("loop", [FALSE], backoff_initial=0.0001,
                                               backoff_max=0.0002, backoff_jitter=0.0)
                         + service("steady", SLEEPER_CODE, start_seconds=0.1))
     async with running_daemon(path) as daemon:
@@ -84,7 +86,8 @@ async def test_crash_loop_past_1100_quick_failures_keeps_the_daemon_up(tmp_path:
 async def test_unexpected_spawn_error_makes_only_that_service_fatal(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real_spawn = daemon_module.spawn
+    from supervisor.spawn import spawn as real_spawn
+
     calls = {"bad": 0}
 
     def faulty_spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str,
@@ -145,9 +148,8 @@ async def test_unexpected_lifecycle_error_is_contained(
         assert snap.pid is None
         # What the service left in its process group went with it.
         leftover = int(grandchild.read_text())
-        with anyio.fail_after(10):
-            while _alive(leftover):
-                await anyio.sleep(0.05)
+        assert await anyio.to_thread.run_sync(
+            lambda: poll_until(lambda: not _alive(leftover), 10))
         await assert_healthy(daemon)
         assert daemon.snapshots["good"].pid == good.pid
         assert daemon.snapshots["good"].state is State.RUNNING
@@ -286,8 +288,7 @@ class CountingNotifier:
 
 
 async def test_notify_status_is_rate_limited_when_services_flap(tmp_path: Path) -> None:
-    false = "/bin/false" if os.path.exists("/bin/false") else "/usr/bin/false"
-    services = "".join(raw_service(f"flap{i}", [false], backoff_initial=0.02, backoff_max=0.05)
+    services = "".join(raw_service(f"flap{i}", [FALSE], backoff_initial=0.02, backoff_max=0.05)
                        for i in range(20))
     path = write_config(tmp_path, services)
     notifier = CountingNotifier()
