@@ -151,8 +151,9 @@ timeout = 0.5
 """ + service("api", SLEEPER_CODE, start_seconds=0.1, wait_for=["gate"], wait_timeout=30))
     async with running_daemon(path) as daemon:
         await anyio.sleep(1.0)
-        assert daemon.snapshots["api"].state is State.STOPPED
-        assert daemon.snapshots["api"].starts == 0
+        held = daemon.snapshots["api"]
+        assert held.state is State.WAITING and held.waiting_for is not None
+        assert "gate" in held.waiting_for and held.starts == 0
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", port))
             listener.listen()
