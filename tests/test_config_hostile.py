@@ -230,14 +230,36 @@ plausible_tables = st.fixed_dictionaries(
 service_tables = st.one_of(hostile_tables, plausible_tables)
 
 
+supervisor_tables = st.fixed_dictionaries({}, optional={
+    "scrape_interval": st.one_of(hostile_number, plausible_number),
+    "max_connections": st.one_of(hostile_number, st.integers(1, 300)),
+    "environment": st.one_of(hostile_text, st.just("prod")),
+    "log_level": st.sampled_from(["info", "debug", "loud"]),
+    "deny_metrics": st.lists(st.one_of(hostile_text, st.sampled_from(["[", "*x*", "a[!b]"])),
+                             max_size=2),
+})
+check_tables = st.fixed_dictionaries({"type": st.just("tcp"),
+                                      "address": st.sampled_from(["127.0.0.1:1", "x:\0"])},
+                                     optional={"timeout": st.one_of(hostile_number,
+                                                                    plausible_number),
+                                               "interval": st.one_of(hostile_number,
+                                                                     plausible_number)})
+
+
 @settings(max_examples=40, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tables=st.lists(service_tables, min_size=1, max_size=2))
+@given(tables=st.lists(service_tables, min_size=1, max_size=2), daemon_table=supervisor_tables,
+       check=st.one_of(st.none(), check_tables))
 @pytest.mark.anyio
 async def test_generated_configs_are_refused_cleanly_or_run(
-        tmp_path: Path, tables: list[dict[str, Any]]) -> None:
+        tmp_path: Path, tables: list[dict[str, Any]], daemon_table: dict[str, Any],
+        check: dict[str, Any] | None) -> None:
     services = {f"svc{i}": table for i, table in enumerate(tables)}
-    path = write_config(tmp_path, config_text(services))
+    text = config_text(services)
+    if check is not None:
+        text += "[checks.gate]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in check.items())
+    path = write_config(tmp_path, text, supervisor="".join(
+        f"{k} = {toml_value(v)}\n" for k, v in daemon_table.items()))
     try:
         load_config(path)
     except ConfigError as exc:
@@ -245,7 +267,8 @@ async def test_generated_configs_are_refused_cleanly_or_run(
         assert exc.problems
         for problem in exc.problems:
             where, sep, message = problem.partition(": ")
-            assert sep and where.startswith("services.svc") and message, problem
+            assert sep and message, problem
+            assert where.startswith(("services.svc", "supervisor.", "checks.gate")), problem
             assert SECRET not in problem, problem
         return
     event("ran")
@@ -257,3 +280,4 @@ async def test_generated_configs_are_refused_cleanly_or_run(
                 await wait_for(daemon, name, lambda s: s.state is not State.STOPPED
                                and s.state is not State.WAITING)
         assert (await get(daemon, "/v1/health")).status_code == 200
+        assert (await get(daemon, "/v1/metrics")).status_code == 200
