@@ -150,13 +150,15 @@ async def execute(daemon: Daemon, request: Any) -> dict[str, Any]:
             return {"ok": False, "error": "not started: " + "; ".join(refused)
                     + " (start the dependencies first, or name them too)"}
     results: dict[str, str] = {}
+    done = {name: anyio.Event() for name in names}
     async with anyio.create_task_group() as tg:
-        for name in dict.fromkeys(names):
-            tg.start_soon(_apply, daemon, command, name, results)
+        for name in done:
+            tg.start_soon(_apply, daemon, command, name, results, done)
     return {"ok": True, "services": results}
 
 
-async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str]) -> None:
+async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str],
+                 done: dict[str, anyio.Event]) -> None:
     runner = daemon.runners[name]
     spec = runner.spec
     bound = spec.stop_timeout + spec.start_seconds + 10.0
@@ -164,12 +166,15 @@ async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str
         if command == "stop":
             await runner.stop_and_wait()
         elif command == "start":
-            # Dependencies named in the same request start first.
-            while daemon.unsatisfied_dependencies(name):
-                await _wait_changed(daemon, spec.depends_on)
-            await runner.wait_applied(runner.start())
-            await runner.wait_until(lambda s: s.state not in (lc.State.STARTING,)
-                                    and s.state is not lc.State.STOPPED)
+            # Dependencies named in the same request start first; if one of them does not
+            # come up, this one is not started (it stays as it was, e.g. `waiting`).
+            for dep in spec.depends_on:
+                if dep in done:
+                    await done[dep].wait()
+            if not daemon.unsatisfied_dependencies(name):
+                await runner.wait_applied(runner.start())
+                await runner.wait_until(lambda s: s.state not in (lc.State.STARTING,)
+                                        and s.state is not lc.State.STOPPED)
         elif command == "restart":
             before = runner.snapshot.starts
             runner.stop()
@@ -177,19 +182,7 @@ async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str
             await runner.wait_until(lambda s: s.starts > before and s.state is not
                                     lc.State.STARTING or s.state in (lc.State.FATAL,))
     results[name] = runner.snapshot.state.value
-
-
-async def _wait_changed(daemon: Daemon, names: Sequence[str]) -> None:
-    """Return once any of the services `names` changes state."""
-    before = {n: daemon.runners[n].snapshot.state for n in names if n in daemon.runners}
-    async with anyio.create_task_group() as tg:
-
-        async def watch(name: str) -> None:
-            await daemon.runners[name].wait_until(lambda s: s.state is not before[name])
-            tg.cancel_scope.cancel()
-
-        for name in before:
-            tg.start_soon(watch, name)
+    done[name].set()
 
 
 # -- client side (the CLI) -------------------------------------------------------------------

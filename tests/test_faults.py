@@ -193,7 +193,13 @@ async def test_dependency_fatal_shows_waiting_and_start_refuses(
             assert refused.returncode == 1
             assert "api needs db (fatal)" in refused.stderr, refused.stderr
             assert daemon.snapshots["api"].state is State.WAITING
-            # Naming the dependency too starts both, dependency first.
+            # Naming the dependency too starts it first; while it fails, api is not started.
+            began = time.monotonic()
+            failed = await cli("start", "db", "api", "--config", str(path))
+            assert failed.returncode == 1
+            assert "db: fatal" in failed.stdout and "api: waiting" in failed.stdout
+            assert time.monotonic() - began < 8  # not held for the whole request bound
+            assert daemon.snapshots["api"].starts == 0
             flag.write_text("")
             started = await cli("start", "db", "api", "--config", str(path))
             assert started.returncode == 0, started.stdout + started.stderr
