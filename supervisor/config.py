@@ -144,6 +144,8 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message already says "(at line N, column M)".
         raise ConfigError(path_text, [f"TOML syntax error: {exc}"]) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(path_text, [f"TOML value error: {str(exc).split(';')[0]}"]) from None
     env = dict(os.environ if environ is None else environ)
     return _Parser(path_text, env).parse(data)
 
@@ -194,15 +196,16 @@ class _Parser:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.problem(f"{where}.{key}", f"expected a number of seconds, got {_kind(value)}")
             return default
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             self.problem(f"{where}.{key}", f"must be a finite number, got {value}")
             return default
         if value < minimum or (strictly and value == minimum):
             relation = ">" if strictly else ">="
-            self.problem(f"{where}.{key}", f"must be {relation} {minimum:g}, got {value:g}")
+            self.problem(f"{where}.{key}",
+                         f"must be {relation} {minimum:g}, got {_number_text(value)}")
             return default
         if value > maximum:
-            self.problem(f"{where}.{key}", f"must be <= {maximum:g}, got {value:g}")
+            self.problem(f"{where}.{key}", f"must be <= {maximum:g}, got {_number_text(value)}")
             return default
         return float(value)
 
@@ -215,7 +218,8 @@ class _Parser:
             self.problem(f"{where}.{key}", f"expected an integer, got {_kind(value)}")
             return default
         if value < minimum or value > maximum:
-            self.problem(f"{where}.{key}", f"must be {minimum}..{maximum}, got {value}")
+            self.problem(f"{where}.{key}",
+                         f"must be {minimum}..{maximum}, got {_number_text(value)}")
             return default
         return value
 
@@ -567,6 +571,13 @@ class _Parser:
         for name in services:
             visit(name)
         return ordered
+
+
+def _number_text(value: float) -> str:
+    """A number for an error message; TOML integers have no size limit, floats' text has."""
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**30 else "a number of more than 30 digits"
+    return f"{value:g}"
 
 
 def _valid_name(name: str) -> bool:

@@ -76,7 +76,8 @@ NUMBER_CASES = [
     ("backoff_jitter", -math.inf), ("backoff_jitter", 1.5), ("backoff_reset_after", -1),
     ("wait_timeout", 1e300), ("scrape_timeout", math.nan), ("scrape_timeout", 0),
     ("max_retries", -1), ("max_retries", 2**62), ("stop_timeout", 10**18),
-    ("start_seconds", -0.5),
+    ("start_seconds", -0.5), ("stop_timeout", 10**400), ("max_retries", -(10**400)),
+    ("backoff_max", 1e400),
 ]
 
 
@@ -130,6 +131,14 @@ def test_hostile_strings_are_refused_without_echoing_values(
     problems = problems_of(tmp_path, {"api": {"command": SLEEP, **table}})
     assert [p for p in problems if p.startswith(where)], problems
     assert not [p for p in problems if SECRET in p or "\0" in p], problems
+
+
+def test_an_integer_too_long_for_python_is_a_clean_error(tmp_path: Path) -> None:
+    path = tmp_path / "services.toml"
+    path.write_text(config_text({"api": {"command": SLEEP}}) + "stop_timeout = 1" + "0" * 5000)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "4300 digits" in caught.value.problems[0]
 
 
 def test_nul_from_interpolation_and_env_file_is_refused(tmp_path: Path) -> None:
@@ -195,7 +204,8 @@ async def test_reload_adding_a_hostile_service_is_refused_and_changes_nothing(
 hostile_text = st.text(alphabet=st.sampled_from(list("ab=$}{:-_ \0\n\x7fé")), max_size=6)
 hostile_number = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.floats(0.0, 3.0),
-    st.integers(-(2**63), 2**63 - 1), st.integers(0, 5), hostile_text, st.booleans())
+    st.integers(-(2**63), 2**63 - 1), st.integers(-(10**400), 10**400), st.integers(0, 5),
+    hostile_text, st.booleans())
 NUMERIC_KEYS = ("start_seconds", "stop_timeout", "backoff_initial", "backoff_max",
                 "backoff_factor", "backoff_jitter", "backoff_reset_after", "wait_timeout",
                 "scrape_timeout", "max_retries")
