@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,7 +291,10 @@ class _Parser:
         return path
 
     def resolve(self, text: str) -> str:
-        path = Path(text).expanduser()
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~user of an unknown user: left as written, reported as missing
+            path = Path(text)
         return str(path if path.is_absolute() else self.base / path)
 
     # -- sections --------------------------------------------------------------
@@ -389,14 +392,14 @@ class _Parser:
                           for p in self.strings(data, "env_file", where))
         env = self.environment(data, where, env_files)
         cwd = self.resolve(self.string(data, "cwd", where, "."))
-        if not Path(cwd).is_dir():
+        if not _is(Path.is_dir, cwd):
             self.problem(f"{where}.cwd", f"directory {cwd} does not exist")
         if command and command[0]:
             search_path = env.get("PATH") or self.environ.get("PATH", os.defpath)
             exe = command[0]
             if "/" in exe:
                 exe = str(Path(cwd) / exe) if not Path(exe).is_absolute() else exe
-                found = os.access(exe, os.X_OK) and Path(exe).is_file()
+                found = os.access(exe, os.X_OK) and _is(Path.is_file, exe)
             else:
                 found = shutil.which(exe, path=search_path) is not None
             if not found:
@@ -571,6 +574,14 @@ class _Parser:
         for name in services:
             visit(name)
         return ordered
+
+
+def _is(test: Callable[[Path], bool], path: str) -> bool:
+    """Path.is_dir / is_file, False for a name the OS refuses (too long, ...)."""
+    try:
+        return test(Path(path))
+    except (OSError, ValueError):
+        return False
 
 
 def _number_text(value: float) -> str:

@@ -125,6 +125,9 @@ def test_hostile_check_numbers_are_refused(tmp_path: Path, key: str, value: floa
     ({"metrics_url": "http://127.0.0.1:1/\0"}, "services.api.metrics_url"),
     ({"stop_signal": "TERM\0"}, "services.api.stop_signal"),
     ({"depends_on": ["x\0"]}, "services.api.depends_on[0]"),
+    ({"cwd": "/" + "a" * 5000}, "services.api.cwd"),
+    ({"command": ["/" + "a" * 5000 + "/x"]}, "services.api.command"),
+    ({"cwd": "~no-such-user-here/x"}, "services.api.cwd"),
 ])
 def test_hostile_strings_are_refused_without_echoing_values(
         tmp_path: Path, table: dict[str, Any], where: str) -> None:
@@ -219,7 +222,8 @@ hostile_tables = st.fixed_dictionaries(
         **{key: hostile_number for key in NUMERIC_KEYS},
         "env": st.dictionaries(st.one_of(st.sampled_from(["A", "B_2", "PATH"]), hostile_text),
                                env_values, max_size=3),
-        "cwd": st.one_of(st.sampled_from([".", "/tmp", "/nonexistent"]), hostile_text),
+        "cwd": st.one_of(st.sampled_from([".", "/tmp", "/nonexistent", "/" + "a" * 5000,
+                                          "~no-such-user-here"]), hostile_text),
         "restart": st.sampled_from(["always", "on-failure", "never", "sometimes"]),
         "autostart": st.one_of(st.booleans(), hostile_number),
     })
