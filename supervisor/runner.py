@@ -196,7 +196,7 @@ class ServiceRunner:
             log.info("waiting service=%s reason=%s", self.spec.name, waiting_for)
         if after is not before:
             log.debug("state service=%s %s -> %s", self.spec.name, before, after)
-            if after is lc.State.FATAL:
+            if after is lc.State.FATAL and not isinstance(event, lc.Faulted):
                 log.error("gave up service=%s after %d quick failures (max_retries)",
                           self.spec.name, self.machine.quick_failures)
         self._published()
