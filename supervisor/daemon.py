@@ -28,7 +28,7 @@ from supervisor.control import default_socket_path, serve_control
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.guard import OrphanGuard
 from supervisor.notify import watchdog_interval, watchdog_loop
-from supervisor.runner import ServiceRunner, ServiceSnapshot
+from supervisor.runner import ServiceRunner, ServiceSnapshot, Spawner
 from supervisor.spawn import Child, become_subreaper, spawn
 from supervisor.status import status_document
 
@@ -82,7 +82,7 @@ class Daemon:
     def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None,
                  notifier: Notifier | None = None, handle_signals: bool = True,
                  subreaper: bool = False, health_stale_after: float = 5.0,
-                 freeze_gc: bool = False) -> None:
+                 freeze_gc: bool = False, spawner: Spawner | None = None) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
         self.notifier = notifier
@@ -90,6 +90,7 @@ class Daemon:
         self.subreaper = subreaper
         self.health_stale_after = health_stale_after
         self.freeze_gc = freeze_gc  # the process is ours alone (not a test's, not embedded)
+        self.spawner = spawner  # (argv, env, cwd) -> Child; default: spawn() with the guard
         self.started_at = time.monotonic()
         self.heartbeat = time.monotonic()
         self.snapshots: Mapping[str, ServiceSnapshot] = {}  # swapped whole, read by HTTP threads
@@ -575,6 +576,8 @@ class Daemon:
                     self.request_shutdown()
 
     def _spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Child:
+        if self.spawner is not None:
+            return self.spawner(argv, env, cwd)
         return spawn(argv, env, cwd, self.guard)
 
     def _owned_pids(self) -> list[int]:

@@ -84,24 +84,21 @@ async def test_crash_loop_past_1100_quick_failures_keeps_the_daemon_up(tmp_path:
 
 # -- one service never takes the daemon down ----------------------------------------------
 async def test_unexpected_spawn_error_makes_only_that_service_fatal(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from supervisor.spawn import spawn as real_spawn
 
     calls = {"bad": 0}
 
-    def faulty_spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str,
-                     guard: object = None) -> Child:
+    def faulty_spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Child:
         if "BAD-SERVICE" in argv[-1]:
             calls["bad"] += 1
             raise RuntimeError("injected spawn fault")
-        return real_spawn(argv, env, cwd, guard)  # type: ignore[arg-type]
+        return real_spawn(argv, env, cwd)
 
-    monkeypatch.setattr(daemon_module, "spawn", faulty_spawn)
     path = write_config(tmp_path, service("bad", "# BAD-SERVICE\n" + SLEEPER_CODE)
                         + service("good", SLEEPER_CODE, start_seconds=0.1))
     with caplog.at_level(logging.ERROR, logger="supervisor"):
-        async with running_daemon(path) as daemon:
+        async with running_daemon(path, spawner=faulty_spawn) as daemon:
             snap = await wait_for(daemon, "bad", lambda s: s.state is State.FATAL)
             assert snap.last_error is not None and "RuntimeError" in snap.last_error
             assert "injected spawn fault" in snap.last_error
@@ -308,3 +305,29 @@ async def test_notify_status_is_rate_limited_when_services_flap(tmp_path: Path) 
     assert changes > 100  # hundreds of state changes...
     # ...and at most one STATUS= per 0.2 s (plus the periodic one per stats_interval 0.5 s).
     assert len(sent) <= elapsed / 0.2 + elapsed / 0.5 + 3, (len(sent), elapsed)
+
+
+async def test_unexpected_error_in_a_runner_task_is_contained(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task of the runner (here: the output drain of one service) raising."""
+    from supervisor import runner as runner_module
+
+    real_drain = runner_module.drain
+
+    async def faulty_drain(fd: int, name: str, stream: str) -> None:
+        if name == "leaky":
+            os.close(fd)
+            raise OSError("injected drain fault")
+        await real_drain(fd, name, stream)
+
+    monkeypatch.setattr(runner_module, "drain", faulty_drain)
+    path = write_config(tmp_path, service("leaky", SLEEPER_CODE, start_seconds=0.1)
+                        + service("good", SLEEPER_CODE, start_seconds=0.1))
+    async with running_daemon(path) as daemon:
+        snap = await wait_for(daemon, "leaky", lambda s: s.state is State.FATAL)
+        assert snap.last_error is not None and "injected drain fault" in snap.last_error
+        await wait_for(daemon, "good", lambda s: s.state is State.RUNNING)
+        await assert_healthy(daemon)
+        monkeypatch.setattr(runner_module, "drain", real_drain)
+        result = await cli("start", "leaky", "--socket", daemon.control_socket)
+        assert result.returncode == 0 and "leaky: running" in result.stdout
