@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -314,11 +315,11 @@ async def test_unexpected_error_in_a_runner_task_is_contained(
 
     real_drain = runner_module.drain
 
-    async def faulty_drain(fd: int, name: str, stream: str) -> None:
+    async def faulty_drain(fd: int, name: str, *args: Any, **kwargs: Any) -> None:
         if name == "leaky":
             os.close(fd)
             raise OSError("injected drain fault")
-        await real_drain(fd, name, stream)
+        await real_drain(fd, name, *args, **kwargs)
 
     monkeypatch.setattr(runner_module, "drain", faulty_drain)
     path = write_config(tmp_path, service("leaky", SLEEPER_CODE, start_seconds=0.1)
