@@ -66,6 +66,8 @@ def _socket_args(cmd: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        _unblock_inherited_mask()
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "run":
@@ -103,6 +105,14 @@ def _configure_logging(level: str) -> None:
     # httpx logs every scrape and check at INFO: routine, so only its warnings reach the journal.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _unblock_inherited_mask() -> None:
+    """A signal blocked by whoever started us survives execve (some init scripts and shells
+    leave SIGTERM or SIGHUP blocked): the daemon would never see it, and every thread and
+    service would inherit the mask. Clear it first, before any thread exists (threads copy the
+    mask of the thread that creates them), as tini does."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals())
 
 
 def _default_inherited_ignores() -> None:

@@ -142,3 +142,48 @@ def test_services_start_with_default_signal_dispositions(tmp_path: Path) -> None
         daemon.wait(20)
     assert mask & (1 << (signal.SIGHUP - 1)) == 0
     assert mask & (1 << (signal.SIGUSR1 - 1)) == 0
+
+
+def _sig_masks(pid: int) -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return int(fields["SigBlk"], 16), int(fields["SigIgn"], 16)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_an_inherited_blocked_mask_is_cleared(tmp_path: Path, backend: str) -> None:
+    """Started with SIGTERM, SIGHUP and SIGUSR1 blocked (the mask survives execve) and SIGUSR2
+    ignored, the daemon still stops on SIGTERM, and its services start with an empty mask and
+    default dispositions (SigBlk 0, SigIgn 0: `sleep` ignores nothing itself)."""
+    port = free_port()
+    path = write_config(tmp_path, '[services.plain]\ncommand = ["sleep", "300"]\n'
+                                  "start_seconds = 0.1\n", port=port)
+    blocked = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+    wrapper = ("import os, signal, sys\n"
+               f"signal.pthread_sigmask(signal.SIG_BLOCK, {[int(s) for s in blocked]})\n"
+               "signal.signal(signal.SIGUSR2, signal.SIG_IGN)\n"
+               "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n")
+    shim = subprocess.Popen(
+        [sys.executable, str(SHIM), "0.5", sys.executable, "-c", wrapper, "-m", "supervisor",
+         "run", "--config", str(path), "--backend", backend],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert shim.stdout is not None
+        daemon_pid = int(shim.stdout.readline().split()[1])
+        services = wait_running(port, 1)
+        child = int(services[0]["pid"])  # type: ignore[call-overload]
+        assert _sig_masks(child) == (0, 0)
+        os.kill(daemon_pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while psutil.pid_exists(daemon_pid) and psutil.Process(daemon_pid).status() != \
+                psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if time.monotonic() >= deadline:
+            os.kill(daemon_pid, signal.SIGKILL)
+            raise AssertionError("the daemon ignored SIGTERM")
+        code, leftover = finish(shim)
+    finally:
+        shim.kill()
+        shim.wait(10)
+    assert code == 0
+    assert leftover == []
