@@ -266,6 +266,8 @@ class Daemon:
                 self._tg = tg
                 if self.handle_signals:
                     await tg.start(self._watch_signals)
+                if self.subreaper:
+                    await tg.start(reaper.reap_orphans, self._owned_pids)
                 # Services first: checks, scrapes and the control socket are not needed to
                 # spawn them, and starting those (imports, threads) would delay every service.
                 for spec in self.config.services.values():
@@ -557,7 +559,7 @@ class Daemon:
             self.stats = {name: sampled.get(name) or _no_stats(
                 self._sampler.cpu_carried(name)) for name in self.snapshots}
             self._notify_status()
-            if self.subreaper:  # adopted orphans linger as zombies at most one interval
+            if self.subreaper:  # a backstop: reaper.reap_orphans reaps them on SIGCHLD
                 reaper.reap_unowned(self._owned_pids())
             await anyio.sleep(self.config.settings.stats_interval)
 

@@ -1,15 +1,20 @@
 """Adopted orphans: as a child subreaper the daemon inherits descendants whose service parent
 died (a double-forked helper, say). They are reaped here, never by a blanket waitpid(-1), which
 would race the per-child pidfd watchers and corrupt exit codes; only pids the runners do not
-own are touched."""
+own are touched.
+
+`reap_orphans` reaps them as they exit: SIGCHLD (sent for adopted children too) wakes it, so a
+fork-heavy service cannot fill the process table with zombies between two timer rounds."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
+
+import anyio
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,43 @@ def reap_unowned(owned: Collection[int]) -> int:
         if done:
             reaped += 1
     return reaped
+
+
+REAP_COALESCE = 0.02  # s: a burst of SIGCHLDs (100 orphans exiting) costs a few /proc scans
+
+
+async def reap_orphans(owned: Callable[[], Collection[int]], *,
+                       task_status: anyio.abc.TaskStatus[bool] = anyio.TASK_STATUS_IGNORED
+                       ) -> None:
+    """Reap adopted orphans whenever a child exits, until cancelled. Starts with False (and
+    returns) where no SIGCHLD receiver can be installed (not the main thread): the caller's
+    periodic reap_unowned is then all there is. `owned` is called on the event loop thread
+    right before each reap, so a child spawned meanwhile is never taken from its runner."""
+    try:
+        receiver = anyio.open_signal_receiver(signal.SIGCHLD)
+        signals = receiver.__enter__()
+    except (ValueError, RuntimeError) as exc:
+        log.warning("orphans reaped on the stats timer only: no SIGCHLD receiver (%s)", exc)
+        task_status.started(False)
+        return
+    try:
+        wake = anyio.Event()
+
+        async def listen() -> None:
+            async for _ in signals:
+                wake.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen)
+            reap_unowned(owned())  # whatever exited before we listened
+            task_status.started(True)
+            while True:
+                await wake.wait()
+                wake = anyio.Event()
+                reap_unowned(owned())
+                await anyio.sleep(REAP_COALESCE)
+    finally:
+        receiver.__exit__(None, None, None)
 
 
 def signal_unowned(owned: Collection[int], sig: int = signal.SIGKILL) -> int:

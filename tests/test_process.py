@@ -187,3 +187,65 @@ def test_an_inherited_blocked_mask_is_cleared(tmp_path: Path, backend: str) -> N
         shim.wait(10)
     assert code == 0
     assert leftover == []
+
+
+def _zombie_of(pid: int, parent: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return stat[0] == "Z" and int(stat[1]) == parent
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_adopted_orphans_are_reaped_as_they_exit(tmp_path: Path, backend: str) -> None:
+    """A service leaves 100 orphans behind (their parent exits at once); the daemon, their
+    subreaper, reaps each within about a second of its exit, long before the next stats round
+    (stats_interval = 300 s): reaping follows SIGCHLD, not a timer."""
+    port = free_port()
+    pids_file = tmp_path / "orphans"
+    code = f"""
+        import os, time
+        if os.fork() == 0:
+            pids = []
+            for _ in range(100):
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(1.5)  # their parent is long gone by then: adopted by the daemon
+                    os._exit(0)
+                pids.append(pid)
+            with open({str(pids_file)!r} + ".tmp", "w") as f:
+                f.write(" ".join(map(str, pids)))
+            os.rename({str(pids_file)!r} + ".tmp", {str(pids_file)!r})
+            os._exit(0)
+        os.wait()
+        while True: time.sleep(1)
+        """
+    path = write_config(tmp_path, service("forker", code, start_seconds=0.1), port=port)
+    path.write_text(path.read_text().replace("stats_interval = 0.5", "stats_interval = 300"))
+    shim, daemon_pid = start(path, backend, linger=0.5)
+    try:
+        deadline = time.monotonic() + 20
+        while not pids_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        orphans = [int(p) for p in pids_file.read_text().split()]
+        assert len(orphans) == 100
+        # Wait for every orphan to have exited (alive means neither gone nor a zombie) ...
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(
+                psutil.pid_exists(p) and not _zombie_of(p, daemon_pid) for p in orphans):
+            time.sleep(0.01)
+        exited = time.monotonic()
+        # ... then for the daemon to reap them: about a second, not a stats interval.
+        while time.monotonic() < exited + 5 and any(_zombie_of(p, daemon_pid) for p in orphans):
+            time.sleep(0.01)
+        took = time.monotonic() - exited
+        zombies = [p for p in orphans if _zombie_of(p, daemon_pid)]
+        os.kill(daemon_pid, signal.SIGTERM)
+        code_, leftover = finish(shim)
+    finally:
+        shim.kill()
+        shim.wait(10)
+    assert zombies == []
+    assert took < 2.0, f"orphans reaped {took:.2f} s after they exited"
+    assert code_ == 0 and leftover == []
