@@ -126,8 +126,12 @@ async def execute(daemon: Daemon, request: Any) -> dict[str, Any]:
         return {"ok": False, "error": f"unknown command (expected one of {', '.join(COMMANDS)})"}
     command = request["command"]
     log.info("control command=%s services=%s", command, ",".join(request.get("services") or []))
+    if daemon.shutting_down():  # services are being stopped for good: start or reload nothing
+        return {"ok": False, "error": f"the daemon is shutting down; {command} refused"}
     if command == "reload":
         result = await daemon.reload()
+        if result.error is not None:
+            return {"ok": False, "error": result.error}
         return {"ok": result.ok, "problems": list(result.problems), "added": list(result.added),
                 "removed": list(result.removed), "changed": list(result.changed)}
     names = request.get("services")
@@ -159,7 +163,11 @@ async def execute(daemon: Daemon, request: Any) -> dict[str, Any]:
 
 async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str],
                  done: dict[str, anyio.Event]) -> None:
-    runner = daemon.runners[name]
+    runner = daemon.runners.get(name)
+    if runner is None:  # a reload removed it since the request was checked
+        results[name] = "removed"
+        done[name].set()
+        return
     spec = runner.spec
     bound = spec.stop_timeout + spec.start_seconds + 10.0
     with anyio.move_on_after(bound):

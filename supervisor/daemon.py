@@ -76,6 +76,7 @@ class ReloadResult:
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
+    error: str | None = None  # refused without reading the file (the daemon is stopping)
 
 
 class Daemon:
@@ -110,6 +111,12 @@ class Daemon:
         self._monitor_scope: anyio.CancelScope | None = None
         self._states_changed: anyio.Event | None = None  # set when a service's state changes
         self._last_status: str | None = None  # the last STATUS= sent
+        self._reload_lock: anyio.Lock | None = None  # one reload at a time (SIGHUP, socket)
+        self._stopping_sent = False  # STOPPING=1 went out: no READY=1 may follow it
+        # Per service name, the counters of runners a reload replaced or removed: starts and
+        # exits count for the daemon's lifetime, so a new runner for the name carries them on.
+        self._retired: dict[str, tuple[int, dict[str, int]]] = {}
+        self._replacing: frozenset[str] = frozenset()  # runners a reload is stopping for good
         self.listen_address: tuple[str, int] | None = None
         self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
 
@@ -244,6 +251,10 @@ class Daemon:
         assert self._shutdown is not None, "daemon not running"
         self._shutdown.set()
 
+    def shutting_down(self) -> bool:
+        """Shutdown has been requested: nothing may start services or reload any more."""
+        return self._shutdown is not None and self._shutdown.is_set()
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         settings = self.config.settings
@@ -255,6 +266,7 @@ class Daemon:
         self._shutdown = anyio.Event()
         self._observing = anyio.Event()
         self._states_changed = anyio.Event()
+        self._reload_lock = anyio.Lock()
         bound_host, bound_port = listener.getsockname()[:2]
         self.listen_address = (str(bound_host), int(bound_port))
         log.info("listening address=http://%s:%d/v1/metrics", *self.listen_address)
@@ -357,6 +369,8 @@ class Daemon:
         assert self._tg is not None
         runner = ServiceRunner(spec, environ=self.environ, publish=self._publish,
                                spawner=self._spawn)
+        if spec.name in self._retired:
+            runner.carry_counters(*self._retired.pop(spec.name))
         scope = anyio.CancelScope()
         self.runners[spec.name] = runner
         self._runner_scopes[spec.name] = scope
@@ -437,7 +451,10 @@ class Daemon:
                 if not await self.monitor.wait_healthy(spec.wait_for, spec.wait_timeout):
                     log.warning("checks still failing after wait_timeout, starting anyway "
                                 "service=%s checks=%s", spec.name, ",".join(spec.wait_for))
-            if self.runners.get(spec.name) is runner:
+            # Shutdown cancels pending starts, but one queued just before it began may run
+            # after; a reload replacing this runner ends it before its successor starts.
+            if (self.runners.get(spec.name) is runner and not self.shutting_down()
+                    and spec.name not in self._replacing):
                 if held:
                     runner.release()  # a no-op if an operator stopped it meanwhile
                 else:
@@ -494,9 +511,18 @@ class Daemon:
         self.runners[name].stop()
 
     async def reload(self) -> ReloadResult:
-        """Re-read the config file; apply it only if entirely valid."""
+        """Re-read the config file; apply it only if entirely valid. Reloads run one at a time
+        and are refused once shutdown has begun."""
         if self._observing is not None:  # a SIGHUP while the services are being spawned
             await self._observing.wait()
+        assert self._reload_lock is not None, "daemon not running"
+        async with self._reload_lock:
+            if self.shutting_down():
+                log.warning("reload refused: the daemon is shutting down")
+                return ReloadResult(False, error="the daemon is shutting down; reload refused")
+            return await self._reload()
+
+    async def _reload(self) -> ReloadResult:
         self._notify("reloading")
         try:
             new = load_config(self.config.path, self.environ)
@@ -519,10 +545,37 @@ class Daemon:
         if new.checks != old.checks:
             await self._start_monitor()
         self.scraper.set_targets(_scrape_targets(new))
+        self._replacing = frozenset(removed + changed)
+        try:
+            return await self._replace(new, added, removed, changed)
+        finally:
+            self._replacing = frozenset()
+
+    async def _replace(self, new: Config, added: list[str], removed: list[str],
+                       changed: list[str]) -> ReloadResult:
         await self._stop_services(removed + changed)
+        if self.shutting_down():
+            # Shutdown stops every runner still listed, these included; swapping runners now
+            # would start services again behind its back.
+            log.warning("reload abandoned: the daemon is shutting down")
+            return ReloadResult(False, error="the daemon began shutting down during the "
+                                             "reload; it was not applied")
+        # End the old runners before any replacement exists: a start queued for one of them
+        # (by an earlier reload's pending starts) would otherwise spawn it next to its
+        # successor; ending it terminates whatever it spawned, within its stop_timeout.
+        old_runners = [self.runners[name] for name in removed + changed]
         for name in removed + changed:
-            self._runner_scopes.pop(name).cancel()
-            del self.runners[name]
+            self._runner_scopes[name].cancel()
+        for runner in old_runners:
+            await runner.wait_until(lambda s: False)  # returns once the runner has finished
+        if self.shutting_down():
+            log.warning("reload abandoned: the daemon is shutting down")
+            return ReloadResult(False, error="the daemon began shutting down during the "
+                                             "reload; it was not applied")
+        for runner in old_runners:
+            name = runner.spec.name
+            del self._runner_scopes[name], self.runners[name]
+            self._retired[name] = (runner.machine.starts, dict(runner.machine.exits))
         self.snapshots = {n: s for n, s in self.snapshots.items() if n in new.services}
         for name in new.services:
             if name in added or name in changed:
@@ -568,8 +621,14 @@ class Daemon:
             task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    if self.shutting_down():
+                        log.warning("SIGHUP during shutdown: reload ignored")
+                        continue
                     log.info("SIGHUP: reloading path=%s", self.config.path)
-                    await self.reload()
+                    # In a task of its own: a reload that is stopping services must never keep
+                    # a SIGTERM behind it waiting (reload() serialises reloads itself).
+                    assert self._tg is not None
+                    self._tg.start_soon(self.reload)
                 elif self._shutdown is not None and self._shutdown.is_set():
                     log.warning("%s during shutdown: still stopping services",
                                 signal.Signals(signum).name)
@@ -588,6 +647,10 @@ class Daemon:
             pid for r in self.runners.values() if (pid := r.child_pid()) is not None] + guard
 
     def _notify(self, what: str) -> None:
+        if what == "stopping":
+            self._stopping_sent = True
+        elif self._stopping_sent:  # READY=1 or RELOADING=1 after STOPPING=1 would be a lie
+            return
         if self.notifier is not None:
             getattr(self.notifier, what)()
 

@@ -115,6 +115,13 @@ class ServiceRunner:
         """Wait until the event numbered `number` (see start) has been applied."""
         return await self.wait_until(lambda s: self._applied >= number)
 
+    def carry_counters(self, starts: int, exits: Mapping[str, int]) -> None:
+        """Continue the counts of the runner this one replaces (a reload changed the service):
+        they count for the daemon's lifetime and never go back. Before run() only."""
+        self.machine.starts = starts
+        self.machine.exits.update(exits)
+        self.snapshot = self._make_snapshot()
+
     def child_pid(self) -> int | None:
         """The pid of our child while it is unreaped (and so safe to signal)."""
         child = self._child
@@ -122,7 +129,11 @@ class ServiceRunner:
 
     async def stop_and_wait(self) -> ServiceSnapshot:
         self.stop()
-        return await self.wait_until(lambda s: s.state in lc.SETTLED_STATES)
+        # Not settled before our stop is handled: a start still queued ahead of it would spawn
+        # a process after a "stopped" snapshot (a reload then ran old and new side by side).
+        stop = self._posted
+        return await self.wait_until(
+            lambda s: self._applied >= stop and s.state in lc.SETTLED_STATES)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:

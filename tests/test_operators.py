@@ -164,3 +164,78 @@ def _alive(pid: int) -> bool:
     from tests.support import pid_alive
 
     return pid_alive(pid)
+
+
+STUBBORN_CODE = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+while True: time.sleep(0.1)
+"""
+
+
+async def test_overlapping_reloads_run_one_at_a_time(tmp_path: Path) -> None:
+    """A reload from the control socket arrives while another is still stopping a changed
+    service that ignores SIGTERM: it waits its turn and applies on top, with no KeyError."""
+    stubborn = service("slow", STUBBORN_CODE, start_seconds=0.1, stop_timeout=1.0)
+    path = write_config(tmp_path, stubborn + service("api", SLEEPER_CODE, start_seconds=0.1))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "slow", lambda s: s.state is State.RUNNING)
+        api_pid = daemon.snapshots["api"].pid
+        base = path.read_text()
+        path.write_text(base.replace(stubborn, stubborn + 'env = { V = "2" }\n'))
+        results: list[object] = []
+
+        async def first_reload() -> None:
+            results.append(await daemon.reload())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_reload)
+            await wait_for(daemon, "slow", lambda s: s.state is State.STOPPING)
+            path.write_text(base.replace(stubborn, stubborn + 'env = { V = "3" }\n'))
+            second = await cli("reload", "--config", str(path))
+        assert second.returncode == 0, second.stderr
+        assert "changed: slow" in second.stdout
+        first = results[0]
+        assert getattr(first, "ok", False) and getattr(first, "changed", ()) == ("slow",)
+        await wait_for(daemon, "slow", lambda s: s.state is State.RUNNING)
+        assert dict(daemon.runners["slow"].spec.env) == {"V": "3"}
+        assert daemon.snapshots["api"].pid == api_pid
+        # The first process and the last, and the second reload may have replaced the first
+        # one's runner before it spawned: counted across both reloads either way.
+        snap = daemon.snapshots["slow"]
+        assert snap.starts == snap.exits["stopped"] + 1 and snap.exits["stopped"] in (1, 2)
+
+
+async def test_counters_survive_reloads_that_change_or_remove_a_service(tmp_path: Path) -> None:
+    """service_starts_total, service_exits_total and `starts` in status count per service name
+    for the daemon's lifetime: a reload that changes the command, or removes the service and
+    a later one that adds it back, never makes them go back."""
+    import json
+
+    api = service("api", SLEEPER_CODE, start_seconds=0.1)
+    path = write_config(tmp_path, api + service("other", SLEEPER_CODE, start_seconds=0.1))
+    base = path.read_text()
+
+    async def counters() -> tuple[float | None, float | None, int]:
+        metrics = (await get(daemon, "/v1/metrics")).text
+        status = await cli("status", "--url", base_url(daemon), "--json")
+        starts = {s["name"]: s["starts"] for s in json.loads(status.stdout)["services"]}
+        return (sample(metrics, "service_starts_total", service="api"),
+                sample(metrics, "service_exits_total", service="api", reason="stopped"),
+                starts["api"])
+
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "api", lambda s: s.state is State.RUNNING)
+        assert (await cli("restart", "api", "--config", str(path))).returncode == 0
+        assert await counters() == (2.0, 1.0, 2)
+        changed = service("api", SLEEPER_CODE + "\n# v2", start_seconds=0.1)
+        path.write_text(base.replace(api, changed))
+        assert "changed: api" in (await cli("reload", "--config", str(path))).stdout
+        await wait_for(daemon, "api", lambda s: s.state is State.RUNNING and s.starts == 3)
+        assert await counters() == (3.0, 2.0, 3)
+        path.write_text(base.replace(api, ""))
+        assert "removed: api" in (await cli("reload", "--config", str(path))).stdout
+        path.write_text(base)
+        assert "added: api" in (await cli("reload", "--config", str(path))).stdout
+        await wait_for(daemon, "api", lambda s: s.state is State.RUNNING and s.starts == 4)
+        assert await counters() == (4.0, 3.0, 4)
