@@ -72,3 +72,73 @@ def test_notify_sequence_and_children_never_see_the_socket(tmp_path: Path, backe
     child_env = json.loads(env_dump.read_text())
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         assert key not in child_env
+
+
+STUBBORN = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + SLEEPER_CODE
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_sigterm_during_a_reload_stops_at_once_and_no_ready_follows(tmp_path: Path,
+                                                                    backend: str) -> None:
+    """A reload is stopping a changed service that ignores SIGTERM (stop_timeout 4 s) when
+    SIGTERM arrives, then SIGHUP and `supervisor reload`: STOPPING=1 goes out at once (SIGTERM
+    does not wait behind the reload), the later reloads are refused, READY=1 never follows
+    STOPPING=1, and the daemon exits 0 without a traceback."""
+    port = free_port()
+    slow = service("slow", STUBBORN, start_seconds=0.1, stop_timeout=4.0)
+    path = write_config(tmp_path, slow + service("api", SLEEPER_CODE, start_seconds=0.1),
+                        port=port)
+    sock_path = Path(tempfile.mkdtemp(prefix="sv-n-")) / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
+    stderr = (tmp_path / "stderr").open("w")
+    daemon = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config", str(path),
+                               "--backend", backend], env=env, stdout=subprocess.DEVNULL,
+                              stderr=stderr)
+    seen: list[str] = []
+
+    def state(name: str) -> str:
+        services = httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=5).json()["services"]
+        return str(next(s["state"] for s in services if s["name"] == name))
+
+    try:
+        receive_until(sock, "READY=1", 20, seen)
+        deadline = time.monotonic() + 10
+        while state("slow") != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        path.write_text(path.read_text().replace(slow, slow + 'env = { V = "2" }\n'))
+        daemon.send_signal(signal.SIGHUP)
+        receive_until(sock, "RELOADING=1", 5, seen)
+        deadline = time.monotonic() + 10
+        while state("slow") != "stopping" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert state("slow") == "stopping"
+        seen.clear()
+        sent = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        receive_until(sock, "STOPPING=1", 5, seen)
+        assert time.monotonic() - sent < 2.0  # not after the reload's 4 s stop_timeout
+        daemon.send_signal(signal.SIGHUP)
+        refused = subprocess.run([sys.executable, "-m", "supervisor", "reload", "--config",
+                                  str(path)], capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1
+        assert "shutting down" in refused.stderr
+        assert daemon.wait(timeout=20) == 0
+        sock.settimeout(0.2)
+        while True:  # everything sent until the daemon exited
+            try:
+                seen.append(sock.recv(4096).decode())
+            except TimeoutError:
+                break
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=10)
+        sock.close()
+        stderr.close()
+    after_stopping = [m for m in seen[seen.index("STOPPING=1\n"):]]
+    assert not [m for m in after_stopping if "READY=1" in m.split("\n")], seen
+    assert not [m for m in after_stopping if "RELOADING=1" in m.split("\n")], seen
+    log = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in log and "KeyError" not in log, log
+    assert "SIGHUP during shutdown: reload ignored" in log
