@@ -87,6 +87,10 @@ class _Failed(Exception):
         self.limited = limited
 
 
+class _Unanswered(Exception):
+    """The peer closed the connection before sending any response (a keep-alive race)."""
+
+
 class Scraper:
     def __init__(self, targets: TargetsArg, interval: float,
                  max_series: int = DEFAULT_MAX_SERIES,
@@ -108,6 +112,7 @@ class Scraper:
         self._rng = rng
         self._stale: dict[str, tuple[ScrapeResult, bool, ScrapeResult]] = {}  # see _staled
         self._pokes: dict[str, anyio.Event] = {}  # target -> wakes its loop's wait (poke)
+        self._health: dict[str, str] = {}  # target -> "up" | "down" | "first-failed": see _log
         self._running = False
         self._client: httpx.AsyncClient | None = None  # http:// targets
         self._tls_client: httpx.AsyncClient | None = None  # https:// targets, made on demand
@@ -155,6 +160,7 @@ class Scraper:
         self._targets = _targets(targets)
         kept = {k: v for k, v in self._results.items() if k in self._targets}
         self._results = MappingProxyType(kept)
+        self._health = {k: v for k, v in self._health.items() if k in self._targets}
         if self._changed is not None:
             self._changed.set()
 
@@ -228,11 +234,29 @@ class Scraper:
     def _publish(self, result: ScrapeResult) -> None:
         if result.service not in self._targets:
             return  # removed while its fetch was in flight
+        self._log_change(result)
         previous = self._results.get(result.service)
         if not result.ok and previous is not None and previous.good_at is not None:
             # Keep serving the last good copy until it is stale (checked at read time).
             result = replace(result, families=previous.families, good_at=previous.good_at)
         self._results = MappingProxyType({**self._results, result.service: result})
+
+    def _log_change(self, result: ScrapeResult) -> None:
+        """Log a target's scrape state when it changes, not every scrape: going down at
+        WARNING with the reason, coming back at INFO. A first failure is forgiven once (a
+        service that has just been spawned is often not listening yet, and is scraped again
+        as soon as it runs); a second in a row is reported."""
+        name = result.service
+        was = self._health.get(name)
+        if result.ok:
+            if was == "down":
+                logger.info("scrape recovered service=%s", name)
+            self._health[name] = "up"
+        elif was is None:
+            self._health[name] = "first-failed"
+        elif was != "down":
+            logger.warning("scrape failing service=%s error=%s", name, result.error)
+            self._health[name] = "down"
 
     async def scrape_once(self, name: str, target: Target | tuple[str, float]) -> ScrapeResult:
         """One fetch and parse; never raises (except cancellation)."""
@@ -283,11 +307,29 @@ class Scraper:
                             self.stale_after(target))
 
     async def _fetch(self, client: httpx.AsyncClient, target: Target) -> tuple[bytes, str]:
+        """One GET, retried once if the connection closed before any response: a service's
+        keep-alive timer (uvicorn's 5 s) that fires as a scrape reuses the connection (every
+        5 s) loses nothing but that connection. The retry runs within the same timeout."""
         import httpx
 
         try:
+            return await self._fetch_once(client, target)
+        except _Unanswered:
+            logger.debug("scrape retried: the peer closed a connection unanswered")
+        try:
+            return await self._fetch_once(client, target)
+        except _Unanswered as exc:
+            raise _Failed(str(exc)) from None
+
+    async def _fetch_once(self, client: httpx.AsyncClient, target: Target
+                          ) -> tuple[bytes, str]:
+        import httpx
+
+        answered = False
+        try:
             async with client.stream("GET", target.url,
                                      timeout=httpx.Timeout(target.timeout)) as response:
+                answered = True
                 if response.status_code != 200:
                     raise _Failed(f"HTTP {response.status_code}")
                 declared = response.headers.get("content-length", "")
@@ -311,6 +353,10 @@ class Scraper:
                 return b"".join(chunks), response.charset_encoding or "utf-8"
         except httpx.TimeoutException:
             raise _Failed(f"timeout after {target.timeout:g}s") from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            if answered:
+                raise _Failed(f"{type(exc).__name__}") from None
+            raise _Unanswered(f"{type(exc).__name__}") from None
         except httpx.HTTPError as exc:
             # httpx messages can embed the URL (credentials); the class name is enough.
             raise _Failed(f"{type(exc).__name__}") from None
