@@ -310,8 +310,6 @@ class Scraper:
         """One GET, retried once if the connection closed before any response: a service's
         keep-alive timer (uvicorn's 5 s) that fires as a scrape reuses the connection (every
         5 s) loses nothing but that connection. The retry runs within the same timeout."""
-        import httpx
-
         try:
             return await self._fetch_once(client, target)
         except _Unanswered:
