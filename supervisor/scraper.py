@@ -243,16 +243,17 @@ class Scraper:
 
     def _log_change(self, result: ScrapeResult) -> None:
         """Log a target's scrape state when it changes, not every scrape: going down at
-        WARNING with the reason, coming back at INFO. A first failure is forgiven once (a
-        service that has just been spawned is often not listening yet, and is scraped again
-        as soon as it runs); a second in a row is reported."""
+        WARNING with the reason, coming back at INFO. The very first scrape of a target failing
+        is logged at INFO only (a service just spawned is often not listening yet, and is
+        scraped again as soon as it runs); a second failure in a row is a WARNING."""
         name = result.service
         was = self._health.get(name)
         if result.ok:
-            if was == "down":
+            if was in ("down", "first-failed"):
                 logger.info("scrape recovered service=%s", name)
             self._health[name] = "up"
         elif was is None:
+            logger.info("scrape not answering yet service=%s error=%s", name, result.error)
             self._health[name] = "first-failed"
         elif was != "down":
             logger.warning("scrape failing service=%s error=%s", name, result.error)

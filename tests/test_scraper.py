@@ -432,8 +432,8 @@ async def test_keep_alive_equal_to_the_interval_never_fails_a_scrape() -> None:
 async def test_scrape_state_changes_are_logged_once_each(
         caplog: pytest.LogCaptureFixture) -> None:
     """Going down is logged at WARNING with the reason, coming back at INFO, and nothing is
-    logged for the scrapes in between; a first failure (a service not listening yet) is
-    forgiven once."""
+    logged for the scrapes in between; the very first scrape failing (a service not
+    listening yet) is only INFO, a second failure in a row the WARNING."""
     caplog.set_level(logging.DEBUG, logger="supervisor.scraper")
 
     def logged() -> list[tuple[int, str]]:
@@ -441,22 +441,29 @@ async def test_scrape_state_changes_are_logged_once_each(
                 if r.name == "supervisor.scraper" and r.levelno >= logging.INFO]
 
     with children("error") as (child,):
-        scraper = Scraper({"svc": (child.url, 2.0)}, 0.05)
+        scraper = Scraper({"svc": (child.url, 2.0)}, 60.0)  # scrapes driven by poke() only
+
+        async def scrapes(count: int, ok: bool) -> None:
+            for _ in range(count):
+                before = scraper.snapshot().get("svc")
+                scraper.poke("svc")
+                await wait_until(scraper, lambda s: s.get("svc") is not before)
+                assert s_ok() is ok
+
+        def s_ok() -> bool:
+            return scraper.snapshot()["svc"].ok
+
         async with anyio.create_task_group() as tg:
             await tg.start(scraper.run)
-            await wait_until(scraper, lambda s: "svc" in s and child.hits >= 1)
-            assert logged() == []  # one failure: forgiven
-            await wait_until(scraper, lambda s: child.hits >= 6)
-            assert logged() == [(logging.WARNING, "scrape failing service=svc error=HTTP 500")]
+            await wait_until(scraper, lambda s: "svc" in s)  # the first scrape is at once
+            first = (logging.INFO, "scrape not answering yet service=svc error=HTTP 500")
+            assert logged() == [first]
+            await scrapes(3, ok=False)
+            down = (logging.WARNING, "scrape failing service=svc error=HTTP 500")
+            assert logged() == [first, down]
             child.mode = "good"
-            await wait_until(scraper, lambda s: s["svc"].ok)
-            hits = child.hits
-            await wait_until(scraper, lambda s: child.hits >= hits + 3)
+            await scrapes(3, ok=True)
             child.mode = "error"
-            await wait_until(scraper, lambda s: not s["svc"].ok)
-            hits = child.hits
-            await wait_until(scraper, lambda s: child.hits >= hits + 3)
+            await scrapes(3, ok=False)
             tg.cancel_scope.cancel()
-    assert logged() == [(logging.WARNING, "scrape failing service=svc error=HTTP 500"),
-                        (logging.INFO, "scrape recovered service=svc"),
-                        (logging.WARNING, "scrape failing service=svc error=HTTP 500")]
+    assert logged() == [first, down, (logging.INFO, "scrape recovered service=svc"), down]
