@@ -249,3 +249,51 @@ def test_adopted_orphans_are_reaped_as_they_exit(tmp_path: Path, backend: str) -
     assert zombies == []
     assert took < 2.0, f"orphans reaped {took:.2f} s after they exited"
     assert code_ == 0 and leftover == []
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_orphan_reaper_never_takes_a_services_exit(tmp_path: Path, backend: str) -> None:
+    """SIGCHLD wakes the orphan reaper at every exit of a service too: it must leave those to
+    their runners, so exit codes stay exact while it runs (a second reaper racing the pidfd
+    watchers turned `exit 3` into 255 or 0)."""
+    port = free_port()
+    path = write_config(tmp_path, """
+[services.three]
+command = ["sh", "-c", "exit 3"]
+start_seconds = 0
+backoff_initial = 0.001
+backoff_max = 0.005
+[services.orphans]
+command = ["sh", "-c", "(sleep 0.01 &) ; (sleep 0.02 &) ; exit 0"]
+start_seconds = 0
+backoff_initial = 0.001
+backoff_max = 0.005
+""", port=port)
+    shim, daemon_pid = start(path, backend, linger=0.5)
+    try:
+        deadline = time.monotonic() + 30
+        three: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            try:
+                services = httpx.get(f"http://127.0.0.1:{port}/v1/status", timeout=2).json()
+                three = next(s for s in services["services"] if s["name"] == "three")
+                if int(three["starts"]) >= 60:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/v1/metrics", timeout=5).text
+        os.kill(daemon_pid, signal.SIGTERM)
+        code, leftover = finish(shim)
+    finally:
+        shim.kill()
+        shim.wait(10)
+    assert int(three["starts"]) >= 60  # type: ignore[call-overload]
+    assert three["last_exit"] == {**three["last_exit"], "code": 3}  # type: ignore[dict-item]
+    from tests.support import sample
+
+    assert sample(metrics, "service_exits_total", service="three", reason="signal") == 0
+    assert sample(metrics, "service_exits_total", service="three", reason="success") == 0
+    assert sample(metrics, "service_exits_total", service="orphans", reason="failure") == 0
+    assert sample(metrics, "service_exits_total", service="orphans", reason="signal") == 0
+    assert code == 0 and leftover == []
