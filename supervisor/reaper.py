@@ -12,28 +12,32 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Collection
-from pathlib import Path
 
 import anyio
 
 log = logging.getLogger(__name__)
 
 
-def children_of_self() -> set[int]:
+def children_of_self(leader_only: bool = False) -> set[int]:
+    """Our children, as listed per thread (a child belongs to the thread that forked it).
+    Orphans are re-parented to the first live thread of the subreaper, its main thread:
+    `leader_only` reads that one list (~15 us), not one per thread (~14 us each)."""
+    tasks = [str(os.getpid())] if leader_only else os.listdir("/proc/self/task")
     pids: set[int] = set()
-    for task in Path("/proc/self/task").iterdir():
+    for task in tasks:
         try:
-            text = (task / "children").read_text()
+            with open(f"/proc/self/task/{task}/children", "rb") as f:
+                text = f.read()
         except OSError:
             continue
         pids.update(int(p) for p in text.split())
     return pids
 
 
-def reap_unowned(owned: Collection[int]) -> int:
+def reap_unowned(owned: Collection[int], leader_only: bool = False) -> int:
     """Reap exited adopted orphans; returns how many were reaped."""
     reaped = 0
-    for pid in children_of_self() - set(owned):
+    for pid in children_of_self(leader_only) - set(owned):
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
@@ -74,7 +78,9 @@ async def reap_orphans(owned: Callable[[], Collection[int]], *,
             while True:
                 await wake.wait()
                 wake = anyio.Event()
-                reap_unowned(owned())
+                # The main thread's list only: adopted orphans land there (and the stats
+                # round, a backstop, scans every thread).
+                reap_unowned(owned(), leader_only=True)
                 await anyio.sleep(REAP_COALESCE)
     finally:
         receiver.__exit__(None, None, None)
