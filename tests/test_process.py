@@ -152,13 +152,13 @@ def _sig_masks(pid: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_an_inherited_blocked_mask_is_cleared(tmp_path: Path, backend: str) -> None:
-    """Started with SIGTERM, SIGHUP and SIGUSR1 blocked (the mask survives execve) and SIGUSR2
-    ignored, the daemon still stops on SIGTERM, and its services start with an empty mask and
-    default dispositions (SigBlk 0, SigIgn 0: `sleep` ignores nothing itself)."""
+    """Started with SIGTERM, SIGHUP, SIGUSR1 and SIGCHLD blocked (the mask survives execve)
+    and SIGUSR2 ignored, the daemon still stops on SIGTERM, and its services start with an
+    empty mask and default dispositions (SigBlk 0, SigIgn 0: `sleep` ignores nothing)."""
     port = free_port()
     path = write_config(tmp_path, '[services.plain]\ncommand = ["sleep", "300"]\n'
                                   "start_seconds = 0.1\n", port=port)
-    blocked = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
+    blocked = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
     wrapper = ("import os, signal, sys\n"
                f"signal.pthread_sigmask(signal.SIG_BLOCK, {[int(s) for s in blocked]})\n"
                "signal.signal(signal.SIGUSR2, signal.SIG_IGN)\n"
