@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -447,11 +448,9 @@ async def test_scrape_state_changes_are_logged_once_each(
             for _ in range(count):
                 before = scraper.snapshot().get("svc")
                 scraper.poke("svc")
-                await wait_until(scraper, lambda s: s.get("svc") is not before)
-                assert s_ok() is ok
-
-        def s_ok() -> bool:
-            return scraper.snapshot()["svc"].ok
+                snap = await wait_until(scraper, functools.partial(
+                    lambda s, old: s.get("svc") is not old, old=before))
+                assert snap["svc"].ok is ok
 
         async with anyio.create_task_group() as tg:
             await tg.start(scraper.run)
