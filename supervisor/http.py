@@ -2,35 +2,64 @@
 
 Stock `start_http_server` answers every path with metrics and 200, which would make a health
 probe meaningless; here unknown paths get 404 and wrong methods 405. socketserver's defaults
-are hardened: listen backlog 5 -> 128, no socket timeout -> HANDLER_TIMEOUT, one unbounded
-thread per connection -> at most `max_connections` handled at once (the rest are refused with
-503 at once instead of piling up threads), and timeouts are not printed as tracebacks.
-Nothing here mutates the daemon: control lives on a Unix socket, never on this port.
+are hardened: listen backlog 5 -> 128; one unbounded thread per connection, each blocked
+reading its request -> one acceptor thread that collects request heads from non-blocking
+sockets, then at most `max_connections` requests handled at once by reused threads (the rest
+are refused with 503 at once instead of piling up threads); timeouts are not printed as
+tracebacks. Nothing here mutates the daemon: control lives on a Unix socket, never on this port.
+
+Slow clients. A socket timeout is per `recv`: a client sending a byte a second never trips it,
+so a thread per connection that reads its own head can be held forever by anyone who can open
+a TCP connection (slowloris). Here the acceptor holds no thread per connection: it reads every
+connection's head (and does its TLS handshake) as bytes arrive, under one total deadline
+(`HEAD_TIMEOUT`, then 408 and close); at most `max_pending` connections wait for their head,
+and beyond that the oldest is dropped, so a new client (a probe sends its whole head at once)
+always gets its turn. Only a connection whose whole head has arrived reaches wsgiref, through
+a buffered rfile that never blocks; its answer has a total deadline too (`RESPONSE_TIMEOUT`),
+so a client reading a byte a second cannot hold a worker either.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import queue
+import resource
+import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from supervisor import listen
+from supervisor.heads import (
+    Head,
+    head_state,
+    origin_form,
+    request_path,
+    simple_response,
+    skip_empty_lines,
+)
 
 log = logging.getLogger(__name__)
 
-HANDLER_TIMEOUT = 5.0
+HANDLER_TIMEOUT = 5.0  # seconds one send may wait
+HEAD_TIMEOUT = 5.0  # seconds from accept to a complete request head, TLS handshake included
+RESPONSE_TIMEOUT = 30.0  # seconds to send a whole response (1 MiB at 35 KiB/s)
+MAX_PENDING = 1024  # connections waiting for their head; the oldest goes beyond that
+FD_SOFT_LIMIT = 4096  # RLIMIT_NOFILE soft limit the listener raises itself to (up to hard)
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 JSONHandler = Callable[[], tuple[int, dict[str, Any]]]
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
 
 
 def json_response(start_response: Callable[..., Any], status: int, body: dict[str, Any],
@@ -77,38 +106,133 @@ class Router:
         return result
 
 
+class Gate(Protocol):
+    """TLS and authentication for the listener (webauth.WebGate), read per connection so a
+    reload applies to the next one."""
+
+    def tls_context(self) -> ssl.SSLContext | None: ...
+    def peer_allowed(self, sock: ssl.SSLSocket) -> bool: ...
+    def inline_ok(self, head: bytes) -> bool: ...
+
+
+@dataclass(eq=False)
+class _Accepted:
+    """A connection whose head has arrived: what the handler reads first, then the socket."""
+
+    sock: socket.socket
+    head: bytes
+    timeout: float | None  # None: leave the socket non-blocking (answered by the acceptor)
+    deadline: float = field(default=0.0)
+
+
+class _PrefixedReader(io.RawIOBase):
+    """The bytes already read from a socket, then the socket itself."""
+
+    def __init__(self, prefix: bytes, sock: socket.socket) -> None:
+        self._prefix = memoryview(prefix)
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._prefix:
+            n = min(len(buffer), len(self._prefix))
+            buffer[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        return self._sock.recv_into(buffer)
+
+
+class _DeadlineWriter(io.RawIOBase):
+    """Sends under one total deadline: a per-send timeout alone lets a client that reads a
+    byte a second hold the sender forever."""
+
+    def __init__(self, sock: socket.socket, deadline: float | None) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("response deadline passed")
+            self._sock.settimeout(min(left, HANDLER_TIMEOUT))
+        return self._sock.send(data)
+
+
 class _Handler(WSGIRequestHandler):
-    timeout = HANDLER_TIMEOUT  # StreamRequestHandler applies it to the socket
     # wsgiref writes the status line, Date, Server, the other headers and the body with one
     # sendall each; unbuffered, that is five syscalls, each dropping and retaking the GIL.
     # Buffered, a small response leaves in one send (finish() flushes). Measured on the bare
     # server with 20 clients: 1,900 -> 2,900 requests/s.
     wbufsize = 64 * 1024
-    disable_nagle_algorithm = True  # the buffered response is complete when it is sent
+    # parse_request() sets the version only once the request line is understood; an error
+    # before that was sent HTTP/0.9 style, without a status line.
+    default_request_version = "HTTP/1.0"
+
+    def setup(self) -> None:
+        accepted: _Accepted = self.request
+        self.connection = accepted.sock
+        if accepted.timeout is not None:
+            self.connection.settimeout(accepted.timeout)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = io.BufferedReader(_PrefixedReader(accepted.head, accepted.sock))
+        self.wfile = io.BufferedWriter(
+            _DeadlineWriter(accepted.sock, accepted.deadline if accepted.timeout else None),
+            self.wbufsize)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        self.path = origin_form(self.path)
+        return True
+
+    def get_environ(self) -> dict[str, Any]:
+        environ: dict[str, Any] = super().get_environ()
+        if isinstance(self.connection, ssl.SSLSocket):
+            environ["HTTPS"] = "on"
+        return environ
 
     def log_message(self, format: str, *args: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("http %s %s", self.address_string(), format % args)
 
 
+@dataclass(eq=False)
+class _Pending:
+    """A connection whose head is still arriving."""
+
+    sock: socket.socket
+    address: Any
+    deadline: float
+    buf: bytearray = field(default_factory=bytearray)
+    searched: int = 0
+    handshaking: bool = False
+    events: int = selectors.EVENT_READ
+
+
 class BoundedWSGIServer(ThreadingWSGIServer):
-    """At most `max_connections` connections handled or waiting at once, by reused threads.
+    """Heads collected by one acceptor thread; at most `max_connections` requests handled or
+    waiting at once, by reused threads.
 
-    Requests for `inline_paths` (small answers such as /v1/ready) whose whole head has already
-    arrived are answered by the accepting thread itself: reading cannot block, the response
-    fits in the socket's send buffer, and the app is non-blocking, so no thread handoff is
-    needed. Handing a connection to another thread costs each side a wakeup and a GIL
-    round-trip, which doubled the CPU per request; answered inline, the bare server went from
-    2,900 to about 6,500 probes/s with 20 clients. TCP_DEFER_ACCEPT makes accept() return
-    only once the request has arrived, so the inline check usually succeeds; anything else
-    (slow or partial clients, /v1/metrics with its megabyte bodies) goes to the pool.
+    Requests for `inline_paths` (small answers such as /v1/ready) are answered by the acceptor
+    itself once their head is in: reading cannot block, the response fits in the socket's
+    send buffer, and the app is non-blocking, so no thread handoff is needed. Handing a
+    connection to another thread costs each side a wakeup and a GIL round-trip, which doubled
+    the CPU per request; answered inline, the bare server went from 2,900 to about 6,500
+    probes/s with 20 clients. TCP_DEFER_ACCEPT makes accept() return only once the request
+    has arrived, so the head is usually read by the first recv. Probes are answered this way
+    whatever other clients do: no pool slot, no worker.
 
-    A connection is handed to an idle worker thread if there is one, else to a new worker, so
-    slow clients never hold up others (each has its own thread, as with one thread per
-    connection) but a steady load reuses threads instead of creating one per request: starting
-    a thread costs the accepting thread a wait for the new thread to take the GIL, which under
-    load (scrapes, rendering) took most of its time. Workers above `min_workers` exit after
-    `worker_idle_timeout` seconds without a connection; server_close() stops them all.
+    Other requests (/v1/metrics with its megabyte bodies) go to an idle worker thread if there
+    is one, else to a new worker: a steady load reuses threads instead of creating one per
+    request (starting a thread costs the acceptor a wait for the new thread to take the GIL).
+    Workers above `min_workers` exit after `worker_idle_timeout` seconds without a
+    connection; server_close() stops them all.
     """
 
     request_queue_size = listen.BACKLOG  # server_activate() listens again with it
@@ -116,9 +240,12 @@ class BoundedWSGIServer(ThreadingWSGIServer):
     max_connections = 128
     min_workers = 8
     worker_idle_timeout = 30.0
-    inline_paths: frozenset[bytes] = frozenset()
-    inline_peek_bytes = 2048
+    head_timeout = HEAD_TIMEOUT
+    response_timeout = RESPONSE_TIMEOUT
+    max_pending = MAX_PENDING
+    inline_paths: frozenset[str] = frozenset()
     prebound: socket.socket | None = None  # the listening socket to take over (listen.bind)
+    gate: Gate | None = None
 
     def server_bind(self) -> None:
         # What TCPServer, HTTPServer and WSGIServer.server_bind do, minus the bind: serve()
@@ -131,9 +258,9 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         self.server_name = socket.getfqdn(str(host))
         self.server_port = port
         self.setup_environ()
-        if self.inline_paths and hasattr(socket, "TCP_DEFER_ACCEPT"):
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
             # Seconds the kernel holds a connection that has sent nothing; after that it is
-            # accepted anyway and handled by the pool like any slow client.
+            # accepted anyway and waits in the acceptor like any slow client.
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 2)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -142,66 +269,247 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         self._idle = 0  # workers waiting on the queue that no queued connection is meant for
         self._workers: set[threading.Thread] = set()
+        self._pending: dict[socket.socket, _Pending] = {}  # oldest first = earliest deadline
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._stopped.set()
         super().__init__(*args, **kwargs)
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\nRetry-After: 1\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        if self._answerable_inline(request):
-            self._handle(request, client_address)
-            return
+    # -- the acceptor ---------------------------------------------------------------------
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._stopped.clear()
+        self.socket.setblocking(False)
+        self._wake_r.setblocking(False)
+        sel = self._selector
+        sel.register(self.socket, selectors.EVENT_READ, "listen")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        paused_until = 0.0
         try:
-            with self._pool_lock:
-                reuse = self._idle > 0
-                if reuse:
-                    self._idle -= 1
-            if reuse:
-                self._queue.put((request, client_address))
-            else:
-                worker = threading.Thread(target=self._work, args=((request, client_address),),
-                                          name="http-worker", daemon=True)
-                with self._pool_lock:
-                    self._workers.add(worker)
+            while not self._stopping:
+                now = time.monotonic()
+                if paused_until and now >= paused_until:
+                    paused_until = 0.0
+                    sel.register(self.socket, selectors.EVENT_READ, "listen")
+                timeout = poll_interval
+                if self._pending:
+                    oldest = next(iter(self._pending.values()))
+                    timeout = min(timeout, max(0.0, oldest.deadline - now))
+                if paused_until:
+                    timeout = min(timeout, max(0.0, paused_until - now))
+                for key, _mask in sel.select(timeout):
+                    if key.data == "listen":
+                        if not self._accept_some():
+                            sel.unregister(self.socket)  # out of fds: retry in a moment
+                            paused_until = time.monotonic() + 0.05
+                    elif key.data == "wake":
+                        self._drain_wake()
+                    elif key.fileobj in self._pending:
+                        self._advance(key.data)
+                self._expire(time.monotonic())
+        finally:
+            for pending in list(self._pending.values()):
+                self._drop(pending)
+            for fileobj in (self.socket, self._wake_r):
                 try:
-                    worker.start()
-                except BaseException:
-                    with self._pool_lock:
-                        self._workers.discard(worker)
-                    raise
+                    sel.unregister(fileobj)
+                except (KeyError, ValueError):
+                    pass
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop serve_forever() and wait for it (socketserver's contract)."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        self._stopped.wait()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:
+            pass
+
+    def _accept_some(self) -> bool:
+        """Accept what is waiting (bounded); False when out of file descriptors."""
+        for _ in range(64):
+            try:
+                sock, address = self.socket.accept()
+            except BlockingIOError:
+                return True
+            except OSError as exc:
+                if exc.errno in (24, 23):  # EMFILE, ENFILE: make room, else pause accepting
+                    if self._pending:
+                        self._drop(next(iter(self._pending.values())))
+                        continue
+                    log.warning("http: out of file descriptors; accepting paused")
+                    return False
+                return True  # ECONNABORTED and friends: the client already left
+            if len(self._pending) >= self.max_pending:
+                self._drop(next(iter(self._pending.values())))
+            self._start(sock, address)
+        return True
+
+    def _start(self, sock: socket.socket, address: Any) -> None:
+        sock.setblocking(False)
+        pending = _Pending(sock, address, time.monotonic() + self.head_timeout)
+        context = self.gate.tls_context() if self.gate is not None else None
+        if context is not None:
+            try:
+                pending.sock = context.wrap_socket(sock, server_side=True,
+                                                   do_handshake_on_connect=False)
+            except (OSError, ValueError):
+                sock.close()
+                return
+            pending.handshaking = True
+        self._pending[pending.sock] = pending
+        self._selector.register(pending.sock, selectors.EVENT_READ, pending)
+        self._advance(pending)  # with TCP_DEFER_ACCEPT the request is usually here already
+
+    def _advance(self, p: _Pending) -> None:
+        try:
+            if p.handshaking and not self._handshake(p):
+                return
+            for _ in range(16):
+                try:
+                    data = p.sock.recv(65536)
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    self._want(p, selectors.EVENT_READ)
+                    return
+                except ssl.SSLWantWriteError:
+                    self._want(p, selectors.EVENT_WRITE)
+                    return
+                if not data:
+                    self._drop(p)
+                    return
+                p.buf += data
+                if not p.searched:
+                    skip_empty_lines(p.buf)
+                state, length = head_state(p.buf, p.searched)
+                p.searched = len(p.buf)
+                if state is Head.COMPLETE:
+                    self._dispatch(p, length)
+                    return
+                if state is Head.BAD:
+                    self._reject(p, 400)
+                    return
+                if state is Head.TOO_LARGE:
+                    self._reject(p, 431)
+                    return
+                if not (isinstance(p.sock, ssl.SSLSocket) and p.sock.pending()):
+                    if len(data) < 65536:
+                        return
+        except (OSError, ValueError):  # ssl.SSLError is an OSError
+            self._drop(p)
+
+    def _handshake(self, p: _Pending) -> bool:
+        assert isinstance(p.sock, ssl.SSLSocket)
+        try:
+            p.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(p, selectors.EVENT_READ)
+            return False
+        except ssl.SSLWantWriteError:
+            self._want(p, selectors.EVENT_WRITE)
+            return False
+        p.handshaking = False
+        if self.gate is not None and not self.gate.peer_allowed(p.sock):
+            self._drop(p)
+            return False
+        self._want(p, selectors.EVENT_READ)
+        return True
+
+    def _want(self, p: _Pending, events: int) -> None:
+        if p.events != events:
+            p.events = events
+            self._selector.modify(p.sock, events, p)
+
+    def _expire(self, now: float) -> None:
+        while self._pending:
+            oldest = next(iter(self._pending.values()))
+            if oldest.deadline > now:
+                return
+            if oldest.handshaking:
+                self._drop(oldest)
+            else:
+                self._reject(oldest, 408)
+
+    def _forget(self, p: _Pending) -> None:
+        if self._pending.pop(p.sock, None) is not None:
+            try:
+                self._selector.unregister(p.sock)
+            except (KeyError, ValueError):
+                pass
+
+    def _drop(self, p: _Pending) -> None:
+        self._forget(p)
+        try:
+            p.sock.close()
+        except OSError:
+            pass
+
+    def _reject(self, p: _Pending, status: int) -> None:
+        """Answer at once, without a handler, as far as the send buffer takes it, and close."""
+        self._forget(p)
+        try:
+            p.sock.send(simple_response(status))
+        except (OSError, ValueError):
+            pass
+        self.shutdown_request(p.sock)
+
+    def _dispatch(self, p: _Pending, length: int) -> None:
+        self._forget(p)
+        head = bytes(p.buf)
+        if (request_path(head[:length]) in self.inline_paths
+                and (self.gate is None or self.gate.inline_ok(head[:length]))):
+            self._handle(_Accepted(p.sock, head, None), p.address, slot=False)
+            return
+        if not self._slots.acquire(blocking=False):
+            self._reject(p, 503)
+            return
+        accepted = _Accepted(p.sock, head, HANDLER_TIMEOUT,
+                             time.monotonic() + self.response_timeout)
+        try:
+            self._to_worker((accepted, p.address))
         except BaseException:
             self._slots.release()
+            self.shutdown_request(p.sock)
             raise
 
-    def _handle(self, request: Any, client_address: Any) -> None:
+    # -- the pool -------------------------------------------------------------------------
+    def _to_worker(self, item: tuple[Any, Any]) -> None:
+        with self._pool_lock:
+            reuse = self._idle > 0
+            if reuse:
+                self._idle -= 1
+        if reuse:
+            self._queue.put(item)
+            return
+        worker = threading.Thread(target=self._work, args=(item,), name="http-worker",
+                                  daemon=True)
+        with self._pool_lock:
+            self._workers.add(worker)
+        try:
+            worker.start()
+        except BaseException:
+            with self._pool_lock:
+                self._workers.discard(worker)
+            raise
+
+    def _handle(self, request: _Accepted, client_address: Any, slot: bool = True) -> None:
         """Serve one connection, close it and free its slot."""
         try:
             self.finish_request(request, client_address)
         except Exception:
             self.handle_error(request, client_address)
         finally:
-            self.shutdown_request(request)
-            self._slots.release()
-
-    def _answerable_inline(self, request: socket.socket) -> bool:
-        """The request's head is all here (so wsgiref's reads cannot block) and asks for an
-        inline path. Only the end of the head and the request target are looked at, on a
-        peeked copy; wsgiref parses the request itself."""
-        if not self.inline_paths:
-            return False
-        try:
-            head = request.recv(self.inline_peek_bytes, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except OSError:  # nothing arrived yet, or the client already went away
-            return False
-        if b"\r\n\r\n" not in head:
-            return False
-        request_line = head.split(b"\r\n", 1)[0].split(b" ")
-        return len(request_line) == 3 and request_line[1] in self.inline_paths
+            self.shutdown_request(request.sock)
+            if slot:
+                self._slots.release()
 
     def _work(self, item: tuple[Any, Any] | None) -> None:
         me = threading.current_thread()
@@ -233,6 +541,9 @@ class BoundedWSGIServer(ThreadingWSGIServer):
     def server_close(self) -> None:
         """Close the socket, let the workers finish their connections, and stop them."""
         super().server_close()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
         with self._pool_lock:
             workers = list(self._workers)
         for _ in workers:
@@ -241,24 +552,48 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         for worker in workers:
             worker.join(max(0.0, deadline - time.monotonic()))
 
+    def pending_count(self) -> int:
+        """Connections whose head is still arriving (for tests and status)."""
+        return len(self._pending)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # Idle or slow clients hitting HANDLER_TIMEOUT, and clients that hang up, are routine.
+        # Clients that time out or hang up, and TLS alerts, are routine.
         log.debug("http connection error from %s", client_address, exc_info=True)
 
 
+def raise_fd_limit(wanted: int = FD_SOFT_LIMIT) -> int:
+    """Raise the soft RLIMIT_NOFILE towards `wanted` (never above the hard limit, never
+    down); the soft limit now. Services inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError):
+            pass
+    return soft
+
+
 def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128,
-          inline_paths: Iterable[str] = (), sock: socket.socket | None = None
+          inline_paths: Iterable[str] = (), sock: socket.socket | None = None,
+          gate: Gate | None = None, head_timeout: float = HEAD_TIMEOUT,
           ) -> tuple[BoundedWSGIServer, threading.Thread]:
     """Bind (raises OSError on failure), or take over `sock`, and serve in a daemon thread.
 
     `inline_paths` must be answered by `app` quickly, without blocking, and with a small body
-    (a few KiB): the accepting thread answers them itself (see BoundedWSGIServer)."""
+    (a few KiB): the acceptor answers them itself (see BoundedWSGIServer)."""
     if sock is None:
         sock = listen.bind(host, port)
+    soft = raise_fd_limit()
+    # Half the descriptors for waiting heads, the rest for requests being served, services'
+    # pipes, checks and scrapes.
+    max_pending = max(16, min(MAX_PENDING, (soft - max_connections) // 2))
     server_class = type("Server", (BoundedWSGIServer,),
                         {"max_connections": max_connections, "address_family": sock.family,
-                         "inline_paths": frozenset(p.encode() for p in inline_paths),
-                         "prebound": sock})
+                         "inline_paths": frozenset(inline_paths), "prebound": sock,
+                         "gate": gate, "head_timeout": head_timeout,
+                         "max_pending": max_pending})
     server: BoundedWSGIServer = make_server(host, port, app, server_class, handler_class=_Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                               name="http", daemon=True)
