@@ -21,7 +21,11 @@ app returns or raises. An exception before the response started counts as status
 (`exception`, or `timeout` for TimeoutError) and propagates. A client that disconnects before the
 response completes counts as status 499 (`client_disconnect`, nginx's convention) - also when
 that surfaces as an exception (e.g. Starlette's ClientDisconnect); a different exception raised
-after the response started counts as 500 `exception`.
+after the response started counts as 500 `exception`. An exception that follows a complete
+5xx answer (Starlette's ServerErrorMiddleware sends its 500 page, then re-raises: the case
+when this middleware wraps a Starlette or FastAPI app from outside) labels that answer
+`exception` or `timeout` too; one that follows a complete non-5xx answer (a failed background
+task) leaves the status the client got.
 
 `_created` series: prometheus_client's switch (`disable_created_metrics()`) is process-global,
 so instead the metrics are built unregistered and `HttpMetrics` - the collector registered on
@@ -226,18 +230,21 @@ class MetricsMiddleware:
             return
         start = self.clock()
         entry_root_path = scope.get("root_path", "")
-        state: dict[str, Any] = {"status": None, "done": False, "disconnected": False}
+        state: dict[str, Any] = {"status": None, "done": False, "disconnected": False,
+                                 "completed": None}
 
-        def record(status: int, error_type: str | None = None) -> None:
+        def record(status: int, error_type: str | None = None,
+                   seconds: float | None = None) -> None:
             if state["done"]:
                 return
             state["done"] = True
+            took = self.clock() - start if seconds is None else seconds
             self.metrics.observe(scope.get("method", ""), self.endpoint(scope, entry_root_path),
-                                 status, self.clock() - start, error_type)
+                                 status, took, error_type)
 
         async def receive_wrapper() -> Message:
             message: Message = await receive()
-            if message.get("type") == "http.disconnect" and not state["done"]:
+            if message.get("type") == "http.disconnect" and state["completed"] is None:
                 state["disconnected"] = True
             return message
 
@@ -251,28 +258,43 @@ class MetricsMiddleware:
                 # ASGI 2.4: send() raises OSError once the client has gone.
                 state["disconnected"] = True
                 raise
-            if kind == "http.response.body" and not message.get("more_body", False):
-                record(state["status"] or 500)
-            elif kind == "http.response.pathsend":
-                record(state["status"] or 500)
+            if ((kind == "http.response.body" and not message.get("more_body", False))
+                    or kind == "http.response.pathsend"):
+                # Timed now; recorded when the app returns or raises, since an exception
+                # that follows an error page (Starlette's ServerErrorMiddleware sends its 500,
+                # then re-raises) is what that 500 was about.
+                state["completed"] = (state["status"] or 500, self.clock() - start)
 
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException as exc:
-            if state["disconnected"]:
+            completed = state["completed"]
+            if completed is not None:
+                status, took = completed
+                if status >= 500 and isinstance(exc, Exception):
+                    record(status, _exception_type(exc), took)
+                else:  # the client got its whole answer; a later failure does not change it
+                    record(status, None, took)
+            elif state["disconnected"]:
                 record(CLIENT_CLOSED)
             elif isinstance(exc, Exception):
-                record(500, "timeout" if isinstance(exc, TimeoutError) else "exception")
+                record(500, _exception_type(exc))
             else:
                 # Cancellation (server shutdown): nothing was answered; not the app's error.
                 record(CLIENT_CLOSED)
             raise
-        if state["disconnected"]:
+        if state["completed"] is not None:
+            record(state["completed"][0], None, state["completed"][1])
+        elif state["disconnected"]:
             record(CLIENT_CLOSED)
         elif state["status"] is None:
             record(500, "server_error")  # the server answers 500 for an app that sent nothing
         else:
             record(state["status"])
+
+
+def _exception_type(exc: BaseException) -> str:
+    return "timeout" if isinstance(exc, TimeoutError) else "exception"
 
 
 # -- WSGI ---------------------------------------------------------------------------------------

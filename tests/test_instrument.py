@@ -454,3 +454,49 @@ async def test_custom_buckets() -> None:
 def test_bad_buckets_are_refused(bad: tuple[Any, ...]) -> None:
     with pytest.raises(ValueError, match="buckets"):
         HttpMetrics(CollectorRegistry(), buckets=bad)
+
+
+async def slow_dependency(request: Request) -> PlainTextResponse:
+    raise TimeoutError("upstream")
+
+
+async def background_failure(request: Request) -> PlainTextResponse:
+    from starlette.background import BackgroundTask
+
+    def fail() -> None:
+        raise RuntimeError("after the answer")
+
+    return PlainTextResponse("ok", background=BackgroundTask(fail))
+
+
+@pytest.mark.parametrize("placement", ["outside", "inside"])
+async def test_starlette_exceptions_are_labelled_exception_or_timeout(placement: str) -> None:
+    """Wrapped around a Starlette app, the middleware sees ServerErrorMiddleware's 500 page
+    first and the exception after it: still `exception` / `timeout`, never `server_error`."""
+    from starlette.middleware import Middleware
+
+    registry = CollectorRegistry()
+    routes = [Route("/crash", crash), Route("/slow", slow_dependency),
+              Route("/background", background_failure), Route("/v1/events/{id}", event)]
+    if placement == "outside":
+        app: Any = MetricsMiddleware(Starlette(routes=routes), registry)
+    else:
+        app = Starlette(routes=routes, middleware=[Middleware(MetricsMiddleware,
+                                                              registry=registry)])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/crash")).status_code == 500
+        assert (await client.get("/slow")).status_code == 500
+        assert (await client.get("/background")).status_code == 200
+        assert (await client.get("/v1/events/missing")).status_code == 404
+    failed = "http_requests_failed_total"
+    assert value(registry, failed, method="GET", endpoint="/crash", status="500",
+                 error_type="exception") == 1
+    assert value(registry, failed, method="GET", endpoint="/slow", status="500",
+                 error_type="timeout") == 1
+    assert "server_error" not in label_values(registry, failed, "error_type")
+    # The client got its 200 before the background task failed: a 200 it stays.
+    assert value(registry, "http_requests_total", method="GET", endpoint="/background",
+                 status="200") == 1
+    assert value(registry, failed, method="GET", endpoint="/v1/events/{id}", status="404",
+                 error_type="not_found") == 1
