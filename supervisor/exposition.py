@@ -53,7 +53,9 @@ class SharedRenderMetricsApp:
         compress = gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", ""))
         names = tuple(sorted(parse_qs(environ.get("QUERY_STRING", "")).get("name[]", [])))
         body = self._shared((content_type, compress, names), encoder)
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        # The body depends on both negotiations: caches must key on them.
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                   ("Vary", "Accept, Accept-Encoding")]
         if compress:
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
