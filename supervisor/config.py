@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.datatypes import (
     interpolate,
@@ -24,6 +24,9 @@ from supervisor.datatypes import (
     signal_number,
 )
 from supervisor.errors import ConfigError
+
+if TYPE_CHECKING:
+    from supervisor.webconfig import WebConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -120,6 +123,9 @@ class Settings:
     max_connections: int = 128
     stdout_priority: int = 6  # the services' default (see ServiceSpec)
     stderr_priority: int = 4
+    web_config_file: str | None = None
+    # TLS and basic auth, read from web_config_file at load (and reload)
+    web_config: WebConfig | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -338,7 +344,7 @@ class _Parser:
         self.table(data, {"listen", "environment", "scrape_interval", "stats_interval",
                           "control_socket", "control_socket_group", "log_level",
                           "deny_metrics", "max_connections", "stdout_priority",
-                          "stderr_priority"}, where)
+                          "stderr_priority", "web_config_file"}, where)
         defaults = Settings()
         host, port = defaults.listen_host, defaults.listen_port
         listen = self.string(data, "listen", where)
@@ -350,6 +356,17 @@ class _Parser:
         environment = self.environ.get("ENVIRONMENT") or self.string(
             data, "environment", where, defaults.environment)
         control_socket = self.string(data, "control_socket", where)
+        web_config_file = self.string(data, "web_config_file", where)
+        web_config = None
+        if web_config_file:
+            from supervisor.webconfig import WebConfigError, load_web_config
+
+            web_config_file = self.resolve(web_config_file)
+            try:
+                web_config = load_web_config(web_config_file)
+            except WebConfigError as exc:
+                for problem in exc.problems:
+                    self.problem(f"{where}.web_config_file", f"{web_config_file}: {problem}")
         return Settings(
             listen_host=host,
             listen_port=port,
@@ -365,6 +382,8 @@ class _Parser:
                                          maximum=MAX_CONNECTIONS),
             stdout_priority=self.priority(data, "stdout_priority", where, 6),
             stderr_priority=self.priority(data, "stderr_priority", where, 4),
+            web_config_file=web_config_file or None,
+            web_config=web_config,
         )
 
     def service(self, name: str, data: Mapping[str, Any]) -> ServiceSpec:

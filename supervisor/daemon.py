@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from supervisor.readiness import ReadinessMonitor
     from supervisor.render import CachingRenderer, Source, Ticker
     from supervisor.scraper import Scraper, ScrapeResult
+    from supervisor.webauth import WebGate
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Daemon:
         self._retired: dict[str, tuple[int, dict[str, int]]] = {}
         self._replacing: frozenset[str] = frozenset()  # runners a reload is stopping for good
         self.listen_address: tuple[str, int] | None = None
+        self.warnings: tuple[str, ...] = ()  # shown in /v1/status and `supervisor status`
         self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
 
     def _observe(self) -> None:
@@ -131,6 +133,7 @@ class Daemon:
         from supervisor.readiness import ReadinessMonitor
         from supervisor.render import CachingRenderer, Ticker
         from supervisor.scraper import Scraper
+        from supervisor.webauth import WebGate
 
         config = self.config
         self._sampler: ProcStatsSampler = ProcStatsSampler()
@@ -143,6 +146,8 @@ class Daemon:
         self._own_process = own_process_collector()
         self._clock_tick: Ticker = Ticker(CLOCK_RESOLUTION)
         self.renderer: CachingRenderer = CachingRenderer(self._metric_sources, self._deny_list)
+        # Read per connection and per request: a reload's web config applies to the next one.
+        self.gate: WebGate = WebGate(lambda: self.config.settings.web_config)
         self.router: WSGIApp = self._build_router()
 
     # -- views read from HTTP threads -----------------------------------------------------
@@ -241,7 +246,7 @@ class Daemon:
         router.add_json("/v1/ready", self.ready)
         router.add_json("/v1/status", self.status)
         known = set(router.paths())
-        return instrument_wsgi(router, self.http_metrics,
+        return instrument_wsgi(self.gate.wsgi(router), self.http_metrics,
                                lambda environ: environ.get("PATH_INFO") if environ.get(
                                    "PATH_INFO") in known else "other")
 
@@ -269,7 +274,10 @@ class Daemon:
         self._reload_lock = anyio.Lock()
         bound_host, bound_port = listener.getsockname()[:2]
         self.listen_address = (str(bound_host), int(bound_port))
-        log.info("listening address=http://%s:%d/v1/metrics", *self.listen_address)
+        scheme = "https" if settings.web_config and settings.web_config.tls else "http"
+        log.info("listening address=%s://%s/v1/metrics", scheme,
+                 _host_port(*self.listen_address))
+        self._check_exposure()
         if self.subreaper:
             become_subreaper()
         server = None
@@ -290,7 +298,9 @@ class Daemon:
                 from supervisor.http import serve
 
                 server, _ = serve(settings.listen_host, settings.listen_port, self.router,
-                                  settings.max_connections, INLINE_PATHS, sock=listener)
+                                  settings.max_connections, INLINE_PATHS, sock=listener,
+                                  gate=self.gate)
+                self.http_server = server
                 self._observing.set()
                 await anyio.to_thread.run_sync(self.bridge.start)
                 await self._start_monitor()
@@ -542,6 +552,10 @@ class Daemon:
                 old.settings.listen_host, old.settings.listen_port):
             log.warning("reload: listen address changes take effect on restart only")
         self.config = new
+        if new.settings.web_config_file != old.settings.web_config_file or (
+                new.settings.web_config is not None):
+            log.info("reload: web config applied path=%s", new.settings.web_config_file or "-")
+        self._check_exposure()
         if new.checks != old.checks:
             await self._start_monitor()
         self.scraper.set_targets(_scrape_targets(new))
@@ -590,6 +604,23 @@ class Daemon:
                  ",".join(removed) or "-", ",".join(changed) or "-")
         self._notify("ready")
         return ReloadResult(True, (), tuple(added), tuple(removed), tuple(changed))
+
+    def _check_exposure(self) -> None:
+        """Warn (log and status) when the port is reachable beyond this host unprotected."""
+        if self.listen_address is None:
+            return
+        host, port = self.listen_address
+        warnings = []
+        web = self.config.settings.web_config
+        if not _is_loopback(host) and (web is None or (web.tls is None and not web.users)):
+            warnings.append(f"listen address {_host_port(host, port)} is not loopback and no "
+                            "web_config_file is set: metrics and status (pids, config path) "
+                            "are served to anyone who can reach it, without TLS or "
+                            "authentication")
+        if warnings and warnings != list(self.warnings):
+            for warning in warnings:
+                log.warning("%s", warning)
+        self.warnings = tuple(warnings)
 
     # -- background tasks -----------------------------------------------------------------
     async def _refresh_status(self) -> None:
@@ -663,6 +694,22 @@ class Daemon:
             if text != self._last_status:
                 self._last_status = text
                 self.notifier.status(text)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host == "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def _no_stats(cpu_carried: float) -> TreeStats:

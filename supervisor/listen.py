@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import socket
 
-BACKLOG = 128  # socketserver's default of 5 drops probes under bursts
+# socketserver's default of 5 drops probes under bursts; a full queue drops a SYN, which the
+# client retries only after a second. The kernel caps it at net.core.somaxconn (4096).
+BACKLOG = 1024
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -54,7 +54,8 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
         "daemon": {"pid": os.getpid(),
                    "uptime_seconds": round(now - daemon.started_at, 3),
                    "config": daemon.config.path,
-                   "last_reload_ok": daemon.last_reload_ok},
+                   "last_reload_ok": daemon.last_reload_ok,
+                   "warnings": list(daemon.warnings)},
         "services": services,
         "readiness": daemon.monitor.snapshot().body(),
     }

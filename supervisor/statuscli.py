@@ -65,6 +65,10 @@ def render(document: dict[str, Any]) -> str:
             lines.append(f"{s['name']}: waiting for {s['waiting_for']}")
         elif s.get("state") == "fatal" and s.get("last_error"):
             lines.append(f"{s['name']}: fatal: {s['last_error']}")
+    daemon = document.get("daemon")
+    warnings = daemon.get("warnings") if isinstance(daemon, dict) else None
+    for warning in warnings if isinstance(warnings, list) else []:
+        lines.append(f"WARNING: {warning}")
     readiness = document.get("readiness")
     if readiness is not None:
         lines.append("")
