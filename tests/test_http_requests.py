@@ -3,16 +3,21 @@ absolute-form targets are routed like origin-form, oversized and slow heads are 
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from supervisor.heads import Head, head_state, origin_form
 from supervisor.http import BoundedWSGIServer, Router, serve
+from tests.support import SLEEPER_CODE, running_daemon, service, write_config
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +129,23 @@ def test_head_state_and_origin_form() -> None:
     assert origin_form("http://h:1/a/b?c=d") == "/a/b?c=d"
     assert origin_form("http://h") == "/"
     assert origin_form("/v1/x?y") == "/v1/x?y"
+
+
+@pytest.mark.anyio
+async def test_metrics_vary_on_negotiation_and_ipv6_start_log_is_bracketed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    path = write_config(tmp_path, service("api", SLEEPER_CODE))
+    path.write_text(path.read_text().replace('listen = "127.0.0.1:', 'listen = "[::1]:'))
+    async with running_daemon(path) as daemon:
+        assert daemon.listen_address is not None
+        port = daemon.listen_address[1]
+        async with httpx.AsyncClient(timeout=10) as client:
+            for accept in ("", "application/openmetrics-text; version=1.0.0"):
+                response = await client.get(f"http://[::1]:{port}/v1/metrics",
+                                            headers={"Accept": accept})
+                assert response.status_code == 200
+                assert response.headers["vary"] == "Accept, Accept-Encoding"
+    logged = [r.getMessage() for r in caplog.records if "listening" in r.getMessage()]
+    assert logged == [f"listening address=http://[::1]:{port}/v1/metrics"]
+    assert urlsplit(logged[0].split("=", 1)[1]).port == port

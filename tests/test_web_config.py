@@ -314,3 +314,79 @@ basic_auth_users:
         web.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
                        "  client_auth_type: RequireAnyClientCert\n")
         load_web_config(str(web))
+
+
+async def test_prometheus_scrapes_over_mtls_with_basic_auth(tmp_path: Path, pki: PKI) -> None:
+    tls = "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n"
+    path = write_config(tmp_path, service("api", SLEEPER_CODE), web_config(pki, tls, users=True))
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    (prom_dir / "password").write_text(PASSWORD)
+    async with running_daemon(path) as daemon:
+        host, port = daemon.listen_address
+        prom_port = free_port()
+        (prom_dir / "prometheus.yml").write_text(f"""\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: supervisor
+    metrics_path: /v1/metrics
+    scheme: https
+    tls_config:
+      ca_file: {pki.directory / "ca.pem"}
+      cert_file: {pki.client}
+      key_file: {pki.client}
+    basic_auth:
+      username: prometheus
+      password_file: {prom_dir / "password"}
+    static_configs:
+      - targets: ['{host}:{port}']
+  - job_name: no-password
+    metrics_path: /v1/metrics
+    scheme: https
+    tls_config:
+      ca_file: {pki.directory / "ca.pem"}
+      cert_file: {pki.client}
+      key_file: {pki.client}
+    static_configs:
+      - targets: ['{host}:{port}']
+""")
+        log = (prom_dir / "prometheus.log").open("wb")
+        proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={prom_dir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={prom_dir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{prom_port}"],
+            start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                found: dict[str, str] = {}
+                with anyio.fail_after(30):
+                    while set(found) != {"supervisor", "no-password"} or found.get(
+                            "supervisor") != "1":
+                        assert proc.poll() is None, (prom_dir / "prometheus.log").read_text()
+                        try:
+                            response = await client.get(
+                                f"http://127.0.0.1:{prom_port}/api/v1/query",
+                                params={"query": 'up or service_up{service="api"}'})
+                            for r in response.json()["data"]["result"]:
+                                job = r["metric"].get("job", "")
+                                if r["metric"]["__name__"] == "up":
+                                    found[job] = r["value"][1]
+                        except (httpx.TransportError, KeyError, ValueError):
+                            pass
+                        await anyio.sleep(0.3)
+                assert found == {"supervisor": "1", "no-password": "0"}
+                # Prometheus' own series from the scrape, labelled by the daemon.
+                response = await client.get(f"http://127.0.0.1:{prom_port}/api/v1/query",
+                                            params={"query": 'service_up{service="api"}'})
+                result = response.json()["data"]["result"]
+                assert result and result[0]["metric"]["job"] == "supervisor"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+            log.close()
