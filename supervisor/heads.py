@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 16 * 1024  # request line and headers; Prometheus sends about 300 bytes
 # METHOD SP request-target SP HTTP-version (RFC 9112 section 3); a token, no spaces in the target.
-_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e\x80-\xff]+ HTTP/[0-9]\.[0-9]\r?")
+_REQUEST_LINE = re.compile(
+    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e\x80-\xff]+ HTTP/[0-9]\.[0-9]\r?")
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://", re.ASCII)
 
 
@@ -85,5 +86,6 @@ def simple_response(status: int, extra: bytes = b"") -> bytes:
     """A complete response that closes the connection, for answers given before any handler."""
     reason = _REASONS[status]
     body = f"{reason}\n".encode()
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode() + extra + b"\r\n" + body
+    return ((f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode() + extra
+            + b"\r\n" + body)

@@ -21,11 +21,9 @@ so a client reading a byte a second cannot hold a worker either.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import queue
-import resource
 import selectors
 import socket
 import ssl
@@ -34,27 +32,19 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import make_server
 
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from supervisor import listen
-from supervisor.heads import (
-    Head,
-    head_state,
-    origin_form,
-    request_path,
-    simple_response,
-    skip_empty_lines,
-)
+from supervisor.heads import Head, head_state, request_path, simple_response, skip_empty_lines
+from supervisor.httpconn import HANDLER_TIMEOUT, Accepted, Handler, raise_fd_limit
 
 log = logging.getLogger(__name__)
 
-HANDLER_TIMEOUT = 5.0  # seconds one send may wait
 HEAD_TIMEOUT = 5.0  # seconds from accept to a complete request head, TLS handshake included
 RESPONSE_TIMEOUT = 30.0  # seconds to send a whole response (1 MiB at 35 KiB/s)
 MAX_PENDING = 1024  # connections waiting for their head; the oldest goes beyond that
-FD_SOFT_LIMIT = 4096  # RLIMIT_NOFILE soft limit the listener raises itself to (up to hard)
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 JSONHandler = Callable[[], tuple[int, dict[str, Any]]]
 
@@ -113,93 +103,6 @@ class Gate(Protocol):
     def tls_context(self) -> ssl.SSLContext | None: ...
     def peer_allowed(self, sock: ssl.SSLSocket) -> bool: ...
     def inline_ok(self, head: bytes) -> bool: ...
-
-
-@dataclass(eq=False)
-class _Accepted:
-    """A connection whose head has arrived: what the handler reads first, then the socket."""
-
-    sock: socket.socket
-    head: bytes
-    timeout: float | None  # None: leave the socket non-blocking (answered by the acceptor)
-    deadline: float = field(default=0.0)
-
-
-class _PrefixedReader(io.RawIOBase):
-    """The bytes already read from a socket, then the socket itself."""
-
-    def __init__(self, prefix: bytes, sock: socket.socket) -> None:
-        self._prefix = memoryview(prefix)
-        self._sock = sock
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        if self._prefix:
-            n = min(len(buffer), len(self._prefix))
-            buffer[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        return self._sock.recv_into(buffer)
-
-
-class _DeadlineWriter(io.RawIOBase):
-    """Sends under one total deadline: a per-send timeout alone lets a client that reads a
-    byte a second hold the sender forever."""
-
-    def __init__(self, sock: socket.socket, deadline: float | None) -> None:
-        self._sock = sock
-        self._deadline = deadline
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("response deadline passed")
-            self._sock.settimeout(min(left, HANDLER_TIMEOUT))
-        return self._sock.send(data)
-
-
-class _Handler(WSGIRequestHandler):
-    # wsgiref writes the status line, Date, Server, the other headers and the body with one
-    # sendall each; unbuffered, that is five syscalls, each dropping and retaking the GIL.
-    # Buffered, a small response leaves in one send (finish() flushes). Measured on the bare
-    # server with 20 clients: 1,900 -> 2,900 requests/s.
-    wbufsize = 64 * 1024
-    # parse_request() sets the version only once the request line is understood; an error
-    # before that was sent HTTP/0.9 style, without a status line.
-    default_request_version = "HTTP/1.0"
-
-    def setup(self) -> None:
-        accepted: _Accepted = self.request
-        self.connection = accepted.sock
-        if accepted.timeout is not None:
-            self.connection.settimeout(accepted.timeout)
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        self.rfile = io.BufferedReader(_PrefixedReader(accepted.head, accepted.sock))
-        self.wfile = io.BufferedWriter(
-            _DeadlineWriter(accepted.sock, accepted.deadline if accepted.timeout else None),
-            self.wbufsize)
-
-    def parse_request(self) -> bool:
-        if not super().parse_request():
-            return False
-        self.path = origin_form(self.path)
-        return True
-
-    def get_environ(self) -> dict[str, Any]:
-        environ: dict[str, Any] = super().get_environ()
-        if isinstance(self.connection, ssl.SSLSocket):
-            environ["HTTPS"] = "on"
-        return environ
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("http %s %s", self.address_string(), format % args)
 
 
 @dataclass(eq=False)
@@ -452,11 +355,11 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         except OSError:
             pass
 
-    def _reject(self, p: _Pending, status: int) -> None:
+    def _reject(self, p: _Pending, status: int, extra: bytes = b"") -> None:
         """Answer at once, without a handler, as far as the send buffer takes it, and close."""
         self._forget(p)
         try:
-            p.sock.send(simple_response(status))
+            p.sock.send(simple_response(status, extra))
         except (OSError, ValueError):
             pass
         self.shutdown_request(p.sock)
@@ -466,12 +369,12 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         head = bytes(p.buf)
         if (request_path(head[:length]) in self.inline_paths
                 and (self.gate is None or self.gate.inline_ok(head[:length]))):
-            self._handle(_Accepted(p.sock, head, None), p.address, slot=False)
+            self._handle(Accepted(p.sock, head, None), p.address, slot=False)
             return
         if not self._slots.acquire(blocking=False):
-            self._reject(p, 503)
+            self._reject(p, 503, b"Retry-After: 1\r\n")
             return
-        accepted = _Accepted(p.sock, head, HANDLER_TIMEOUT,
+        accepted = Accepted(p.sock, head, HANDLER_TIMEOUT,
                              time.monotonic() + self.response_timeout)
         try:
             self._to_worker((accepted, p.address))
@@ -500,10 +403,11 @@ class BoundedWSGIServer(ThreadingWSGIServer):
                 self._workers.discard(worker)
             raise
 
-    def _handle(self, request: _Accepted, client_address: Any, slot: bool = True) -> None:
+    def _handle(self, request: Accepted, client_address: Any, slot: bool = True) -> None:
         """Serve one connection, close it and free its slot."""
         try:
-            self.finish_request(request, client_address)
+            # _Handler.setup() takes the _Accepted apart.
+            self.finish_request(request, client_address)  # type: ignore[arg-type]
         except Exception:
             self.handle_error(request, client_address)
         finally:
@@ -561,20 +465,6 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         log.debug("http connection error from %s", client_address, exc_info=True)
 
 
-def raise_fd_limit(wanted: int = FD_SOFT_LIMIT) -> int:
-    """Raise the soft RLIMIT_NOFILE towards `wanted` (never above the hard limit, never
-    down); the soft limit now. Services inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (OSError, ValueError):
-            pass
-    return soft
-
-
 def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128,
           inline_paths: Iterable[str] = (), sock: socket.socket | None = None,
           gate: Gate | None = None, head_timeout: float = HEAD_TIMEOUT,
@@ -594,7 +484,7 @@ def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128,
                          "inline_paths": frozenset(inline_paths), "prebound": sock,
                          "gate": gate, "head_timeout": head_timeout,
                          "max_pending": max_pending})
-    server: BoundedWSGIServer = make_server(host, port, app, server_class, handler_class=_Handler)
+    server: BoundedWSGIServer = make_server(host, port, app, server_class, handler_class=Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                               name="http", daemon=True)
     thread.start()

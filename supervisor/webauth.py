@@ -59,7 +59,8 @@ class WebGate:
         if not cert:  # no certificate: only client_auth_type decides
             return config.client_auth_type in ("NoClientCert", "RequestClientCert",
                                                "VerifyClientCertIfGiven")
-        for kind, value in cert.get("subjectAltName", ()):
+        entries: Any = cert.get("subjectAltName", ())
+        for kind, value in entries:
             if kind == "IP Address":
                 value = str(ipaddress.ip_address(value.strip()))
             if value in config.allowed_sans:

@@ -225,13 +225,16 @@ class _Parser:
             burst = 0
         return interval, int(burst)
 
-    def tls(self, data: dict[str, Any]) -> tuple[ssl.SSLContext | None, str, tuple[str, ...] | None]:
+    def tls(self, data: dict[str, Any]
+            ) -> tuple[ssl.SSLContext | None, str, tuple[str, ...] | None]:
         where = "tls_server_config"
-        cert_file, key_file = self.file(data, "cert_file", where), self.file(data, "key_file", where)
+        cert_file = self.file(data, "cert_file", where)
+        key_file = self.file(data, "key_file", where)
         ca_file = self.file(data, "client_ca_file", where)
         cert, key, ca_text = (self.string(data, k, where) for k in ("cert", "key", "client_ca"))
         auth_type = self.string(data, "client_auth_type", where)
-        sans = self.strings(data, "client_allowed_sans", where)
+        san_list = self.strings(data, "client_allowed_sans", where)
+        sans = tuple(san_list) if san_list is not None else None
         enabled = any((cert_file, key_file, ca_file, cert, key, ca_text, auth_type))
         if not enabled:
             return None, "NoClientCert", None
@@ -298,8 +301,7 @@ class _Parser:
                 self.problem(f"{where}.{key_name}", f"cannot load: {_reason(exc)}")
         # RequestClientCert asks for a certificate and ignores it: access is the same as with
         # NoClientCert, which is what Python can do (it cannot ask without verifying).
-        return (None if self.problems else context), auth_type, (
-            tuple(sans) if sans is not None else None)
+        return (None if self.problems else context), auth_type, sans
 
     def version(self, data: dict[str, Any], key: str) -> ssl.TLSVersion | None:
         value = data.get(key)

@@ -8,6 +8,7 @@ import http.client
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from supervisor.http import Router, serve
 
@@ -95,6 +96,53 @@ def test_a_stalled_partial_request_does_not_hold_up_probes() -> None:
     finally:
         for sock in stalled:
             sock.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_a_client_reading_its_answer_slowly_frees_its_slot_at_the_deadline() -> None:
+    big = b"x" * (64 * 1024 * 1024)  # far more than the socket buffers hold
+
+    stop = threading.Event()
+    trickler = threading.Thread()
+
+    def huge(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", str(len(big)))])
+        return [big]
+
+    router = Router()
+    router.add_app("/huge", huge)
+    router.add_json("/v1/status", lambda: (200, {"status": "ok"}))
+    server, thread = serve("127.0.0.1", 0, router, max_connections=1)
+    server.response_timeout = 1.0
+    port = server.server_address[1]
+    reader = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        reader.sendall(b"GET /huge HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader.recv(1)  # the answer started; from now on it reads 64 KiB every 0.1 s: each
+        stop = threading.Event()  # send() progresses (no per-send timeout), 64 MiB take 100 s
+
+        def trickle() -> None:
+            while not stop.wait(0.1):
+                try:
+                    if not reader.recv(65536):
+                        return
+                except OSError:
+                    return
+
+        trickler = threading.Thread(target=trickle, daemon=True)
+        trickler.start()
+        assert _get(port, "/v1/status") == 503  # the only slot is held ...
+        started = time.monotonic()
+        while _get(port, "/v1/status") != 200:  # ... until the response deadline frees it
+            assert time.monotonic() - started < 8.0, "the slot was never freed"
+            time.sleep(0.1)
+        assert 0.5 < time.monotonic() - started
+    finally:
+        stop.set()
+        trickler.join(5)
+        reader.close()
         server.shutdown()
         server.server_close()
         thread.join(10)

@@ -78,7 +78,8 @@ def test_wsgiref_errors_have_a_status_line(server: BoundedWSGIServer, request_li
 
 
 @given(st.binary(min_size=1, max_size=300))
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_any_bytes_get_a_status_line_or_nothing(server: BoundedWSGIServer, data: bytes) -> None:
     answer = exchange(server, data.replace(b"\r\n\r\n", b"") + b"\r\n\r\n")
     assert answer == b"" or answer[:9] in (b"HTTP/1.1 ", b"HTTP/1.0 "), answer[:80]

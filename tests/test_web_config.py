@@ -32,6 +32,7 @@ pytestmark = pytest.mark.anyio
 PASSWORD = "s3cret/+#pa:ss"  # a base64-ish password with the awkward characters
 # TLS 1.3 alerts after the handshake surface as ssl.SSLError from httpx on asyncio
 REFUSED = (httpx.TransportError, ssl.SSLError)
+TLS_ONLY = "  min_version: TLS12\n"  # server certificate, no client certificates
 HASH = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()  # cost 4: a fast test
 
 
@@ -85,7 +86,7 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 
 async def test_tls_serves_https_and_refuses_plain_http(tmp_path: Path, pki: PKI) -> None:
-    path = write_config(tmp_path, service("api", SLEEPER_CODE), web_config(pki, tls="  min_version: TLS12\n"))
+    path = write_config(tmp_path, service("api", SLEEPER_CODE), web_config(pki, TLS_ONLY))
     async with running_daemon(path) as daemon, httpx.AsyncClient(
             verify=pki.client_context(), timeout=10) as client:
         for endpoint in ("/v1/metrics", "/v1/health", "/v1/ready", "/v1/status"):
@@ -181,7 +182,7 @@ async def test_basic_auth_over_mtls_and_a_reload_that_turns_auth_on(tmp_path: Pa
 
 
 async def test_a_slow_tls_handshake_does_not_hold_up_probes(tmp_path: Path, pki: PKI) -> None:
-    path = write_config(tmp_path, service("api", SLEEPER_CODE), web_config(pki, tls="  min_version: TLS12\n"))
+    path = write_config(tmp_path, service("api", SLEEPER_CODE), web_config(pki, TLS_ONLY))
     async with running_daemon(path) as daemon:
         host, port = daemon.listen_address
         # Half a ClientHello each, then silence: a handshake that never completes.
@@ -229,7 +230,7 @@ async def test_a_wide_unprotected_listen_address_warns(tmp_path: Path, pki: PKI,
     # With TLS and users the same address is protected: no warning.
     caplog.clear()
     path.write_text(text.replace("[supervisor]\n", "[supervisor]\n" + web_config(
-        pki, tls="  min_version: TLS12\n", users=True)))
+        pki, TLS_ONLY, users=True)))
     del port
     async with running_daemon(path) as daemon:
         assert daemon.warnings == ()
@@ -277,7 +278,7 @@ def test_check_config_names_the_file_and_key(tmp_path: Path, pki: PKI) -> None:
 def test_a_node_exporter_web_config_loads_unchanged(pki: PKI) -> None:
     """The toolkit's own sample (docs/web-config.yml) plus the keys node_exporter users set."""
     web = pki.directory / "node.yml"
-    web.write_text(f"""\
+    web.write_text("""\
 # Minimal TLS configuration example. Additionally, a certificate and a key file
 # are needed.
 tls_server_config:
@@ -353,7 +354,7 @@ scrape_configs:
       - targets: ['{host}:{port}']
 """)
         log = (prom_dir / "prometheus.log").open("wb")
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for in finally
             [PROMETHEUS, f"--config.file={prom_dir / 'prometheus.yml'}",
              f"--storage.tsdb.path={prom_dir / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{prom_port}"],
