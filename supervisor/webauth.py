@@ -8,12 +8,16 @@ a time and its results are cached (at most CACHE_SIZE entries, keyed by user, ha
 password), so scrapes with the same credentials cost one check, not one per request.
 
 The current config is read per connection (TLS) and per request (auth), so a reload applies
-to the next connection.
+to the next connection. Like the toolkit, which reads the file on every request, changed files
+are picked up without a reload: at most once every REFRESH_INTERVAL the web config file and
+the certificate, key and CA files it names are stat()ed, and re-read if one changed (rotated
+certificates). A file that no longer loads is logged and the last good config stays.
 """
 
 from __future__ import annotations
 
 import base64
+import logging
 import binascii
 import hmac
 import ipaddress
@@ -25,7 +29,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from supervisor.heads import header
-from supervisor.webconfig import WebConfig
+from supervisor.webconfig import WebConfig, WebConfigError, file_stamp, load_web_config
+
+log = logging.getLogger(__name__)
+REFRESH_INTERVAL = 1.0  # seconds between checks of the web config's files
 
 CACHE_SIZE = 100
 # bcrypt of "fakepassword", the toolkit's: compared for unknown users.
@@ -37,14 +44,46 @@ _UNAUTHORIZED = b"Unauthorized\n"
 class WebGate:
     """The listener's view of the web config: TLS context, SAN check, auth, headers."""
 
-    def __init__(self, current: Callable[[], WebConfig | None]) -> None:
-        self.current = current
+    def __init__(self, loaded: Callable[[], WebConfig | None]) -> None:
+        self.loaded = loaded  # the config's own (start or last reload)
+        self._base: WebConfig | None = None
+        self._active: WebConfig | None = None
+        self._checked = 0.0
+        self._failed_stamp: object = None
+        self._refresh_lock = threading.Lock()
         self._cache: dict[tuple[str, str, bytes], bool] = {}
         self._cache_lock = threading.Lock()
         self._bcrypt_lock = threading.Lock()
         self._rate_lock = threading.Lock()
         self._tokens = 0.0
         self._refilled = time.monotonic()
+
+    def current(self) -> WebConfig | None:
+        """The config to apply now: the loaded one, or a newer read of its changed files."""
+        base = self.loaded()
+        if base is None:
+            return None
+        now = time.monotonic()
+        if base is self._base and now - self._checked < REFRESH_INTERVAL:
+            return self._active
+        with self._refresh_lock:
+            if base is not self._base:  # started, or reloaded: the reload's read wins
+                self._base, self._active, self._checked = base, base, now
+                return base
+            if now - self._checked < REFRESH_INTERVAL:
+                return self._active
+            self._checked = now
+            active = self._active or base
+            stamp = file_stamp(path for path, *_ in active.stamp)
+            if stamp != active.stamp and stamp != self._failed_stamp:
+                try:
+                    self._active = load_web_config(active.path)
+                    log.info("web config re-read: its files changed path=%s", active.path)
+                except WebConfigError as exc:
+                    self._failed_stamp = stamp
+                    log.error("web config changed but does not load; keeping the last good "
+                              "one path=%s problems=%s", active.path, "; ".join(exc.problems))
+            return self._active
 
     # -- TLS (called by the acceptor) -----------------------------------------------------
     def tls_context(self) -> ssl.SSLContext | None:

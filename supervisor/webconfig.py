@@ -19,7 +19,7 @@ import os
 import re
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,20 @@ class WebConfig:
     headers: tuple[tuple[str, str], ...] = ()
     rate_interval: float = 0.0  # seconds between requests; 0: no rate limit
     rate_burst: int = 0
+    stamp: tuple[tuple[str, int, int, int], ...] = ()  # the files read, as file_stamp() saw them
+
+
+def file_stamp(paths: Iterable[str]) -> tuple[tuple[str, int, int, int], ...]:
+    """(path, inode, size, mtime) of each file, following symlinks (Kubernetes secrets are
+    swapped by symlink); a missing file reads as zeros."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            out.append((path, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((path, 0, 0, 0))
+    return tuple(out)
 
 
 def load_web_config(path: str) -> WebConfig:
@@ -126,6 +140,7 @@ class _Parser:
         self.path = path
         self.base = os.path.dirname(os.path.abspath(path))
         self.problems: list[str] = []
+        self.files: list[str] = []  # the certificate, key and CA files named
 
     def problem(self, where: str, message: str) -> None:
         self.problems.append(f"{where}: {message}")
@@ -167,7 +182,10 @@ class _Parser:
 
     def file(self, data: dict[str, Any], key: str, where: str) -> str:
         value = self.string(data, key, where)
-        return os.path.join(self.base, value) if value and not os.path.isabs(value) else value
+        path = os.path.join(self.base, value) if value and not os.path.isabs(value) else value
+        if path:
+            self.files.append(path)
+        return path
 
     def parse(self, data: Any) -> WebConfig:
         top = self.mapping(data, "", {"tls_server_config", "http_server_config", "rate_limit",
@@ -181,7 +199,8 @@ class _Parser:
         context, auth_type, sans = self.tls(tls_data)
         if self.problems:
             raise WebConfigError(self.problems)
-        return WebConfig(self.path, context, auth_type, sans, users, headers, interval, burst)
+        return WebConfig(self.path, context, auth_type, sans, users, headers, interval, burst,
+                         file_stamp([self.path, *self.files]))
 
     def users(self, value: Any) -> dict[str, str]:
         users: dict[str, str] = {}

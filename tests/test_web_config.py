@@ -391,3 +391,42 @@ scrape_configs:
                 proc.kill()
                 proc.wait(10)
             log.close()
+
+
+async def test_rotated_certificates_and_edited_users_apply_without_a_reload(
+        tmp_path: Path, pki: PKI, caplog: pytest.LogCaptureFixture) -> None:
+    """As with the toolkit, which reads the file per request: cert-manager style rotation."""
+    path = write_config(tmp_path, service("api", SLEEPER_CODE), web_config(pki, TLS_ONLY))
+    async with running_daemon(path) as daemon:
+        async with httpx.AsyncClient(verify=pki.client_context(), timeout=10) as client:
+            assert (await client.get(url(daemon) + "/v1/health")).status_code == 200
+        new_ca = trustme.CA()
+        rotated = new_ca.issue_cert("127.0.0.1")
+        rotated.cert_chain_pems[0].write_to_path(str(pki.directory / "server.crt"))
+        rotated.private_key_pem.write_to_path(str(pki.directory / "server.key"))
+        new_trust = ssl.create_default_context()
+        new_ca.configure_trust(new_trust)
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    async with httpx.AsyncClient(verify=new_trust, timeout=5) as client:
+                        response = await client.get(url(daemon) + "/v1/health")
+                        assert response.status_code == 200
+                        break
+                except REFUSED:
+                    await anyio.sleep(0.2)
+        # Users added to the file: required from then on, still without a reload.
+        web_config(pki, TLS_ONLY, users=True)
+        async with httpx.AsyncClient(verify=new_trust, timeout=5) as client:
+            with anyio.fail_after(10):
+                while (await client.get(url(daemon) + "/v1/status")).status_code != 401:
+                    await anyio.sleep(0.2)
+            # A broken edit is logged and ignored: the last good config stays.
+            caplog.set_level(logging.ERROR)
+            (pki.directory / "web.yml").write_text("tls_server_config: [\n")
+            with anyio.fail_after(10):
+                while not any("does not load" in r.getMessage() for r in caplog.records):
+                    await client.get(url(daemon) + "/v1/health")  # the files are checked then
+                    await anyio.sleep(0.2)
+            assert (await client.get(url(daemon) + "/v1/status",
+                                     headers=basic("prometheus", PASSWORD))).status_code == 200
