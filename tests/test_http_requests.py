@@ -150,3 +150,32 @@ async def test_metrics_vary_on_negotiation_and_ipv6_start_log_is_bracketed(
     logged = [r.getMessage() for r in caplog.records if "listening" in r.getMessage()]
     assert logged == [f"listening address=http://[::1]:{port}/v1/metrics"]
     assert urlsplit(logged[0].split("=", 1)[1]).port == port
+
+
+_TOKEN = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
+
+
+@given(method=st.sampled_from(["GET", "HEAD", "POST", "BREW"]),
+       target=st.text("abc/?=&%.-_~", min_size=1, max_size=30).map(lambda t: "/" + t),
+       headers=st.lists(st.tuples(_TOKEN, st.text("abc 123;=,/", max_size=40)), max_size=8),
+       newline=st.sampled_from(["\r\n", "\n"]), body=st.binary(max_size=20),
+       cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_a_head_arriving_in_any_pieces_ends_where_it_ends(
+        method: str, target: str, headers: list[tuple[str, str]], newline: str, body: bytes,
+        cuts: list[int]) -> None:
+    head = (f"{method} {target} HTTP/1.1{newline}"
+            + "".join(f"{k}: {v}{newline}" for k, v in headers) + newline).encode()
+    data = head + body
+    buf = bytearray()
+    searched = 0
+    state, length = Head.INCOMPLETE, 0
+    for start, end in zip([0, *sorted(cuts)], [*sorted(cuts), len(data)], strict=True):
+        buf += data[start:end]
+        state, length = head_state(buf, searched)
+        searched = len(buf)
+        if state is not Head.INCOMPLETE:
+            break
+    if state is Head.INCOMPLETE:  # the last pieces were cut off by `cuts` beyond the data
+        state, length = head_state(buf, searched)
+    assert (state, length) == (Head.COMPLETE, len(head))

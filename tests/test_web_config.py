@@ -430,3 +430,22 @@ async def test_rotated_certificates_and_edited_users_apply_without_a_reload(
                     await anyio.sleep(0.2)
             assert (await client.get(url(daemon) + "/v1/status",
                                      headers=basic("prometheus", PASSWORD))).status_code == 200
+
+
+@pytest.mark.parametrize("auth_type,without,rogue", [
+    ("VerifyClientCertIfGiven", True, False),
+    ("RequestClientCert", True, True),  # asked for, never verified: access as NoClientCert
+])
+async def test_optional_client_certificate_policies(tmp_path: Path, pki: PKI, auth_type: str,
+                                                    without: bool, rogue: bool) -> None:
+    ca_line = "  client_ca_file: ca.pem\n" if auth_type == "VerifyClientCertIfGiven" else ""
+    tls = f"  client_auth_type: {auth_type}\n{ca_line}"
+    path = write_config(tmp_path, service("api", SLEEPER_CODE), web_config(pki, tls))
+    async with running_daemon(path) as daemon:
+        for cert, allowed in ((None, without), (pki.client, True), (pki.rogue_client, rogue)):
+            async with httpx.AsyncClient(verify=pki.client_context(cert), timeout=10) as client:
+                if allowed:
+                    assert (await client.get(url(daemon) + "/v1/health")).status_code == 200
+                else:
+                    with pytest.raises(REFUSED):
+                        await client.get(url(daemon) + "/v1/health")
