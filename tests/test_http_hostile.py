@@ -74,6 +74,7 @@ class Dribbler:
                     pass
 
 
+@pytest.mark.slow
 async def test_slowloris_cannot_fail_probes_and_its_connections_are_freed(
         tmp_path: Path) -> None:
     path = write_config(tmp_path, service("api", SLEEPER_CODE, start_seconds=0.1))

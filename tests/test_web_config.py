@@ -317,6 +317,7 @@ basic_auth_users:
         load_web_config(str(web))
 
 
+@pytest.mark.slow
 async def test_prometheus_scrapes_over_mtls_with_basic_auth(tmp_path: Path, pki: PKI) -> None:
     tls = "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n"
     path = write_config(tmp_path, service("api", SLEEPER_CODE), web_config(pki, tls, users=True))
