@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 HEAD_TIMEOUT = 5.0  # seconds from accept to a complete request head, TLS handshake included
 RESPONSE_TIMEOUT = 30.0  # seconds to send a whole response (1 MiB at 35 KiB/s)
 MAX_PENDING = 1024  # connections waiting for their head; the oldest goes beyond that
+RECV_BYTES = 16 * 1024  # per read of a head: a head over MAX_HEAD_BYTES is refused at once
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 JSONHandler = Callable[[], tuple[int, dict[str, Any]]]
 
@@ -202,14 +203,19 @@ class BoundedWSGIServer(ThreadingWSGIServer):
                 if paused_until:
                     timeout = min(timeout, max(0.0, paused_until - now))
                 for key, _mask in sel.select(timeout):
-                    if key.data == "listen":
-                        if not self._accept_some():
-                            sel.unregister(self.socket)  # out of fds: retry in a moment
-                            paused_until = time.monotonic() + 0.05
-                    elif key.data == "wake":
-                        self._drain_wake()
-                    elif key.fileobj in self._pending:
-                        self._advance(key.data)
+                    try:
+                        if key.data == "listen":
+                            if not self._accept_some():
+                                sel.unregister(self.socket)  # out of fds: retry in a moment
+                                paused_until = time.monotonic() + 0.05
+                        elif key.data == "wake":
+                            self._drain_wake()
+                        elif key.fileobj in self._pending:
+                            self._advance(key.data)
+                    except Exception:  # a bug must cost one connection, never the listener
+                        log.exception("http: acceptor error")
+                        if isinstance(key.data, _Pending):
+                            self._drop(key.data)
                 self._expire(time.monotonic())
         finally:
             for pending in list(self._pending.values()):
@@ -279,7 +285,7 @@ class BoundedWSGIServer(ThreadingWSGIServer):
                 return
             for _ in range(16):
                 try:
-                    data = p.sock.recv(65536)
+                    data = p.sock.recv(RECV_BYTES)
                 except (BlockingIOError, ssl.SSLWantReadError):
                     self._want(p, selectors.EVENT_READ)
                     return
@@ -304,7 +310,7 @@ class BoundedWSGIServer(ThreadingWSGIServer):
                     self._reject(p, 431)
                     return
                 if not (isinstance(p.sock, ssl.SSLSocket) and p.sock.pending()):
-                    if len(data) < 65536:
+                    if len(data) < RECV_BYTES:
                         return
         except (OSError, ValueError):  # ssl.SSLError is an OSError
             self._drop(p)
@@ -378,10 +384,10 @@ class BoundedWSGIServer(ThreadingWSGIServer):
                              time.monotonic() + self.response_timeout)
         try:
             self._to_worker((accepted, p.address))
-        except BaseException:
+        except Exception:  # no thread could be started: refuse this one, keep serving
+            log.exception("http: cannot hand a request to a worker")
             self._slots.release()
-            self.shutdown_request(p.sock)
-            raise
+            self._reject(p, 503, b"Retry-After: 1\r\n")
 
     # -- the pool -------------------------------------------------------------------------
     def _to_worker(self, item: tuple[Any, Any]) -> None:
