@@ -277,6 +277,10 @@ class Daemon:
         scheme = "https" if settings.web_config and settings.web_config.tls else "http"
         log.info("listening address=%s://%s/v1/metrics", scheme,
                  _host_port(*self.listen_address))
+        web = settings.web_config
+        if web is not None:
+            log.info("web config path=%s tls=%s client_auth=%s basic_auth_users=%d",
+                     web.path, "on" if web.tls else "off", web.client_auth_type, len(web.users))
         self._check_exposure()
         if self.subreaper:
             become_subreaper()

@@ -55,7 +55,7 @@ class WebGate:
         self._cache_lock = threading.Lock()
         self._bcrypt_lock = threading.Lock()
         self._rate_lock = threading.Lock()
-        self._tokens = 0.0
+        self._tokens: float | None = None  # full at the first request, as Go's limiter starts
         self._refilled = time.monotonic()
 
     def current(self) -> WebConfig | None:
@@ -156,8 +156,9 @@ class WebGate:
             return True
         with self._rate_lock:
             now = time.monotonic()
+            tokens = float(config.rate_burst) if self._tokens is None else self._tokens
             self._tokens = min(float(config.rate_burst),
-                               self._tokens + (now - self._refilled) / config.rate_interval)
+                               tokens + (now - self._refilled) / config.rate_interval)
             self._refilled = now
             if self._tokens >= 1.0:
                 self._tokens -= 1.0

@@ -450,3 +450,18 @@ async def test_optional_client_certificate_policies(tmp_path: Path, pki: PKI, au
                 else:
                     with pytest.raises(REFUSED):
                         await client.get(url(daemon) + "/v1/health")
+
+
+async def test_rate_limit_and_security_headers(tmp_path: Path, pki: PKI) -> None:
+    (pki.directory / "web.yml").write_text(
+        "rate_limit:\n  interval: 10s\n  burst: 3\n"
+        "http_server_config:\n  headers:\n    X-Frame-Options: deny\n"
+        "    Content-Security-Policy: default-src 'none'\n")
+    path = write_config(tmp_path, service("api", SLEEPER_CODE),
+                        f'web_config_file = "{pki.directory / "web.yml"}"\n')
+    async with running_daemon(path) as daemon, httpx.AsyncClient(timeout=10) as client:
+        answers = [await client.get(url(daemon, "http") + "/v1/health") for _ in range(5)]
+        assert [r.status_code for r in answers] == [200, 200, 200, 429, 429]
+        for response in answers:
+            assert response.headers["x-frame-options"] == "deny"
+            assert response.headers["content-security-policy"] == "default-src 'none'"
