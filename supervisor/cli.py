@@ -95,6 +95,12 @@ def _check_config(path: str) -> int:
     names = ", ".join(config.services)
     print(f"{path}: ok ({len(config.services)} services: {names}; "
           f"{len(config.checks)} checks)")
+    from supervisor.listen import exposure_warning
+
+    settings = config.settings
+    warning = exposure_warning(settings.listen_host, settings.listen_port, settings.web_config)
+    if warning:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -615,12 +615,9 @@ class Daemon:
             return
         host, port = self.listen_address
         warnings = []
-        web = self.config.settings.web_config
-        if not _is_loopback(host) and (web is None or (web.tls is None and not web.users)):
-            warnings.append(f"listen address {_host_port(host, port)} is not loopback and no "
-                            "web_config_file is set: metrics and status (pids, config path) "
-                            "are served to anyone who can reach it, without TLS or "
-                            "authentication")
+        warning = listen.exposure_warning(host, port, self.config.settings.web_config)
+        if warning:
+            warnings.append(warning)
         if warnings and warnings != list(self.warnings):
             for warning in warnings:
                 log.warning("%s", warning)
@@ -702,18 +699,6 @@ class Daemon:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host == "localhost"
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def _no_stats(cpu_carried: float) -> TreeStats:

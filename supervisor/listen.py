@@ -7,7 +7,9 @@ run; http.serve() takes this socket over.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from typing import Any
 
 # socketserver's default of 5 drops probes under bursts; a full queue drops a SYN, which the
 # client retries only after a second. The kernel caps it at net.core.somaxconn (4096).
@@ -18,3 +20,24 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket (SO_REUSEADDR); raises OSError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     return socket.create_server((host, port), family=family, backlog=BACKLOG)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host == "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def exposure_warning(host: str, port: int, web_config: Any) -> str | None:
+    """What to tell the operator when the port is reachable from other hosts unprotected
+    (`web_config`: a webconfig.WebConfig or None)."""
+    if is_loopback(host) or (web_config is not None and (web_config.tls or web_config.users)):
+        return None
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return (f"listen address {where} is not loopback and no web_config_file is set: "
+            "metrics and status (pids, config path) are served to anyone who can reach it, "
+            "without TLS or authentication")

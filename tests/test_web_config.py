@@ -227,6 +227,9 @@ async def test_a_wide_unprotected_listen_address_warns(tmp_path: Path, pki: PKI,
     assert "WARNING: listen address 0.0.0.0" in render(status)
     assert any(r.levelno == logging.WARNING and "not loopback" in r.getMessage()
                for r in caplog.records)
+    done = subprocess.run([sys.executable, "-m", "supervisor", "check-config", "--config",
+                           str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "warning: listen address 0.0.0.0" in done.stderr
     # With TLS and users the same address is protected: no warning.
     caplog.clear()
     path.write_text(text.replace("[supervisor]\n", "[supervisor]\n" + web_config(
