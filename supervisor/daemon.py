@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from supervisor.aioloop import AsyncioThread
     from supervisor.denylist import DenyList
     from supervisor.exposition import SharedRenderMetricsApp
-    from supervisor.http import WSGIApp
+    from supervisor.http import BoundedWSGIServer, WSGIApp
     from supervisor.instrument import HttpMetrics
     from supervisor.metrics import MetricsView
     from supervisor.procstats import ProcStatsSampler, TreeStats
@@ -120,6 +120,7 @@ class Daemon:
         self._replacing: frozenset[str] = frozenset()  # runners a reload is stopping for good
         self.listen_address: tuple[str, int] | None = None
         self.warnings: tuple[str, ...] = ()  # shown in /v1/status and `supervisor status`
+        self.http_server: BoundedWSGIServer | None = None
         self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
 
     def _observe(self) -> None:
@@ -556,9 +557,8 @@ class Daemon:
                 old.settings.listen_host, old.settings.listen_port):
             log.warning("reload: listen address changes take effect on restart only")
         self.config = new
-        if new.settings.web_config_file != old.settings.web_config_file or (
-                new.settings.web_config is not None):
-            log.info("reload: web config applied path=%s", new.settings.web_config_file or "-")
+        if new.settings.web_config_file:
+            log.info("reload: web config applied path=%s", new.settings.web_config_file)
         self._check_exposure()
         if new.checks != old.checks:
             await self._start_monitor()
@@ -613,15 +613,11 @@ class Daemon:
         """Warn (log and status) when the port is reachable beyond this host unprotected."""
         if self.listen_address is None:
             return
-        host, port = self.listen_address
-        warnings = []
-        warning = listen.exposure_warning(host, port, self.config.settings.web_config)
-        if warning:
-            warnings.append(warning)
-        if warnings and warnings != list(self.warnings):
-            for warning in warnings:
-                log.warning("%s", warning)
-        self.warnings = tuple(warnings)
+        warning = listen.exposure_warning(*self.listen_address, self.config.settings.web_config)
+        warnings = (warning,) if warning else ()
+        if warning and warnings != self.warnings:
+            log.warning("%s", warning)
+        self.warnings = warnings
 
     # -- background tasks -----------------------------------------------------------------
     async def _refresh_status(self) -> None:
