@@ -146,3 +146,38 @@ def test_a_client_reading_its_answer_slowly_frees_its_slot_at_the_deadline() -> 
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def test_beyond_max_pending_the_oldest_waiting_connection_goes() -> None:
+    router = Router()
+    router.add_json("/v1/ready", lambda: (200, {"status": "ready"}))
+    server, thread = serve("127.0.0.1", 0, router, max_connections=4,
+                           inline_paths=("/v1/ready",))
+    server.max_pending = 8
+    port = server.server_address[1]
+    # Partial heads (so TCP_DEFER_ACCEPT hands them over at once), never finished.
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+    try:
+        for sock in idle:
+            sock.sendall(b"GET /v1/ready HTTP/1.1\r\n")
+        deadline = time.monotonic() + 5
+        closed: list[socket.socket] = []
+        while time.monotonic() < deadline and len(closed) < 12:
+            for sock in idle:
+                if sock not in closed:
+                    sock.setblocking(False)
+                    try:
+                        if sock.recv(1) == b"":
+                            closed.append(sock)
+                    except BlockingIOError:
+                        pass
+            time.sleep(0.05)
+        assert server.pending_count() <= 8
+        assert set(closed) == set(idle[:12])  # the oldest were dropped, the newest wait
+        assert _get(port, "/v1/ready") == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
