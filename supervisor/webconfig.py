@@ -288,6 +288,8 @@ class _Parser:
             self.problem(f"{where}.curve_preferences", "not supported: Python's ssl cannot "
                          "set a curve preference list; remove it to use OpenSSL's defaults")
         versions = [self.version(data, k) for k in ("min_version", "max_version")]
+        if (versions[0] or ssl.TLSVersion.TLSv1_2) > (versions[1] or ssl.TLSVersion.TLSv1_3):
+            self.problem(f"{where}.max_version", "lower than min_version")
         prefer = data.get("prefer_server_cipher_suites", True)
         if not isinstance(prefer, bool):
             self.problem(f"{where}.prefer_server_cipher_suites", "expected true or false")
@@ -353,9 +355,15 @@ class _Parser:
                 key_file = os.path.join(scratch, "key.pem")
                 _write_private(key_file, key)
             try:
-                context.load_cert_chain(cert_file, key_file)
-            except (OSError, ssl.SSLError) as exc:
+                # An encrypted key would make OpenSSL prompt on the terminal; Go's
+                # X509KeyPair does not take one either.
+                context.load_cert_chain(cert_file, key_file, password=_no_password)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 self.problem(where, f"failed to load the certificate and key: {_reason(exc)}")
+
+
+def _no_password() -> bytes:
+    raise ValueError("the key is encrypted; key_file must hold an unencrypted key")
 
 
 def _write_private(path: str, text: str) -> None:
@@ -369,6 +377,8 @@ def _reason(exc: BaseException) -> str:
         return str(exc.reason).lower().replace("_", " ")
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
+    if isinstance(exc, ValueError) and str(exc):
+        return str(exc)
     return type(exc).__name__
 
 

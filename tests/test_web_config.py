@@ -472,3 +472,31 @@ async def test_rate_limit_and_security_headers(tmp_path: Path, pki: PKI) -> None
         for response in answers:
             assert response.headers["x-frame-options"] == "deny"
             assert response.headers["content-security-policy"] == "default-src 'none'"
+
+
+def test_inline_pem_encrypted_keys_and_version_order(pki: PKI) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    web = pki.directory / "inline.yml"
+    indent = lambda text: "".join(f"    {line}\n" for line in text.splitlines())  # noqa: E731
+    cert = (pki.directory / "server.crt").read_text()
+    key = (pki.directory / "server.key").read_text()
+    ca = (pki.directory / "ca.pem").read_text()
+    web.write_text(f"tls_server_config:\n  cert: |\n{indent(cert)}  key: |\n{indent(key)}"
+                   f"  client_ca: |\n{indent(ca)}"
+                   "  client_auth_type: RequireAndVerifyClientCert\n")
+    config = load_web_config(str(web))
+    assert config.tls is not None and config.tls.verify_mode == ssl.CERT_REQUIRED
+    assert "PRIVATE KEY" not in repr(config)
+
+    private = serialization.load_pem_private_key(key.encode(), None)
+    (pki.directory / "encrypted.key").write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    web.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: encrypted.key\n")
+    with pytest.raises(WebConfigError, match="encrypted"):  # and no prompt on the terminal
+        load_web_config(str(web))
+    web.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+                   "  min_version: TLS13\n  max_version: TLS12\n")
+    with pytest.raises(WebConfigError, match="max_version: lower than min_version"):
+        load_web_config(str(web))
