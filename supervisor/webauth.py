@@ -17,10 +17,10 @@ certificates). A file that no longer loads is logged and the last good config st
 from __future__ import annotations
 
 import base64
-import logging
 import binascii
 import hmac
 import ipaddress
+import logging
 import random
 import ssl
 import threading
