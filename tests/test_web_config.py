@@ -500,3 +500,32 @@ def test_inline_pem_encrypted_keys_and_version_order(pki: PKI) -> None:
                    "  min_version: TLS13\n  max_version: TLS12\n")
     with pytest.raises(WebConfigError, match="max_version: lower than min_version"):
         load_web_config(str(web))
+
+
+def test_bcrypt_runs_once_per_credentials_and_unknown_users_cost_the_same(
+        pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor.heads import header
+    from supervisor.webauth import WebGate
+
+    (pki.directory / "auth.yml").write_text(f"basic_auth_users:\n  prometheus: '{HASH}'\n")
+    config = load_web_config(str(pki.directory / "auth.yml"))
+    gate = WebGate(lambda: config)
+    calls: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def counting(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting)
+    good = basic("prometheus", PASSWORD)["Authorization"]
+    head = f"GET /v1/health HTTP/1.1\r\nAuthorization: {good}\r\n\r\n".encode()
+    assert header(head, b"authorization") == good.encode()
+    assert not gate.inline_ok(head)  # not checked yet: bcrypt would run on the acceptor
+    assert all(gate.authenticated(config, good) for _ in range(50))
+    assert len(calls) == 1
+    assert gate.inline_ok(head)  # now cached: the acceptor may answer it
+    assert not gate.authenticated(config, basic("prometheus", "wrong")["Authorization"])
+    assert not gate.authenticated(config, basic("mallory", PASSWORD)["Authorization"])
+    # An unknown user is checked against a fixed hash, so timing does not reveal users.
+    assert len(calls) == 3 and calls[2].startswith(b"$2y$10$")
