@@ -17,6 +17,12 @@ and beyond that the oldest is dropped, so a new client (a probe sends its whole 
 always gets its turn. Only a connection whose whole head has arrived reaches wsgiref, through
 a buffered rfile that never blocks; its answer has a total deadline too (`RESPONSE_TIMEOUT`),
 so a client reading a byte a second cannot hold a worker either.
+
+TLS (web_config_file, see webauth.py): prometheus_client's own TLS support wraps the listening
+socket, so each handshake runs inside accept() on the accepting thread, where one client that
+sends half a ClientHello stalls every other; here each accepted socket is wrapped with the
+same kind of ssl.SSLContext, and its handshake is driven by the acceptor, non-blocking, under
+the head deadline.
 """
 
 from __future__ import annotations
