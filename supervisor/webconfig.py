@@ -7,9 +7,9 @@ a key are required), a client CA only with a client certificate policy, bcrypt h
 at load. Every problem is collected with its key path; passwords and keys never appear in it.
 
 The toolkit's Go-only settings are mapped to OpenSSL where Python's ssl allows it; where it
-does not (`RequireAnyClientCert`: accept any client certificate without verifying it;
-`curve_preferences` lists) the file is refused with a message that says so, rather than
-silently serving something weaker or different.
+does not (`RequireAnyClientCert`: accept any client certificate without verifying it; a
+`curve_preferences` list of more than one curve) the file is refused with a message that says
+so, rather than silently serving something weaker or different.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ CIPHER_SUITES = {
     "TLS_AES_256_GCM_SHA384": None,
     "TLS_CHACHA20_POLY1305_SHA256": None,
 }
-CURVES = ("CurveP256", "CurveP384", "CurveP521", "X25519")
+CURVES = {"CurveP256": "prime256v1", "CurveP384": "secp384r1", "CurveP521": "secp521r1",
+          "X25519": "X25519"}
 # The toolkit's allowed response headers and, where it restricts them, their values.
 EXTRA_HEADERS: Mapping[str, tuple[str, ...]] = {
     "Strict-Transport-Security": (), "X-Content-Type-Options": ("nosniff",),
@@ -126,7 +127,12 @@ def _strict_loader() -> type:
             seen: set[Any] = set()
             for key_node, _ in node.value:
                 key = self.construct_object(key_node, deep=deep)
-                if key in seen:
+                try:
+                    duplicate = key in seen
+                except TypeError:  # a list or mapping as a key
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "a key must be a scalar", key_node.start_mark) from None
+                if duplicate:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"duplicate key {key!r}", key_node.start_mark)
                 seen.add(key)
@@ -254,9 +260,25 @@ class _Parser:
         auth_type = self.string(data, "client_auth_type", where)
         san_list = self.strings(data, "client_allowed_sans", where)
         sans = tuple(san_list) if san_list is not None else None
+        # Typed like Go's struct fields: checked whether or not TLS ends up enabled.
+        curves = self.strings(data, "curve_preferences", where) or []
+        for curve in curves:
+            if curve not in CURVES:
+                self.problem(f"{where}.curve_preferences", f"unknown curve: {curve[:80]}")
+        versions = [self.version(data, k) for k in ("min_version", "max_version")]
+        if (versions[0] or ssl.TLSVersion.TLSv1_2) > (versions[1] or ssl.TLSVersion.TLSv1_3):
+            self.problem(f"{where}.max_version", "lower than min_version")
+        prefer = data.get("prefer_server_cipher_suites", True)
+        if not isinstance(prefer, bool):
+            self.problem(f"{where}.prefer_server_cipher_suites", "expected true or false")
+        ciphers = self.ciphers(self.strings(data, "cipher_suites", where))
         enabled = any((cert_file, key_file, ca_file, cert, key, ca_text, auth_type))
         if not enabled:
             return None, "NoClientCert", None
+        if len(curves) > 1:
+            self.problem(f"{where}.curve_preferences", "Python's ssl can restrict the curves "
+                         "to one, not order several: list one curve, or none for OpenSSL's "
+                         "defaults")
         if auth_type == "RequireClientCert":  # the toolkit's old spelling
             auth_type = "RequireAnyClientCert"
         auth_type = auth_type or "NoClientCert"
@@ -284,16 +306,6 @@ class _Parser:
             self.problem(where, "missing one of cert or cert_file")
         if not key_file and not key:
             self.problem(where, "missing one of key or key_file")
-        if data.get("curve_preferences") is not None:
-            self.problem(f"{where}.curve_preferences", "not supported: Python's ssl cannot "
-                         "set a curve preference list; remove it to use OpenSSL's defaults")
-        versions = [self.version(data, k) for k in ("min_version", "max_version")]
-        if (versions[0] or ssl.TLSVersion.TLSv1_2) > (versions[1] or ssl.TLSVersion.TLSv1_3):
-            self.problem(f"{where}.max_version", "lower than min_version")
-        prefer = data.get("prefer_server_cipher_suites", True)
-        if not isinstance(prefer, bool):
-            self.problem(f"{where}.prefer_server_cipher_suites", "expected true or false")
-        ciphers = self.ciphers(self.strings(data, "cipher_suites", where))
         if self.problems:
             return None, auth_type, sans
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -301,6 +313,8 @@ class _Parser:
         context.maximum_version = versions[1] or ssl.TLSVersion.TLSv1_3
         if prefer is not False:
             context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        if len(curves) == 1:
+            context.set_ecdh_curve(CURVES[curves[0]])
         if ciphers:
             try:
                 context.set_ciphers(":".join(ciphers))
@@ -328,7 +342,7 @@ class _Parser:
         value = data.get(key)
         if value is None:
             return None
-        if value not in TLS_VERSIONS:
+        if not isinstance(value, str) or value not in TLS_VERSIONS:
             self.problem(f"tls_server_config.{key}",
                          f"unknown TLS version (expected one of {', '.join(TLS_VERSIONS)})")
             return None

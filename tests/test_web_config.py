@@ -21,6 +21,8 @@ import bcrypt
 import httpx
 import pytest
 import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from supervisor.statuscli import render
 from supervisor.webconfig import WebConfigError, load_web_config
@@ -266,6 +268,11 @@ def test_check_config_names_the_file_and_key(tmp_path: Path, pki: PKI) -> None:
         "unknown_top: 1\n": "unknown_top: unknown key",
         "tls_server_config: [\n": "YAML syntax error",
         "rate_limit:\n  interval: soon\n": "rate_limit.interval",
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        "  curve_preferences: [X25519, CurveP256]\n": "tls_server_config.curve_preferences",
+        "tls_server_config:\n  curve_preferences: [CurveP999]\n": "unknown curve: CurveP999",
+        "tls_server_config:\n  min_version: [TLS12]\n": "tls_server_config.min_version",
+        "basic_auth_users:\n  ? [a, b]\n  : x\n": "a key must be a scalar",
     }
     for text, expected in cases.items():
         web.write_text(text)
@@ -318,6 +325,9 @@ basic_auth_users:
     assert "$2y$" not in repr(config)
     (pki.directory / "empty.yml").write_text("")
     assert load_web_config(str(pki.directory / "empty.yml")).tls is None
+    web.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+                   "  curve_preferences: [X25519]\n")
+    assert load_web_config(str(web)).tls is not None  # one curve: applied as Go would
     with pytest.raises(WebConfigError, match="RequireAnyClientCert"):
         web.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
                        "  client_auth_type: RequireAnyClientCert\n")
@@ -529,3 +539,33 @@ def test_bcrypt_runs_once_per_credentials_and_unknown_users_cost_the_same(
     assert not gate.authenticated(config, basic("mallory", PASSWORD)["Authorization"])
     # An unknown user is checked against a fixed hash, so timing does not reveal users.
     assert len(calls) == 3 and calls[2].startswith(b"$2y$10$")
+
+
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                     st.text(max_size=20), st.sampled_from(["TLS13", "server.crt", "ca.pem",
+                                                            "RequireAndVerifyClientCert", HASH]))
+_KEYS = st.sampled_from(["tls_server_config", "http_server_config", "rate_limit",
+                         "basic_auth_users", "cert_file", "key_file", "client_auth_type",
+                         "client_ca_file", "min_version", "max_version", "cipher_suites",
+                         "client_allowed_sans", "headers", "X-Frame-Options", "interval",
+                         "burst", "http2", "cert", "key", "client_ca", "nonsense"])
+_DOCS = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=5)), max_leaves=12)
+
+
+@given(document=_DOCS)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_document_is_a_config_or_a_clear_error(pki: PKI, document: object) -> None:
+    import yaml
+
+    from supervisor.webconfig import parse_web_config
+
+    text = yaml.safe_dump(document)
+    try:
+        config = parse_web_config(text, str(pki.directory / "web.yml"))
+    except WebConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+        assert "Traceback" not in str(exc)
+    else:
+        assert config.path.endswith("web.yml")
