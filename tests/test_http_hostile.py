@@ -16,22 +16,22 @@ import psutil
 import pytest
 
 from supervisor import http as http_mod
-from tests.support import SLEEPER_CODE, running_daemon, service, write_config
+from tests.support import SLEEPER_CODE, free_port, running_daemon, service, write_config
 
 pytestmark = pytest.mark.anyio
 
 ATTACKERS = 1000
 
 
-def _probe(port: int, path: str) -> tuple[int, float]:
-    """A fresh connection per probe, as kubelet makes: (status, seconds)."""
+def _probe(port: int, path: str) -> tuple[int, float, bytes]:
+    """A fresh connection per probe, as kubelet makes: (status, seconds, body)."""
     started = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
-        response.read()
-        return response.status, time.monotonic() - started
+        body = response.read()
+        return response.status, time.monotonic() - started, body
     finally:
         conn.close()
 
@@ -77,7 +77,15 @@ class Dribbler:
 @pytest.mark.slow
 async def test_slowloris_cannot_fail_probes_and_its_connections_are_freed(
         tmp_path: Path) -> None:
-    path = write_config(tmp_path, service("api", SLEEPER_CODE, start_seconds=0.1))
+    # A dependency that is down: /v1/ready must keep saying so (503), not 200 and not a
+    # timeout, while the attackers hold their connections.
+    path = write_config(tmp_path, f"""
+[checks.gate]
+type = "tcp"
+address = "127.0.0.1:{free_port()}"
+interval = 0.2
+timeout = 0.2
+""" + service("api", SLEEPER_CODE, start_seconds=0.1))
     async with running_daemon(path) as daemon:
         assert daemon.listen_address is not None
         port = daemon.listen_address[1]
@@ -93,11 +101,11 @@ async def test_slowloris_cannot_fail_probes_and_its_connections_are_freed(
             worst = 0.0
             attack_until = time.monotonic() + 3.0
             while time.monotonic() < attack_until:
-                status, took = await anyio.to_thread.run_sync(_probe, port, "/v1/health")
+                status, took, _ = await anyio.to_thread.run_sync(_probe, port, "/v1/health")
                 assert status == 200
                 worst = max(worst, took)
-                status, took = await anyio.to_thread.run_sync(_probe, port, "/v1/ready")
-                assert status == 200  # no checks configured: ready, whatever the attackers do
+                status, took, body = await anyio.to_thread.run_sync(_probe, port, "/v1/ready")
+                assert status == 503 and b'"not_ready"' in body  # its true state: gate down
                 worst = max(worst, took)
                 await anyio.sleep(0.1)
             assert worst < 0.1, f"a probe took {worst * 1000:.0f} ms during the attack"
