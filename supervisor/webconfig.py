@@ -18,12 +18,13 @@ import functools
 import os
 import re
 import ssl
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+MAX_FILE_BYTES = 1024 * 1024
 CLIENT_AUTH_TYPES = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert",
                      "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
 TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
@@ -96,9 +97,19 @@ def file_stamp(paths: Iterable[str]) -> tuple[tuple[str, int, int, int], ...]:
 def load_web_config(path: str) -> WebConfig:
     """Read and validate a web config file; WebConfigError lists every problem."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        # Non-blocking open and a regular-file check: a FIFO or /dev/zero must not hang or
+        # exhaust the daemon; node_exporter's files are a few KiB.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise WebConfigError(["not a regular file"])
+            data = handle.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise WebConfigError([f"larger than {MAX_FILE_BYTES // 1024} KiB"])
+        text = data.decode("utf-8")
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "invalid path")
         raise WebConfigError([f"cannot read file: {reason}"]) from None
     return parse_web_config(text, path)
 

@@ -569,3 +569,17 @@ def test_any_document_is_a_config_or_a_clear_error(pki: PKI, document: object) -
         assert "Traceback" not in str(exc)
     else:
         assert config.path.endswith("web.yml")
+
+
+def test_special_and_huge_files_are_refused_without_hanging(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.yml"
+    big.write_bytes(b"#" * (2 * 1024 * 1024))
+    for path, expected in (("/dev/zero", "not a regular file"), (fifo, "not a regular file"),
+                           (tmp_path, "Is a directory"), (big, "larger than"),
+                           (tmp_path / "missing.yml", "No such file")):
+        with pytest.raises(WebConfigError, match=expected):
+            load_web_config(str(path))
