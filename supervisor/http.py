@@ -300,8 +300,11 @@ class BoundedWSGIServer(ThreadingWSGIServer):
                 except ssl.SSLWantWriteError:
                     self._want(p, selectors.EVENT_WRITE)
                     return
-                if not data:
-                    self._drop(p)
+                if not data:  # the client is done sending: a partial head is a bad request
+                    if p.buf.strip():
+                        self._reject(p, 400)
+                    else:
+                        self._drop(p)
                     return
                 p.buf += data
                 if not p.searched:

@@ -66,6 +66,14 @@ def test_garbage_gets_a_400_status_line(server: BoundedWSGIServer, garbage: byte
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:80]
 
 
+@pytest.mark.parametrize("partial", [b"garbage", b"GET /v1/status HTTP/1.1\r\nHost: x\r\n"])
+def test_a_partial_head_then_eof_gets_a_400(server: BoundedWSGIServer, partial: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5) as s:
+        s.sendall(partial)
+        s.shutdown(socket.SHUT_WR)  # as `printf garbage | nc` does
+        assert s.recv(4096).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+
+
 @pytest.mark.parametrize("request_line,status", [
     (b"GET /v1/status HTTP/2.0", b"505"),  # wsgiref's own refusals keep their status line
     (b"GET /v1/status HTTP/1.1" + b"\r\nX: y" * 101, b"431"),  # too many headers
