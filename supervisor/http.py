@@ -31,6 +31,7 @@ import errno
 import json
 import logging
 import queue
+import resource
 import selectors
 import socket
 import ssl
@@ -499,7 +500,8 @@ def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128,
     soft = raise_fd_limit()
     # Half the descriptors for waiting heads, the rest for requests being served, services'
     # pipes, checks and scrapes.
-    max_pending = max(16, min(MAX_PENDING, (soft - max_connections) // 2))
+    max_pending = MAX_PENDING if soft == resource.RLIM_INFINITY else max(
+        16, min(MAX_PENDING, (soft - max_connections) // 2))
     server_class = type("Server", (BoundedWSGIServer,),
                         {"max_connections": max_connections, "address_family": sock.family,
                          "inline_paths": frozenset(inline_paths), "prebound": sock,
