@@ -29,6 +29,8 @@ from supervisor.logsetup import level_of_priority
 MAX_LINE = 16 * 1024
 READ_SIZE = 64 * 1024
 GROUP_WINDOW = 0.05
+# At most this many reads (1 MiB) of what is left in the pipe once draining ends.
+FINAL_READS = 16
 MAX_ENTRY_LINES = 256
 MAX_ENTRY_BYTES = 64 * 1024
 ERR = 3
@@ -171,7 +173,18 @@ async def drain(fd: int, service: str, stream: str, priority: int = 6,
                 if done:
                     _emit(tag, fields, done)
     finally:
-        # Also when cancelled: what was read is logged, never dropped.
+        # Also when cancelled (shutdown right after a crash): what the child wrote before it
+        # died may still sit unread in the pipe, and its last words are what an operator needs.
+        # Read what is there without waiting, bounded, then log everything.
+        for _ in range(FINAL_READS):
+            try:
+                data = os.read(fd, READ_SIZE)
+            except OSError:  # BlockingIOError: nothing more is waiting
+                break
+            if not data:
+                break
+            for line in splitter.feed(data):
+                _emit(tag, fields, grouper.feed(_text(line)))
         for line in splitter.flush():
             _emit(tag, fields, grouper.feed(_text(line)))
         _emit(tag, fields, grouper.flush())

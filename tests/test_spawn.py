@@ -160,3 +160,20 @@ async def test_child_is_killed_when_the_forking_thread_ends_only_with_pdeathsig(
         assert died_with_thread is None
     else:
         assert died_with_thread == spawn_module.ExitStatus(None, signal.SIGKILL)
+
+
+async def test_drain_cancelled_at_shutdown_still_logs_what_the_child_left_in_the_pipe(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A service crashes and the daemon is told to stop before the drain task has read the
+    # traceback: the last words must still reach the log, not die with the pipe.
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.write(write_end, b"Traceback (most recent call last):\n  File \"x\", line 1\n"
+                        b"RuntimeError: last words\n")
+    os.close(write_end)
+    caplog.set_level("INFO", logger="supervisor.output")
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await drain(read_end, "crashy", "stderr")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "RuntimeError: last words" in text and "Traceback" in text
