@@ -47,13 +47,16 @@ CHECK_TYPES = ("postgres", "redis", "http", "tcp")
 # Variables that belong to the daemon's own relation with systemd; a child must never see them.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                "LISTEN_FDNAMES")
-# Seed story's constitutional metrics (FR52): never exposed. Exact names, then substrings.
+# Seed story's constitutional metrics (FR52): never exposed, in any disguise. Globs over the
+# normalised names, labels and HELP of a family (see supervisor/denylist.py): the exact names,
+# then the same words (and `constitutional`) anywhere.
 DEFAULT_DENY_METRICS = (
     "constitutional_breach_count",
     "halt_state",
     "dissent_health_ratio",
     "witness_coverage_percent",
     "override_frequency",
+    "*constitutional*",
     "*breach_count*",
     "*halt_state*",
     "*dissent_health*",
@@ -97,6 +100,10 @@ class ServiceSpec:
     env_files: tuple[str, ...] = ()
     stdout_priority: int = 6  # syslog priority of an output line without a <N> prefix: info
     stderr_priority: int = 4  # warning
+    # Globs of the metric families this service may expose; None: the [supervisor] list.
+    # Not compared: a reload that changes only what passes re-screens the service's metrics
+    # (daemon._scrape_targets) without restarting its process.
+    allow_metrics: tuple[str, ...] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,8 @@ class Settings:
     web_config_file: str | None = None
     # TLS and basic auth, read from web_config_file at load (and reload)
     web_config: WebConfig | None = field(default=None, compare=False, repr=False)
+    # Globs of the metric families services may expose (strict mode); None: any family.
+    allow_metrics: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,31 @@ class _Parser:
             return ()
         return texts
 
+    def deny_entries(self, data: Mapping[str, Any], where: str) -> tuple[str, ...]:
+        from supervisor.denylist import normalise
+
+        entries = self.strings(data, "deny_metrics", where, False)
+        for index, entry in enumerate(entries):
+            if not normalise(entry.replace("*", "").replace("?", "")):
+                self.problem(f"{where}.deny_metrics[{index}]", "an entry needs at least one "
+                             "letter or digit (it would deny every metric)")
+        return entries
+
+    def globs(self, data: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:
+        """A list of metric-name globs, or None when the key is absent."""
+        if key not in data:
+            return None
+        value = data[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problem(f"{where}.{key}", "expected a list of metric-name globs (strings)")
+            return None
+        for index, glob in enumerate(value):
+            if not glob or not all(c.isascii() and (c.isalnum() or c in "_:*?[]!")
+                                   for c in glob):
+                self.problem(f"{where}.{key}[{index}]", "expected a metric-name glob: letters, "
+                             "digits, '_', ':' and the wildcards * ? [...]")
+        return tuple(value)
+
     def choice(self, data: Mapping[str, Any], key: str, where: str, options: tuple[str, ...],
                default: str) -> str:
         value = self.string(data, key, where, default, interpolated=False)
@@ -321,10 +355,28 @@ class _Parser:
             for name, spec in services_table.items()
             if self.is_table(spec, f"services.{name}")
         }
+        self.label_values(settings, services, checks)
         ordered = self.start_order(services, checks)
         if self.problems:
             raise ConfigError(self.path, self.problems)
         return Config(self.path, settings, ordered, checks)
+
+    def label_values(self, settings: Settings, services: Mapping[str, ServiceSpec],
+                     checks: Mapping[str, CheckSpec]) -> None:
+        """The names the daemon writes as label values on its own series (`service`, `check`,
+        `environment`) must pass the FR52 guard too: only scraped families are judged label by
+        label at run time."""
+        from supervisor.denylist import DenyList
+
+        deny = DenyList(settings.deny_metrics)
+        for kind, names in (("services", services), ("checks", checks)):
+            for name in names:
+                if deny.denies(name):
+                    self.problem(f"{kind}.{name}", "the name matches the FR52 deny list "
+                                 "(deny_metrics); it would be a label value on every series")
+        if deny.denies(settings.environment):
+            self.problem("supervisor.environment", "the value (or $ENVIRONMENT) matches the "
+                         "FR52 deny list (deny_metrics); it is a label on every series")
 
     def section(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
         value = data.get(key, {})
@@ -343,8 +395,9 @@ class _Parser:
         where = "supervisor"
         self.table(data, {"listen", "environment", "scrape_interval", "stats_interval",
                           "control_socket", "control_socket_group", "log_level",
-                          "deny_metrics", "max_connections", "stdout_priority",
-                          "stderr_priority", "web_config_file"}, where)
+                          "deny_metrics", "allow_metrics", "max_connections",
+                          "stdout_priority", "stderr_priority", "web_config_file"},
+                   where)
         defaults = Settings()
         host, port = defaults.listen_host, defaults.listen_port
         listen = self.string(data, "listen", where)
@@ -377,7 +430,8 @@ class _Parser:
             control_socket_group=self.string(data, "control_socket_group", where),
             log_level=self.choice(data, "log_level", where,
                                   ("debug", "info", "warning", "error"), "info"),
-            deny_metrics=DEFAULT_DENY_METRICS + self.strings(data, "deny_metrics", where, False),
+            deny_metrics=DEFAULT_DENY_METRICS + self.deny_entries(data, where),
+            allow_metrics=self.globs(data, "allow_metrics", where),
             max_connections=self.integer(data, "max_connections", where, 128, minimum=1,
                                          maximum=MAX_CONNECTIONS),
             stdout_priority=self.priority(data, "stdout_priority", where, 6),
@@ -394,6 +448,7 @@ class _Parser:
             "wait_timeout", "success_exit_codes", "backoff_initial", "backoff_max",
             "backoff_factor", "backoff_jitter", "backoff_reset_after", "max_retries",
             "metrics_url", "scrape_timeout", "stdout_priority", "stderr_priority",
+            "allow_metrics",
         }, where)
         if name == "supervisor":
             self.problem(where, "the name 'supervisor' is reserved for the daemon's own metrics")
@@ -473,6 +528,7 @@ class _Parser:
                                           self.defaults.stdout_priority),
             stderr_priority=self.priority(data, "stderr_priority", where,
                                           self.defaults.stderr_priority),
+            allow_metrics=self.globs(data, "allow_metrics", where),
         )
 
     def environment(self, data: Mapping[str, Any], where: str,

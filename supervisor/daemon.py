@@ -43,11 +43,12 @@ if TYPE_CHECKING:
     from supervisor.exposition import SharedRenderMetricsApp
     from supervisor.http import BoundedWSGIServer, WSGIApp
     from supervisor.instrument import HttpMetrics
+    from supervisor.integrity import DropLedger
     from supervisor.metrics import MetricsView
     from supervisor.procstats import ProcStatsSampler, TreeStats
     from supervisor.readiness import ReadinessMonitor
     from supervisor.render import CachingRenderer, Source, Ticker
-    from supervisor.scraper import Scraper, ScrapeResult
+    from supervisor.scraper import Scraper, ScrapeResult, Target
     from supervisor.webauth import WebGate
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class Daemon:
 
         from supervisor.aioloop import AsyncioThread
         from supervisor.instrument import HttpMetrics
+        from supervisor.integrity import Drop, DropLedger
         from supervisor.metrics import own_process_collector
         from supervisor.procstats import ProcStatsSampler
         from supervisor.readiness import ReadinessMonitor
@@ -140,13 +142,18 @@ class Daemon:
         self._sampler: ProcStatsSampler = ProcStatsSampler()
         self.bridge: AsyncioThread = AsyncioThread()
         self.monitor: ReadinessMonitor = ReadinessMonitor(config.checks, self.bridge)
-        self.scraper: Scraper = Scraper(_scrape_targets(config), config.settings.scrape_interval)
+        # Families dropped from services' payloads (screening, limits, clashes), counted.
+        self.drops: DropLedger = DropLedger()
+        self.scraper: Scraper = Scraper(self._scrape_targets(config),
+                                        config.settings.scrape_interval, ledger=self.drops)
         # The daemon's own endpoints are instrumented like any service (service="supervisor").
         self._http_registry = CollectorRegistry(auto_describe=False)
         self.http_metrics: HttpMetrics = HttpMetrics(self._http_registry)
         self._own_process = own_process_collector()
         self._clock_tick: Ticker = Ticker(CLOCK_RESOLUTION)
-        self.renderer: CachingRenderer = CachingRenderer(self._metric_sources, self._deny_list)
+        self.renderer: CachingRenderer = CachingRenderer(
+            self._metric_sources, self._deny_list,
+            lambda service, family: self.drops.record(service, [Drop(family, "type_clash")]))
         # Read per connection and per request: a reload's web config applies to the next one.
         self.gate: WebGate = WebGate(lambda: self.config.settings.web_config)
         self.router: WSGIApp = self._build_router()
@@ -181,9 +188,21 @@ class Daemon:
             self._deny = (patterns, DenyList(patterns))
         return self._deny[1]
 
+    def _scrape_targets(self, config: Config) -> dict[str, Target]:
+        from supervisor.denylist import DenyList
+        from supervisor.integrity import Policy
+        from supervisor.scraper import Target
+
+        deny = DenyList(config.settings.deny_metrics)
+        return {name: Target(spec.metrics_url, spec.scrape_timeout, Policy(
+                    deny, spec.allow_metrics if spec.allow_metrics is not None
+                    else config.settings.allow_metrics))
+                for name, spec in config.services.items() if spec.metrics_url}
+
     def _metric_sources(self) -> list[Source]:
         """What /v1/metrics merges, in precedence order. Keyed sources are re-rendered only
         when their key objects change (the loop swaps snapshots and stats whole)."""
+        from supervisor.integrity import drop_families
         from supervisor.merge import relabel
         from supervisor.metrics import (
             SELF,
@@ -201,6 +220,8 @@ class Daemon:
         tick = self._clock_tick.token(now)
         scrapes = self.scraper.snapshot()
         readiness = self.monitor.snapshot()
+        drop_token = self.drops.token
+        dropped = self.drops.counts()
         sources = [
             Source("services", lambda: service_families(view), (view.services, env)),
             Source("resources", lambda: resource_families(view),
@@ -215,6 +236,9 @@ class Daemon:
                    (env, tick)),
             Source("http", lambda: relabel(self._http_registry.collect(), SELF, env)),
             Source("readiness", lambda: collect_families(readiness, env)),
+            # The token first: the ledger swaps its counts before its token.
+            Source("scrape-drops", functools.partial(drop_families, dropped, env),
+                   (drop_token, env)),
         ]
         # One source per scraped service, keyed by its latest result: its scrape health
         # first (so the daemon's series win over a child's same-named ones), then its own
@@ -223,7 +247,7 @@ class Daemon:
             result = scrapes[name]
             sources.append(Source("service:" + name,
                                   functools.partial(_scraped_service, result, env),
-                                  (result, env)))
+                                  (result, env), service=name))
         return sources
 
     def _metrics_version(self) -> tuple[object, ...]:
@@ -562,7 +586,8 @@ class Daemon:
         self._check_exposure()
         if new.checks != old.checks:
             await self._start_monitor()
-        self.scraper.set_targets(_scrape_targets(new))
+        self.scraper.set_targets(self._scrape_targets(new))
+        self.drops.retain(n for n in new.services if new.services[n].metrics_url)
         self._replacing = frozenset(removed + changed)
         try:
             return await self._replace(new, added, removed, changed)
@@ -703,11 +728,6 @@ def _no_stats(cpu_carried: float) -> TreeStats:
     return TreeStats(cpu_carried, 0, 0, 0, 0)
 
 
-def _scrape_targets(config: Config) -> dict[str, tuple[str, float]]:
-    return {name: (spec.metrics_url, spec.scrape_timeout)
-            for name, spec in config.services.items() if spec.metrics_url}
-
-
 def _dependency_satisfied(s: ServiceSnapshot) -> bool:
     return s.state is lc.State.RUNNING or (
         s.state is lc.State.EXITED and s.last_exit is not None and s.last_exit.reason == "success")
@@ -733,4 +753,4 @@ def _scraped_service(result: ScrapeResult, environment: str) -> list[Metric]:
     from supervisor.scraper import scrape_families
 
     return [*scrape_families({result.service: result}, environment),
-            *relabel(result.families, result.service, environment)]
+            *relabel(result.served(), result.service, environment)]

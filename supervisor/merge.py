@@ -2,7 +2,8 @@
 
 Pure functions over prometheus_client `Metric` families; no I/O, no clocks, thread-safe.
 
-- `parse_exposition` reads the text format 0.0.4 (what the scraper asks for). A payload with
+- `parse_exposition` reads the text format 0.0.4 (what the scraper asks for), or OpenMetrics
+  when the child answers with it anyway. A payload with
   more than `max_series` samples is rejected whole (`SeriesLimitExceeded`), never truncated: a
   truncated histogram (buckets without `_count`, half the label sets) would be silently wrong in
   Prometheus, whereas a rejected payload shows up as `service_scrape_up 0`.
@@ -10,10 +11,11 @@ Pure functions over prometheus_client `Metric` families; no I/O, no clocks, thre
   `exported_service` / `exported_environment` (more `exported_` prefixes if that is taken too),
   as Prometheus does with honor_labels=false.
 - `merge` combines same-named families from all sources into one family (one HELP, one TYPE),
-  drops denied names everywhere, and resolves clashes: the first source's type wins and a later
-  family of another type - or one whose exposed names would collide with an earlier family's
-  series, like a gauge `x_count` next to a histogram `x` - is dropped and reported in
-  `MergeResult.conflicts`. Duplicate series (same name and labels) keep the first.
+  drops families the FR52 guard denies (names, labels, HELP: DenyList.denies_family), and
+  resolves clashes: the first source's type wins and a later family of another type - or one
+  whose exposed names would collide with an earlier family's series, like a gauge `x_count`
+  next to a histogram `x` - is dropped and reported in `MergeResult.conflicts`. Duplicate
+  series (same name and labels) keep the first.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.denylist import DenyList
+from supervisor.denylist import TYPE_SUFFIXES, DenyList
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +39,6 @@ DEFAULT_MAX_SERIES = 10_000
 NO_HELP = "No HELP text was given by the source of this metric."
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
-# Series names each family type puts into the text exposition besides its samples' own names.
-_SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "summary": ("_sum", "_count", "_created"),
-    "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
-    "info": ("_info",),
-}
 
 
 class ExpositionError(ValueError):
@@ -49,10 +46,11 @@ class ExpositionError(ValueError):
 
 
 class SeriesLimitExceeded(ExpositionError):
-    def __init__(self, limit: int, seen: int) -> None:
+    def __init__(self, limit: int, seen: int, families: int = 1) -> None:
         super().__init__(f"more than {limit} samples")
         self.limit = limit
         self.seen = seen  # samples parsed when the limit was hit (> limit)
+        self.families = families  # families parsed when the limit was hit (>= 1)
 
 
 @dataclass(frozen=True)
@@ -71,19 +69,26 @@ class MergeResult:
     duplicates: int = 0  # samples dropped because an earlier source had the same series
 
 
-def parse_exposition(text: str, max_series: int = DEFAULT_MAX_SERIES) -> list[Metric]:
-    """Families from text format 0.0.4; raises ExpositionError (or SeriesLimitExceeded)."""
+def parse_exposition(text: str, max_series: int = DEFAULT_MAX_SERIES, *,
+                     openmetrics: bool = False, invalid: list[str] | None = None
+                     ) -> list[Metric]:
+    """Families from text format 0.0.4 (or OpenMetrics); raises ExpositionError (or
+    SeriesLimitExceeded). Families with names Prometheus 2.x refuses are skipped, their names
+    appended to `invalid`."""
     families: list[Metric] = []
     samples = 0
+    parse = openmetrics_families if openmetrics else text_string_to_metric_families
     try:
-        for family in text_string_to_metric_families(text):
+        for family in parse(text):
             samples += len(family.samples)
             if samples > max_series:
-                raise SeriesLimitExceeded(max_series, samples)
+                raise SeriesLimitExceeded(max_series, samples, len(families) + 1)
             if not _valid_family(family):
                 # prometheus_client also parses UTF-8/quoted names that promtool 2.42 and older
                 # Prometheus servers reject; one such family must not sink the whole payload.
                 logger.debug("invalid metric or label name family=%r", family.name[:80])
+                if invalid is not None:
+                    invalid.append(family.name)
                 continue
             families.append(family)
     except ExpositionError:
@@ -135,7 +140,7 @@ def merge(sources: Iterable[Iterable[Metric]], deny: DenyList) -> MergeResult:
     for index, families in enumerate(sources):
         for family in families:
             names = exposed_names(family)
-            if any(is_denied(n) for n in names):
+            if any(is_denied(n) for n in names) or deny.denies_family(family):
                 denied += 1
                 continue
             if any(owner.get(n, family.name) != family.name for n in names):
@@ -175,7 +180,7 @@ def merge_families(sources: Iterable[Iterable[Metric]], deny: DenyList) -> list[
 def exposed_names(family: Metric) -> set[str]:
     """Every series name `family` can put into a text exposition (for deny and clash checks)."""
     names = {family.name}
-    names.update(family.name + s for s in _SUFFIXES.get(family.type, ()))
+    names.update(family.name + s for s in TYPE_SUFFIXES.get(family.type, ()))
     names.update(s.name for s in family.samples)
     return names
 

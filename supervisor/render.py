@@ -13,8 +13,10 @@ The text itself is always prometheus_client's: a family's sample lines are its e
 for that family alone minus the `# HELP`/`# TYPE`/`# UNIT` header, and each merged family gets
 the header the encoder writes for the merged metadata. The merge rules are `merge.merge`'s
 (deny-list, first type wins, colliding series names dropped, duplicate series keep the first);
-families that need sample-level surgery (duplicates, or `_created`-style samples that the 0.0.4
-text format writes as separate gauge blocks) are rendered whole, uncached.
+a scraped service's family dropped for a clash is reported once per prepared source (once per
+scrape) to `on_drop` (reason `type_clash`). Families that need sample-level surgery
+(duplicates, or `_created`-style samples that the 0.0.4 text format writes as separate gauge
+blocks) are rendered whole, uncached.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Source:
     name: str
     families: Callable[[], Iterable[Metric]]
     key: tuple[object, ...] | None = None
+    service: str | None = None  # a scraped service's name: its clashes are reported as drops
 
 
 class _Families:
@@ -71,9 +74,12 @@ class _Family:
     denied_by: tuple[DenyList, bool] | None = None  # the last deny-list asked, and its answer
 
     def denied(self, deny: DenyList) -> bool:
+        # The whole guard (names, labels, HELP ...), once per prepared source and deny list:
+        # a scraped service's families were screened already, the daemon's own are small.
         cached = self.denied_by
         if cached is None or cached[0] is not deny:
-            cached = self.denied_by = (deny, any(deny.denies(n) for n in self.names))
+            cached = self.denied_by = (deny, deny.denies_family(self.metric)
+                                       or any(deny.denies(n) for n in self.names))
         return cached[1]
 
 
@@ -81,6 +87,8 @@ class _Family:
 class _Prepared:
     key: tuple[object, ...] | None
     families: list[_Family]
+    service: str | None = None
+    reported: set[str] = field(default_factory=set)  # families already reported as clashes
 
 
 def _sample_keys(metric: Metric) -> list[SeriesKey]:
@@ -101,7 +109,7 @@ def _prepare(source: Source) -> _Prepared:
             metric, tuple(exposed_names(metric)), frozenset(s.name for s in metric.samples),
             unique, frozenset(s.labels.get("service") for s in metric.samples),
             len(unique) == len(keys), any(s.name in split_names for s in metric.samples)))
-    return _Prepared(source.key, prepared)
+    return _Prepared(source.key, prepared, source.service)
 
 
 class Ticker:
@@ -176,9 +184,11 @@ class CachingRenderer:
     """Thread-safe: renders may run concurrently (one per format); the cache is swapped whole."""
 
     def __init__(self, sources: Callable[[], list[Source]],
-                 deny: Callable[[], DenyList] = DenyList) -> None:
+                 deny: Callable[[], DenyList] = DenyList,
+                 on_drop: Callable[[str, str], None] | None = None) -> None:
         self._sources = sources
         self._deny = deny
+        self._on_drop = on_drop  # (service, family name): a scraped family lost to a clash
         self._lock = threading.Lock()
         self._cache: dict[str, _Prepared] = {}
         self._headers: dict[tuple[str, str, str, str, str], bytes] = {}
@@ -237,8 +247,16 @@ class CachingRenderer:
             self._cache = fresh  # unused sources (removed services) fall out here
         return result
 
-    @staticmethod
-    def _merge(sources: list[_Prepared], deny: DenyList) -> list[_Merged]:
+    def _clash(self, prepared: _Prepared, name: str) -> None:
+        if prepared.service is None or self._on_drop is None:
+            return
+        with self._lock:  # concurrent renders: report each once
+            if name in prepared.reported:
+                return
+            prepared.reported.add(name)
+        self._on_drop(prepared.service, name)
+
+    def _merge(self, sources: list[_Prepared], deny: DenyList) -> list[_Merged]:
         merged: dict[str, _Merged] = {}
         owner: dict[str, str] = {}  # exposed series name -> family name that claimed it
         for prepared in sources:
@@ -247,11 +265,13 @@ class CachingRenderer:
                     continue
                 name = family.metric.name
                 if any(owner.get(n, name) != name for n in family.names):
+                    self._clash(prepared, name)
                     continue  # its series names collide with another family's
                 target = merged.get(name)
                 if target is None:
                     target = merged[name] = _Merged(family.metric)
                 elif target.type != family.metric.type:
+                    self._clash(prepared, name)
                     continue  # the first source's type wins
                 elif target.documentation == NO_HELP and family.metric.documentation:
                     target.documentation = family.metric.documentation

@@ -6,6 +6,11 @@ timeout (connect + headers + body) and a body-size cap; parsing runs in a worker
 large payload never stalls the event loop. Every failure becomes a value (`ok=False` with a
 short `error` that never contains the URL), never an exception.
 
+Each payload is screened once, in the same worker thread as its parsing (integrity.screen: the
+FR52 guard, reserved names, the allow list, promtool's rules): `families` is the payload as
+parsed, `passed` what of it may reach /v1/metrics, and the drops are counted in a DropLedger
+when the result is published.
+
 Publishing is a reference swap of an immutable mapping, so `snapshot()` can be called from any
 thread (the HTTP server's collector threads) and never blocks.
 
@@ -24,7 +29,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -33,6 +38,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from supervisor.integrity import Drop, DropLedger, Policy, screen
 from supervisor.merge import (
     DEFAULT_MAX_SERIES,
     ExpositionError,
@@ -57,6 +63,7 @@ STALE_INTERVALS = 3
 class Target:
     url: str
     timeout: float
+    policy: Policy = field(default_factory=Policy)  # what of the payload may pass
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,15 @@ class ScrapeResult:
     good_at: float | None = None  # clock() of the attempt that produced `families`
     stale_after: float = math.inf  # seconds `families` may be served after good_at
     limited: bool = False  # this attempt was dropped for exceeding max_series or the byte cap
+    drops: tuple[Drop, ...] = ()  # families this attempt dropped (see integrity.screen)
+    # What of `families` may reach /v1/metrics; None: not screened (a result made by hand).
+    passed: tuple[Metric, ...] | None = None
+
+    def served(self) -> tuple[Metric, ...]:
+        """The families to re-export: the screened ones (screening now if it never was)."""
+        if self.passed is not None:
+            return self.passed
+        return tuple(screen(self.families, Policy())[0])
 
 
 TargetsArg = Mapping[str, "Target | tuple[str, float]"]
@@ -82,9 +98,21 @@ def _targets(targets: TargetsArg) -> dict[str, Target]:
 
 
 class _Failed(Exception):
-    def __init__(self, message: str, limited: bool = False) -> None:
+    def __init__(self, message: str, limited: bool = False, families: int = 1) -> None:
         super().__init__(message)
         self.limited = limited
+        self.families = families  # families of a payload dropped for a limit (>= 1)
+
+
+def parse_and_screen(text: str, openmetrics: bool, max_series: int, policy: Policy
+                     ) -> tuple[list[Metric], list[Metric], list[Drop]]:
+    """Parse a payload and screen its families (a worker thread's job: both take time); the
+    families parsed, those that pass, and the drops."""
+    invalid: list[str] = []
+    families = parse_exposition(text, max_series, openmetrics=openmetrics, invalid=invalid)
+    kept, drops = screen(families, policy)
+    drops.extend(Drop(name, "invalid") for name in invalid)
+    return families, kept, drops
 
 
 class _Unanswered(Exception):
@@ -97,7 +125,8 @@ class Scraper:
                  clock: Callable[[], float] = time.monotonic, *,
                  max_bytes: int | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 rng: Callable[[], float] = random.random) -> None:
+                 rng: Callable[[], float] = random.random,
+                 ledger: DropLedger | None = None) -> None:
         if interval <= 0:
             raise ValueError("interval must be > 0")
         self.interval = float(interval)
@@ -110,6 +139,7 @@ class Scraper:
         self._changed: anyio.Event | None = None
         self._scopes: dict[str, tuple[Target, anyio.CancelScope]] = {}
         self._rng = rng
+        self.ledger = ledger if ledger is not None else DropLedger()
         self._stale: dict[str, tuple[ScrapeResult, bool, ScrapeResult]] = {}  # see _staled
         self._pokes: dict[str, anyio.Event] = {}  # target -> wakes its loop's wait (poke)
         self._health: dict[str, str] = {}  # target -> "up" | "down" | "first-failed": see _log
@@ -147,18 +177,21 @@ class Scraper:
         if cached is not None and cached[0] is result and cached[1] == unattempted:
             return cached[2]
         if unattempted:
-            staled = replace(result, ok=False, families=(), good_at=None,
+            staled = replace(result, ok=False, families=(), passed=(), good_at=None,
                              error=result.error or "stale: no recent scrape attempt")
         else:  # attempted lately, but its last good payload is too old to serve
-            staled = replace(result, families=(), good_at=None)
+            staled = replace(result, families=(), passed=(), good_at=None)
         self._stale[name] = (result, unattempted, staled)
         return staled
 
     # -- writing (event loop thread) -----------------------------------------------------------
     def set_targets(self, targets: TargetsArg) -> None:
         """Replace the target set (on reload); changed or removed targets restart or stop."""
-        self._targets = _targets(targets)
-        kept = {k: v for k, v in self._results.items() if k in self._targets}
+        old, self._targets = self._targets, _targets(targets)
+        # A changed target (URL, timeout, or what of its payload may pass) starts afresh: its
+        # last result was screened by the old policy.
+        kept = {k: v for k, v in self._results.items()
+                if k in self._targets and old.get(k) == self._targets[k]}
         self._results = MappingProxyType(kept)
         self._health = {k: v for k, v in self._health.items() if k in self._targets}
         if self._changed is not None:
@@ -215,7 +248,7 @@ class Scraper:
             while True:
                 began = anyio.current_time()
                 result = await self.scrape_once(name, target)
-                self._publish(result)
+                self._publish(result, target)
                 # Fixed-rate schedule; an attempt that overran the interval is followed at once,
                 # and a poke (the service has just come up) cuts the wait short.
                 poked = self._pokes[name] = anyio.Event()
@@ -231,14 +264,18 @@ class Scraper:
         if poked is not None:
             poked.set()
 
-    def _publish(self, result: ScrapeResult) -> None:
-        if result.service not in self._targets:
-            return  # removed while its fetch was in flight
+    def _publish(self, result: ScrapeResult, target: Target | None = None) -> None:
+        current = self._targets.get(result.service)
+        if current is None or (target is not None and target != current):
+            return  # removed or changed (by a reload) while its fetch was in flight
+        if result.ok or result.limited:  # a payload was judged (else the last one still is)
+            self.ledger.record_scrape(result.service, result.drops)
         self._log_change(result)
         previous = self._results.get(result.service)
         if not result.ok and previous is not None and previous.good_at is not None:
             # Keep serving the last good copy until it is stale (checked at read time).
-            result = replace(result, families=previous.families, good_at=previous.good_at)
+            result = replace(result, families=previous.families, passed=previous.passed,
+                             good_at=previous.good_at)
         self._results = MappingProxyType({**self._results, result.service: result})
 
     def _log_change(self, result: ScrapeResult) -> None:
@@ -277,27 +314,31 @@ class Scraper:
             client = self._client
         started = self._clock()
         families: tuple[Metric, ...] = ()
+        passed: list[Metric] = []
         samples = 0
         try:
             with anyio.move_on_after(target.timeout) as deadline:
-                body, charset = await self._fetch(client, target)
+                body, charset, openmetrics = await self._fetch(client, target)
             if deadline.cancelled_caught:
                 raise _Failed(f"timeout after {target.timeout:g}s")
             text = body.decode(charset, errors="replace")
             try:
                 # A worker thread: 10,000 samples take tens of milliseconds to parse.
-                parsed = await anyio.to_thread.run_sync(parse_exposition, text, self.max_series)
+                parsed, passed, drops = await anyio.to_thread.run_sync(
+                    parse_and_screen, text, openmetrics, self.max_series, target.policy)
             except SeriesLimitExceeded as exc:
                 samples = exc.seen
-                raise _Failed(str(exc), limited=True) from None
+                raise _Failed(str(exc), limited=True, families=exc.families) from None
             except ExpositionError as exc:
                 raise _Failed(str(exc)) from None
             families = tuple(parsed)
             samples = sample_count(families)
         except _Failed as exc:
             logger.debug("scrape failed service=%s error=%s", name, exc)
+            limit = (Drop("(whole payload)", "limit", exc.families),) if exc.limited else ()
             return ScrapeResult(name, False, self._clock() - started, (), self._clock(),
-                                str(exc), samples, None, self.stale_after(target), exc.limited)
+                                str(exc), samples, None, self.stale_after(target), exc.limited,
+                                limit)
         except Exception as exc:  # anything else a child can provoke is still just a failure
             logger.debug("scrape failed service=%s error=%s", name, type(exc).__name__)
             return ScrapeResult(name, False, self._clock() - started, (), self._clock(),
@@ -305,9 +346,10 @@ class Scraper:
                                 self.stale_after(target))
         done = self._clock()
         return ScrapeResult(name, True, done - started, families, done, None, samples, done,
-                            self.stale_after(target))
+                            self.stale_after(target), drops=tuple(drops), passed=tuple(passed))
 
-    async def _fetch(self, client: httpx.AsyncClient, target: Target) -> tuple[bytes, str]:
+    async def _fetch(self, client: httpx.AsyncClient, target: Target
+                     ) -> tuple[bytes, str, bool]:
         """One GET, retried once if the connection closed before any response: a service's
         keep-alive timer (uvicorn's 5 s) that fires as a scrape reuses the connection (every
         5 s) loses nothing but that connection. The retry runs within the same timeout."""
@@ -321,7 +363,7 @@ class Scraper:
             raise _Failed(str(exc)) from None
 
     async def _fetch_once(self, client: httpx.AsyncClient, target: Target
-                          ) -> tuple[bytes, str]:
+                          ) -> tuple[bytes, str, bool]:
         import httpx
 
         answered = False
@@ -349,7 +391,11 @@ class Scraper:
                             chunks.append(chunk)
                 if size > self.max_bytes:
                     raise _Failed(f"body larger than {self.max_bytes} bytes", limited=True)
-                return b"".join(chunks), response.charset_encoding or "utf-8"
+                # A child may answer OpenMetrics although we asked for text 0.0.4: read it as
+                # what it says it is (the text parser would misread its exemplars and EOF).
+                openmetrics = response.headers.get("content-type", "").split(";")[0].strip(
+                    ).lower() == "application/openmetrics-text"
+                return b"".join(chunks), response.charset_encoding or "utf-8", openmetrics
         except httpx.TimeoutException:
             raise _Failed(f"timeout after {target.timeout:g}s") from None
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:

@@ -19,6 +19,8 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
     now, wall = time.monotonic(), time.time()
     services = []
     scrapes = daemon.scraper.snapshot()
+    dropped = daemon.drops.counts()
+    dropping = daemon.drops.current()
     for snap in daemon.snapshots.values():
         scrape = scrapes.get(snap.name)
         last = snap.last_exit
@@ -45,6 +47,10 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
                 "error": scrape.error,
                 "duration_seconds": round(scrape.duration_seconds, 4),
                 "samples": scrape.samples,
+                # families kept out of /v1/metrics since the daemon started, by reason
+                "dropped_families": dict(sorted(dropped.get(snap.name, {}).items())),
+                # ... and those the latest payload is losing (scrape and merge), by reason
+                "dropping_families": dict(sorted(dropping.get(snap.name, {}).items())),
             },
         })
     return {

@@ -109,7 +109,12 @@ def _last_exit(last: dict[str, Any] | None, now: float) -> str:
 def _scrape(scrape: dict[str, Any] | None) -> str:
     if not scrape:
         return "-"
-    return "ok" if scrape.get("ok") else "failing"
+    text = "ok" if scrape.get("ok") else "failing"
+    dropping = sum((scrape.get("dropping_families") or {}).values())
+    if dropping:
+        # A service whose metric families are being kept out of /v1/metrics must show.
+        text += f", {dropping} families dropped"
+    return text
 
 
 def _short(exc: Exception) -> str:

@@ -33,8 +33,10 @@ BUCKETS = ["0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "
            "5.0", "10.0", "+Inf"]
 
 
-def render_shipped_config(directory: Path, scrape_interval: float = 0.5) -> dict[str, Any]:
-    """services.toml with free ports; returns the path and each service's base URL."""
+def render_shipped_config(directory: Path, scrape_interval: float = 0.5, extra: str = ""
+                          ) -> dict[str, Any]:
+    """services.toml with free ports (and `extra` tables appended); returns the path and each
+    service's base URL."""
     text = (ROOT / "services.toml").read_text()
     daemon_port = free_port()
     ports = {f"127.0.0.1:808{i}": f"127.0.0.1:{free_port()}" for i in range(1, 5)}
@@ -49,7 +51,7 @@ def render_shipped_config(directory: Path, scrape_interval: float = 0.5) -> dict
     text = text.replace("[supervisor]\n",
                         f'[supervisor]\ncontrol_socket = "{socket_dir}/control.sock"\n', 1)
     path = directory / "services.toml"
-    path.write_text(text)
+    path.write_text(text + extra)
     urls = dict(zip(SERVICES, [f"http://{ports[f'127.0.0.1:808{i}']}" for i in (2, 1, 3, 4)],
                     strict=True))
     return {"path": path, "url": f"http://127.0.0.1:{daemon_port}", "services": urls,
@@ -89,8 +91,9 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def shipped_stack(directory: Path, scrape_interval: float = 0.5) -> Iterator[dict[str, Any]]:
-    stack = render_shipped_config(directory, scrape_interval)
+def shipped_stack(directory: Path, scrape_interval: float = 0.5, extra: str = ""
+                  ) -> Iterator[dict[str, Any]]:
+    stack = render_shipped_config(directory, scrape_interval, extra)
     daemon = DaemonProcess(stack["path"])
     stack["daemon"] = daemon
     try:
@@ -193,6 +196,8 @@ async def test_shipped_config_serves_api_latency_through_the_daemon(
     for name in SERVICES:
         assert sample(text, "service_scrape_up", service=name) == 1
         assert sample(text, "service_up", service=name) == 1
+    # The shipped allow lists are strict, yet nothing a stand-in exposes is lost.
+    assert not families["service_scrape_dropped_families"].samples
     promtool_ok(text)
 
 

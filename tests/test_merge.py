@@ -85,9 +85,19 @@ def test_deny_list_globs_and_suffixes() -> None:
         assert deny.denies(name), name
     for name in ("http_requests_total", "queue_depth", "halt", "breach", "state_halt"):
         assert not deny.denies(name), name
+    # Every text is normalised (case, separators) and an entry matches anywhere in it.
+    for name in ("HALT_STATE", "halt:state", "halt__state", "haltstate", "Halt-State",
+                 "U__halt__state", "constitutional_breaches_total", "x_Constitutional"):
+        assert deny.denies(name), name
     custom = DenyList(("secret_*", "exact_name"))
     assert custom.denies("secret_sauce_total") and custom.denies("exact_name_sum")
-    assert not custom.denies("exact_name_other") and not custom.denies("Secret_x")
+    assert not custom.denies("exact_name_other") and not custom.denies("my_secret")
+    # ... but case and separators never matter.
+    assert custom.denies("Secret_x") and custom.denies("EXACT:NAME_total")
+    assert custom.denies("exact__name") and not custom.denies("exact")
+    # Unit suffixes fall away on both sides: an entry's and a text's.
+    assert DenyList(("dissent_health_ratio",)).denies("Dissent:Health")
+    assert DenyList(("dissent_health",)).denies("dissent_health_ratio_total")
     assert not DenyList(()).denies("halt_state")
     assert "halt_state" in repr(deny)
 

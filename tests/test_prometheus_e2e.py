@@ -2,6 +2,11 @@
 the shipped services.toml every second, and answers the seed's questions through its HTTP API:
 api's p99 latency from `histogram_quantile`, and `increase(service_starts_total)` after api was
 killed and restarted by the daemon.
+
+A rogue service runs next to the stand-ins, exposing every disguise of the FR52 metrics in
+tests/hostile.py and impersonations of the daemon's and Prometheus' series (`up 0`,
+`dependency_up{check="database"} 0`): Prometheus, with the shipped alert rules loaded, must
+store none of the denied names and see no alert fired by the rogue's series.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import anyio
 import httpx
 import pytest
 
-from tests.support import free_port
-from tests.test_e2e import shipped_stack, wait_all_running
+from tests.hostile import CONTENT_TYPES, leaks, payload
+from tests.support import free_port, service
+from tests.test_e2e import ROOT, shipped_stack, wait_all_running
 
 PROMETHEUS = "/usr/bin/prometheus"
 P99 = ('histogram_quantile(0.99, sum by (le) '
@@ -34,7 +40,8 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{self.port}"
         config = directory / "prometheus.yml"
         config.write_text(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n"
+            f"rule_files:\n  - {ROOT / 'docs' / 'prometheus' / 'alerts.yml'}\n"
             "scrape_configs:\n  - job_name: supervisor\n    metrics_path: /v1/metrics\n"
             f"    static_configs:\n      - targets: ['{target}']\n")
         self.log = directory / "prometheus.log"
@@ -56,10 +63,31 @@ class PrometheusServer:
                 self.proc.wait(10)
 
 
+def rogue_service(directory: Path) -> str:
+    """A [services.rogue] table: serves the hostile corpus as OpenMetrics, allowed everything
+    (so the guard and the reserved names, not the allow list, must stop it)."""
+    port = free_port()
+    body = directory / "rogue.txt"
+    body.write_text(payload("openmetrics"))
+    code = (
+        "import http.server\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        f"        body = open({str(body)!r}, 'rb').read()\n"
+        "        self.send_response(200)\n"
+        f"        self.send_header('Content-Type', {CONTENT_TYPES['openmetrics']!r})\n"
+        "        self.send_header('Content-Length', str(len(body)))\n"
+        "        self.end_headers(); self.wfile.write(body)\n"
+        "    def log_message(self, *a): pass\n"
+        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
+    return "\n" + service("rogue", code, start_seconds=0.1, allow_metrics=["*"],
+                          metrics_url=f"http://127.0.0.1:{port}/metrics")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     directory = tmp_path_factory.mktemp("prom")
-    with shipped_stack(directory) as stack:
+    with shipped_stack(directory, extra=rogue_service(directory)) as stack:
         prometheus = PrometheusServer(directory, stack["url"].removeprefix("http://"))
         try:
             yield {**stack, "prometheus": prometheus}
@@ -126,3 +154,49 @@ async def test_prometheus_answers_p99_and_starts_after_a_kill(world: dict[str, A
         assert increase > 0
         up = await query(client, world, 'up{job="supervisor"}')
         assert up and up[0]["value"][1] == "1"
+
+
+async def api_get(client: httpx.AsyncClient, world: dict[str, Any], path: str) -> Any:
+    prometheus: PrometheusServer = world["prometheus"]
+    response = await client.get(f"{prometheus.url}{path}")
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+@pytest.mark.anyio
+async def test_prometheus_stores_no_disguise_and_no_rogue_alert(world: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        await wait_all_running(client, world)
+        # The rogue's honest family arrives, and its drops are counted ...
+        await until_value(client, world, 'rogue_jobs{service="rogue"}', lambda v: v == 3, 30)
+        await until_value(client, world,
+                          'sum(service_scrape_dropped_families_total{service="rogue"})',
+                          lambda v: v > 0, 15)
+        # ... then a few more scrapes and rule evaluations go by.
+        first = await until_value(client, world, 'timestamp(rogue_jobs{service="rogue"})',
+                                  lambda v: v > 0, 5)
+        await until_value(client, world, 'timestamp(rogue_jobs{service="rogue"})',
+                          lambda v: v >= first + 4, 20)
+        names = await api_get(client, world, "/api/v1/label/__name__/values")
+        assert "rogue_jobs" in names
+        stored: list[str] = list(names)
+        for label in await api_get(client, world, "/api/v1/labels"):
+            stored.append(label)
+            stored += await api_get(client, world, f"/api/v1/label/{label}/values")
+        series = await query(client, world, '{service="rogue"}')
+        for entry in series:
+            metric = entry["metric"]
+            name = metric.get("__name__", "")
+            for key, value in metric.items():
+                stored += [name + key, key + value, name + value]
+        assert leaks(stored) == [], leaks(stored)
+        # No impersonation: one `up` (Prometheus' own), dependency_up only from the daemon.
+        ups = await query(client, world, "up")
+        assert len(ups) == 1 and ups[0]["value"][1] == "1", ups
+        assert await query(client, world, 'dependency_up{service!="supervisor"}') == []
+        assert await query(client, world, '{__name__=~"scrape_.+", service!=""}') == []
+        assert await query(client, world, '{__name__=~"(service|config|dependency)_.+", '
+                           'check="database", service="rogue"}') == []
+        alerts = await query(client, world, "ALERTS")
+        assert [a for a in alerts if a["metric"].get("service") == "rogue"
+                or a["metric"]["alertname"] == "SupervisorDown"] == [], alerts

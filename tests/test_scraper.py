@@ -302,6 +302,12 @@ async def test_fr52_scrape_merge_render_drops_constitutional_metrics() -> None:
             tg.cancel_scope.cancel()
     raw = "\n".join(f.name for f in snap["api"].families)
     assert "halt_state" in raw and "foo_breach_count" in raw  # the child did expose them
+    # ... and the scraper screened them out of what may be served, counted.
+    served = "\n".join(f.name for f in snap["api"].served())
+    assert "halt_state" not in served and "foo_breach_count" not in served
+    assert {d.family for d in snap["api"].drops if d.reason == "denied"} >= {
+        "halt_state", "foo_breach_count"}
+    assert scraper.ledger.counts()["api"]["denied"] >= 6
 
     # The daemon's own request metrics share family names with api's: one family each.
     own_registry = CollectorRegistry()
