@@ -22,9 +22,9 @@ import anyio
 from anyio.abc import TaskGroup
 
 from supervisor import lifecycle as lc
-from supervisor import listen, reaper
+from supervisor import listen, reaper, rundir
 from supervisor.config import Config, ServiceSpec, load_config
-from supervisor.control import default_socket_path, serve_control
+from supervisor.control import ControlSocket, default_socket_path, serve_control
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.guard import OrphanGuard
 from supervisor.notify import watchdog_interval, watchdog_loop
@@ -264,9 +264,14 @@ class Daemon:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         settings = self.config.settings
+        # Both sockets are taken before anything is spawned: a second daemon with the same
+        # control socket or port is refused before it has started a single service. (Binding
+        # is cheap; the heavy imports are what _observe defers.)
+        control = ControlSocket(self.control_socket, settings.control_socket_group)
         try:
             listener = listen.bind(settings.listen_host, settings.listen_port)
         except OSError as exc:
+            control.close()
             raise SupervisorError(f"cannot listen on {settings.listen_host}:"
                                   f"{settings.listen_port}: {exc.strerror or exc}") from None
         self._shutdown = anyio.Event()
@@ -283,6 +288,7 @@ class Daemon:
             log.info("web config path=%s tls=%s client_auth=%s basic_auth_users=%d",
                      web.path, "on" if web.tls else "off", web.client_auth_type, len(web.users))
         self._check_exposure()
+        self._write_status_file(control.directory)
         if self.subreaper:
             become_subreaper()
         server = None
@@ -312,8 +318,7 @@ class Daemon:
                 await tg.start(self.scraper.run)
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._sample_stats)
-                await tg.start(serve_control, self, self.control_socket,
-                               settings.control_socket_group)
+                await tg.start(serve_control, self, control)
                 interval = watchdog_interval(self.environ)
                 if self.notifier is not None and interval is not None:
                     tg.start_soon(watchdog_loop, self.notifier, interval)
@@ -349,6 +354,8 @@ class Daemon:
                         reaper.signal_unowned(self._owned_pids())
                 tg.cancel_scope.cancel()
         finally:
+            control.close()
+            rundir.remove_status_file(control.directory, os.getpid())
             if server is not None:
                 server.shutdown()
                 server.server_close()
@@ -362,6 +369,20 @@ class Daemon:
             if self.subreaper:
                 reaper.reap_unowned(self._owned_pids())
         log.info("stopped")
+
+    def _write_status_file(self, directory: str) -> None:
+        """Tell `supervisor status`, run from anywhere by this user, where the HTTP port is."""
+        assert self.listen_address is not None
+        host, port = self.listen_address
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+        web = self.config.settings.web_config
+        scheme = "https" if web is not None and web.tls else "http"
+        try:
+            rundir.write_status_file(directory, {"url": f"{scheme}://{_host_port(host, port)}",
+                                                 "pid": os.getpid(), "config": self.config.path})
+        except OSError as exc:
+            log.warning("status file not written directory=%s error=%s", directory,
+                        exc.strerror or exc)
 
     async def _start_monitor(self) -> None:
         """(Re)start the readiness checks; a reload with other checks replaces the monitor."""
