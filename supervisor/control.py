@@ -196,7 +196,7 @@ async def _handle(daemon: Daemon, stream: SocketStream) -> None:
                 buffered = BufferedByteReceiveStream(stream)
                 line = await buffered.receive_until(b"\n", MAX_REQUEST)
             request = json.loads(line)
-            response = await execute(daemon, request)
+            response = daemon.redactor.redact_obj(await execute(daemon, request))
         except TimeoutError:
             response = {"ok": False, "error": "request timed out"}
         except (anyio.IncompleteRead, anyio.DelimiterNotFound, ValueError):

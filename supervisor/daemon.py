@@ -28,6 +28,7 @@ from supervisor.control import ControlSocket, default_socket_path, serve_control
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.guard import OrphanGuard
 from supervisor.notify import watchdog_interval, watchdog_loop
+from supervisor.redact import LogRedactor, Redactor
 from supervisor.runner import ServiceRunner, ServiceSnapshot, Spawner
 from supervisor.spawn import Child, become_subreaper, spawn
 from supervisor.status import status_document
@@ -84,8 +85,15 @@ class Daemon:
     def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None,
                  notifier: Notifier | None = None, handle_signals: bool = True,
                  subreaper: bool = False, health_stale_after: float = 5.0,
-                 freeze_gc: bool = False, spawner: Spawner | None = None) -> None:
+                 freeze_gc: bool = False, spawner: Spawner | None = None,
+                 log_redactor: LogRedactor | None = None) -> None:
         self.config = config
+        # Masks the config's secrets in every string that leaves: HTTP bodies, control replies
+        # and (through `log_redactor`, the CLI's log handler filter) log records.
+        self.redactor = Redactor(config.secrets)
+        self.log_redactor = log_redactor
+        if log_redactor is not None:
+            log_redactor.redactor = self.redactor
         self.environ = dict(os.environ if environ is None else environ)
         self.notifier = notifier
         self.handle_signals = handle_signals
@@ -167,10 +175,12 @@ class Daemon:
         return (200 if healthy else 503), body
 
     def status(self) -> tuple[int, dict[str, Any]]:
-        return 200, status_document(self)
+        return 200, self.redactor.redact_obj(status_document(self))
 
     def ready(self) -> tuple[int, dict[str, Any]]:
         body = self.monitor.snapshot().body()
+        if self.redactor.secrets:
+            body = self.redactor.redact_obj(body)
         return (200 if body["status"] == "ready" else 503), body
 
     def _deny_list(self) -> DenyList:
@@ -581,6 +591,9 @@ class Daemon:
         if new.settings.web_config_file:
             log.info("reload: web config applied path=%s", new.settings.web_config_file)
         self._check_exposure()
+        self.redactor = Redactor(old.secrets | new.secrets)  # old ones may linger in texts
+        if self.log_redactor is not None:
+            self.log_redactor.redactor = self.redactor
         if new.checks != old.checks:
             await self._start_monitor()
         self.scraper.set_targets(_scrape_targets(new))
