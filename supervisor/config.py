@@ -574,12 +574,12 @@ class _Parser:
         for other in ("dsn", "url", "address"):
             if other != key and other in data:
                 self.problem(f"{where}.{other}", f"not used by type {kind!r} (use {key})")
+        if target is not None and kind != "tcp":
+            self.secret_url(data, key, target)
         if target is None:
             if "type" in data:
                 self.problem(f"{where}.{key}", "required")
             target = ""
-        elif kind != "tcp":
-            self.secret_url(data, key, target)
         elif kind == "tcp":
             try:
                 parse_listen(target)

@@ -28,7 +28,7 @@ from supervisor.control import ControlSocket, default_socket_path, serve_control
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.guard import OrphanGuard
 from supervisor.notify import watchdog_interval, watchdog_loop
-from supervisor.redact import LogRedactor, Redactor
+from supervisor.redact import LogRedactor, Redactor, config_secrets
 from supervisor.runner import ServiceRunner, ServiceSnapshot, Spawner
 from supervisor.spawn import Child, become_subreaper, spawn
 from supervisor.status import status_document
@@ -90,7 +90,7 @@ class Daemon:
         self.config = config
         # Masks the config's secrets in every string that leaves: HTTP bodies, control replies
         # and (through `log_redactor`, the CLI's log handler filter) log records.
-        self.redactor = Redactor(config.secrets)
+        self.redactor = _redactor(config)
         self.log_redactor = log_redactor
         if log_redactor is not None:
             log_redactor.redactor = self.redactor
@@ -591,7 +591,7 @@ class Daemon:
         if new.settings.web_config_file:
             log.info("reload: web config applied path=%s", new.settings.web_config_file)
         self._check_exposure()
-        self.redactor = Redactor(old.secrets | new.secrets)  # old ones may linger in texts
+        self.redactor = _redactor(new, old)  # old secrets may linger in texts for a while
         if self.log_redactor is not None:
             self.log_redactor.redactor = self.redactor
         if new.checks != old.checks:
@@ -729,6 +729,18 @@ class Daemon:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _redactor(*configs: Config) -> Redactor:
+    """The secrets load_config found, and (for a Config built another way) those of the
+    targets themselves."""
+    secrets: set[str] = set()
+    for config in configs:
+        secrets |= config.secrets
+        secrets |= config_secrets(
+            [c.target for c in config.checks.values() if c.type != "tcp"]
+            + [s.metrics_url for s in config.services.values() if s.metrics_url])
+    return Redactor(secrets)
 
 
 def _no_stats(cpu_carried: float) -> TreeStats:

@@ -31,7 +31,9 @@ _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?
 # Pieces of a password shorter than this are not masked on their own: masking "ab" would
 # shred every message, and a fragment that short says little about the whole.
 MIN_FRAGMENT = 4
-_DELIMITERS = re.compile(r"[/?#@:]")
+_DELIMITERS = re.compile(r"[/?#@:=&;,+\s]")
+_SUB_DELIMS = "!$&'()*+,;="
+_PRINTABLE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")  # only non-ASCII encoded
 
 
 def url_secrets(url: str) -> tuple[str, ...]:
@@ -77,12 +79,18 @@ def _pieces(secret: str) -> set[str]:
 
 
 def _forms(secret: str) -> set[str]:
-    forms = {secret}
-    for decoded in (unquote(secret), unquote_plus(secret)):
-        forms.add(decoded)
-    for value in list(forms):
-        forms.update({quote(value, safe=""), quote_plus(value, safe=""), quote(value),
-                      repr(value)[1:-1], json.dumps(value)[1:-1],
+    """`secret` as written and decoded, each encoded as strictly as possible and as loosely
+    as URL libraries do (httpx keeps the sub-delimiters), each as it appears inside a repr or
+    a JSON string."""
+    decoded = {secret, unquote(secret), unquote_plus(secret)}
+    encoded: set[str] = set()
+    for value in decoded:
+        encoded.update({value, quote(value, safe=""), quote_plus(value, safe=""), quote(value),
+                        quote(value, safe=_SUB_DELIMS + ":@/?"), quote(value, safe=_SUB_DELIMS),
+                        quote(value, safe=_PRINTABLE), quote(value, safe=_PRINTABLE + "%")})
+    forms: set[str] = set()
+    for value in encoded:
+        forms.update({value, repr(value)[1:-1], json.dumps(value)[1:-1],
                       json.dumps(value, ensure_ascii=False)[1:-1]})
     return {f for f in forms if f}
 
@@ -111,8 +119,10 @@ def url_problem(url: str, *, path_at_ok: bool = False) -> str | None:
     except ValueError:
         return f"cannot be parsed as a URL: {hint}"
     after_netloc = url.partition("://")[2][len(parts.netloc):]
-    if "@" in after_netloc and not path_at_ok:
-        return f"has an '@' after the host: {hint}"
+    # `user:pa/ss@host` splits as host "user", port "pa" (or a numeric "12" of "12/34"): an
+    # '@' after a host that has a ':' is a password cut short, never an HTTP path's '@'.
+    if "@" in after_netloc and (not path_at_ok or ":" in parts.netloc):
+        return f"has an '@' after the host (in a path, write it as %40): {hint}"
     userinfo = parts.netloc.rpartition("@")[0]
     if re.search(r"%(?![0-9A-Fa-f]{2})", userinfo):
         return f"has a '%' that is not a percent-escape in the user information: {hint}"
