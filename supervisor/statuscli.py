@@ -32,19 +32,25 @@ def show_status(url: str | None, config_path: str | None, as_json: bool,
         return EXIT_UNREACHABLE
     import httpx
 
+    from supervisor.redact import redact_url
+
+    shown = redact_url(url)  # a URL may carry basic-auth credentials
     try:
         with httpx.Client(timeout=5.0, trust_env=not _is_loopback(url)) as client:
             response = client.get(url.rstrip("/") + "/v1/status")
         response.raise_for_status()
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-        print(f"supervisor: cannot reach the daemon at {url}: {_short(exc)}", file=sys.stderr)
+        print(f"supervisor: cannot reach the daemon at {shown}: {_short(exc)}",
+              file=sys.stderr)
         return EXIT_UNREACHABLE
     try:
         document = response.json()
         services = _services(document)
-        text = json.dumps(document, indent=2, sort_keys=True) if as_json else render(document)
+        text = render(document)  # also for --json: a document it cannot show is malformed
+        if as_json:
+            text = json.dumps(document, indent=2, sort_keys=True)
     except (*_MALFORMED, RecursionError) as exc:
-        print(f"supervisor: the daemon at {url} sent a malformed status document: "
+        print(f"supervisor: the daemon at {shown} sent a malformed status document: "
               f"{_short(exc)}", file=sys.stderr)
         return EXIT_UNREACHABLE
     print(text)
