@@ -32,15 +32,17 @@ def show_status(url: str | None, config_path: str | None, as_json: bool,
         return EXIT_UNREACHABLE
     import httpx
 
-    from supervisor.redact import redact_url
+    from supervisor.redact import Redactor, url_secrets
 
-    shown = redact_url(url)  # a URL may carry basic-auth credentials
+    redactor = Redactor(url_secrets(url))  # a URL may carry basic-auth credentials
+    shown = redactor.redact(url)
     try:
         with httpx.Client(timeout=5.0, trust_env=not _is_loopback(url)) as client:
             response = client.get(url.rstrip("/") + "/v1/status")
         response.raise_for_status()
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
-        print(f"supervisor: cannot reach the daemon at {shown}: {_short(exc)}",
+        print(f"supervisor: cannot reach the daemon at {shown}: "
+              f"{redactor.redact(_short(exc))}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     try:
@@ -51,7 +53,7 @@ def show_status(url: str | None, config_path: str | None, as_json: bool,
             text = json.dumps(document, indent=2, sort_keys=True)
     except (*_MALFORMED, RecursionError) as exc:
         print(f"supervisor: the daemon at {shown} sent a malformed status document: "
-              f"{_short(exc)}", file=sys.stderr)
+              f"{redactor.redact(_short(exc))}", file=sys.stderr)
         return EXIT_UNREACHABLE
     print(text)
     all_running = all(s.get("state") == "running" for s in services)
