@@ -40,6 +40,10 @@ def show_status(url: str | None, config_path: str | None, as_json: bool,
         with httpx.Client(timeout=5.0, trust_env=not _is_loopback(url)) as client:
             response = client.get(url.rstrip("/") + "/v1/status")
         response.raise_for_status()
+    except httpx.RemoteProtocolError as exc:  # a truncated body, or no HTTP at all
+        print(f"supervisor: the daemon at {shown} sent a malformed answer: "
+              f"{redactor.redact(_short(exc))}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         print(f"supervisor: cannot reach the daemon at {shown}: "
               f"{redactor.redact(_short(exc))}",
