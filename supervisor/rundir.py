@@ -116,18 +116,30 @@ def remove_status_file(directory: str, pid: int) -> None:
             target.unlink()
 
 
+def _service_users(directory: str, dir_st: os.stat_result, st: os.stat_result) -> bool:
+    """Root reading the file of a daemon that runs as a service user (systemd's User= with
+    RuntimeDirectory=): the directory and the file are that user's, and the directory sits in
+    a root-owned parent that no one else can write, so no other user can have planted it."""
+    if os.geteuid() != 0 or st.st_uid != dir_st.st_uid:
+        return False
+    parent = os.stat(Path(directory).parent)
+    return parent.st_uid == 0 and not parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
 def read_status_file(directory: str) -> dict[str, Any] | None:
     """The daemon's status file, if present, private (directory and file owned by root or
     this user, the directory not writable by others) and well formed; else None."""
     try:
         dir_st = os.stat(directory)
-        if (not stat.S_ISDIR(dir_st.st_mode) or not trusted_owner(dir_st)
+        if (not stat.S_ISDIR(dir_st.st_mode)
                 or dir_st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
             return None
         fd = os.open(Path(directory) / STATUS_FILE, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or not trusted_owner(st):
+            if not stat.S_ISREG(st.st_mode) or not (
+                    (trusted_owner(dir_st) and trusted_owner(st))
+                    or _service_users(directory, dir_st, st)):
                 return None
             data = os.read(fd, MAX_STATUS_FILE)
         finally:

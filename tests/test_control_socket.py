@@ -347,3 +347,24 @@ def test_status_file_is_not_trusted_in_another_users_directory(public_dir: Path)
             json.dumps({{"url": "http://127.0.0.1:9", "pid": 1}}))
     """)
     assert rundir.read_status_file(str(directory)) is None
+
+
+def test_root_reads_the_status_file_of_a_daemon_run_as_a_service_user() -> None:
+    """systemd's User=svc with RuntimeDirectory=: /run/NAME owned by svc, in root's /run."""
+    parent = Path(tempfile.mkdtemp(prefix="svu-"))
+    try:
+        parent.chmod(0o777)  # so that nobody can make its directory, as systemd would
+        directory = parent / "supervisor"
+        as_nobody(f"""
+            import os, json
+            os.mkdir({str(directory)!r}, 0o700)
+            open({str(directory / rundir.STATUS_FILE)!r}, "w").write(
+                json.dumps({{"url": "http://127.0.0.1:9464", "pid": 1}}))
+        """)
+        parent.chmod(0o755)
+        found = rundir.read_status_file(str(directory))
+        assert found is not None and found["url"] == "http://127.0.0.1:9464"
+        parent.chmod(0o777)  # now anyone could have planted it
+        assert rundir.read_status_file(str(directory)) is None
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
