@@ -309,14 +309,16 @@ def request(path: str, command: str, services: Sequence[str] = (), timeout: floa
 
 
 def check_socket(path: str, st: os.stat_result) -> None:
-    """Accept a socket owned by root or by the caller, or one shared with one of the caller's
-    groups (control_socket_group: mode 0660)."""
+    """Accept a socket owned by root or by the caller, one shared with one of the caller's
+    groups (control_socket_group: mode 0660), or one that only its owner can have placed
+    (root and a daemon run as a service user in /run/supervisor)."""
     if not stat.S_ISSOCK(st.st_mode):
         kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
         raise UntrustedSocket(f"refusing control socket {path}: it is {kind}")
     shared = (st.st_gid in (os.getegid(), *os.getgroups())
               and st.st_mode & 0o060 == 0o060 and not st.st_mode & 0o007)
-    if not rundir.trusted_owner(st) and not shared:
+    if not (rundir.trusted_owner(st) or shared
+            or rundir.placed_by_owner(str(Path(path).parent), st)):
         raise UntrustedSocket(f"refusing control socket {path}: it belongs to uid {st.st_uid}, "
                               f"neither root nor you (uid {os.geteuid()}); nothing was sent")
 

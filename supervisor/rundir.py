@@ -116,14 +116,20 @@ def remove_status_file(directory: str, pid: int) -> None:
             target.unlink()
 
 
-def _service_users(directory: str, dir_st: os.stat_result, st: os.stat_result) -> bool:
-    """Root reading the file of a daemon that runs as a service user (systemd's User= with
-    RuntimeDirectory=): the directory and the file are that user's, and the directory sits in
-    a root-owned parent that no one else can write, so no other user can have planted it."""
-    if os.geteuid() != 0 or st.st_uid != dir_st.st_uid:
+def placed_by_owner(directory: str, st: os.stat_result) -> bool:
+    """Whether an entry (described by `st`) of `directory` can only have been put there by its
+    owner: the directory is the owner's and no one else can write it, in a root-owned parent
+    that no one else can write either. That is a daemon run as a service user (systemd's User=
+    with RuntimeDirectory=: /run/supervisor) as seen by root; /tmp/anything never is."""
+    try:
+        dir_st = os.lstat(directory)
+        parent = os.stat(Path(directory).parent)
+    except OSError:
         return False
-    parent = os.stat(Path(directory).parent)
-    return parent.st_uid == 0 and not parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    writable = stat.S_IWGRP | stat.S_IWOTH
+    return (stat.S_ISDIR(dir_st.st_mode) and dir_st.st_uid == st.st_uid
+            and not dir_st.st_mode & writable
+            and parent.st_uid == 0 and not parent.st_mode & writable)
 
 
 def read_status_file(directory: str) -> dict[str, Any] | None:
@@ -139,7 +145,7 @@ def read_status_file(directory: str) -> dict[str, Any] | None:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or not (
                     (trusted_owner(dir_st) and trusted_owner(st))
-                    or _service_users(directory, dir_st, st)):
+                    or placed_by_owner(directory, st)):
                 return None
             data = os.read(fd, MAX_STATUS_FILE)
         finally:

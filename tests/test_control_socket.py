@@ -308,6 +308,16 @@ def impostor(public_dir: Path) -> Iterator[tuple[Path, Path]]:
             proc.stdout.close()
 
 
+def test_root_reaches_a_daemon_run_as_a_service_user(public_dir: Path) -> None:
+    """The socket of a daemon run as User=nobody in /run-like (root-owned, 0755) parent."""
+    with impostor(public_dir) as (sock_path, log):
+        public_dir.chmod(0o755)  # now only root can have made supervisor-0 there
+        result = cli("stop", "api", "--socket", str(sock_path))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.strip() == "api: stopped"
+        assert b'"command": "stop"' in log.read_bytes()
+
+
 def test_cli_sends_nothing_to_another_users_socket(public_dir: Path) -> None:
     with impostor(public_dir) as (sock_path, log):
         assert os.lstat(sock_path).st_uid == NOBODY
