@@ -25,7 +25,7 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 MASK = "***"
 # Query-string keys that libpq, asyncpg and redis-py accept as credentials.
 _SECRET_KEYS = ("password", "pass", "pwd", "passwd", "sslpassword", "token")
-_QUERY_SECRET = re.compile(r"(?:^|[?&;])(?:%s)=([^&;]*)" % "|".join(_SECRET_KEYS), re.I)
+_QUERY_SECRET = re.compile(r"(?:^|[?&;])(?:" + "|".join(_SECRET_KEYS) + r")=([^&;]*)", re.I)
 # A last resort for text that is not from the config: `scheme://user:secret@`.
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*(?=@)")
 # Pieces of a password shorter than this are not masked on their own: masking "ab" would
@@ -180,13 +180,14 @@ class LogRedactor(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         redactor = self.redactor
+        if not redactor.secrets:  # nothing to look for: no cost on the log's hot path
+            return True
         try:
             message = record.getMessage()
         except Exception:  # a broken format string: let the handler report it as usual
             return True
-        clean = redactor.redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
+        # Formatted once here; the formatter's getMessage() then has no arguments to apply.
+        record.msg, record.args = redactor.redact(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
