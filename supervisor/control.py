@@ -311,7 +311,7 @@ def request(path: str, command: str, services: Sequence[str] = (), timeout: floa
 def check_socket(path: str, st: os.stat_result) -> None:
     """Accept a socket owned by root or by the caller, one shared with one of the caller's
     groups (control_socket_group: mode 0660), or one that only its owner can have placed
-    (root and a daemon run as a service user in /run/supervisor)."""
+    (root and a daemon run as a service user in /run/platform-supervisor)."""
     if not stat.S_ISSOCK(st.st_mode):
         kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
         raise UntrustedSocket(f"refusing control socket {path}: it is {kind}")

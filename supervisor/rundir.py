@@ -120,7 +120,7 @@ def placed_by_owner(directory: str, st: os.stat_result) -> bool:
     """Whether an entry (described by `st`) of `directory` can only have been put there by its
     owner: the directory is the owner's and no one else can write it, in a root-owned parent
     that no one else can write either. That is a daemon run as a service user (systemd's User=
-    with RuntimeDirectory=: /run/supervisor) as seen by root; /tmp/anything never is."""
+    with RuntimeDirectory=: /run/platform-supervisor) as seen by root; /tmp/anything never is."""
     try:
         dir_st = os.lstat(directory)
         parent = os.stat(Path(directory).parent)
