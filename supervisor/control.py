@@ -4,6 +4,10 @@ supervisord's CVE-2017-11610 came from a control API on its HTTP server; here th
 read-only and control needs access to a socket file created with mode 0600 (0660 with
 `control_socket_group`). One JSON line in, one JSON line out. Commands come from an explicit
 allow-list; requests naming an unknown service change nothing.
+
+The socket lives in a private runtime directory (see `rundir`) and is taken, with a lock next
+to it, before any service is spawned (`ControlSocket`); the client sends nothing until it has
+checked who owns the socket file and, once connected, who runs the process behind it.
 """
 
 from __future__ import annotations
