@@ -223,3 +223,38 @@ async def test_canary_sweep_through_every_output(tmp_path: Path,
                 and "check unhealthy" in r.getMessage()]
     # (a few cut-short URLs fall back to localhost:6379, the shared Redis, and pass)
     assert len(warnings) > len(checks) // 2
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(password=password_strategy, via_env=st.booleans(),
+       where=st.sampled_from(["dsn", "url", "metrics_url"]))
+def test_check_config_never_prints_a_password_it_rejects(tmp_path: Path, password: str,
+                                                         via_env: bool, where: str) -> None:
+    """Whatever its shape, a password (written in the file or interpolated from the
+    environment) is either accepted and parsed as meant, or rejected by key, unprinted."""
+    from supervisor.errors import ConfigError
+
+    written = "${DB_PASS}" if via_env else password
+    url = {"dsn": f"postgresql://app:{written}@127.0.0.1:1/db",
+           "url": f"redis://:{written}@127.0.0.1:1/0",
+           "metrics_url": f"http://u:{written}@127.0.0.1:1/metrics"}[where]
+    key = {"dsn": "checks.db.dsn", "url": "checks.db.url",
+           "metrics_url": "services.api.metrics_url"}[where]
+    kind = {"dsn": "postgres", "url": "redis", "metrics_url": None}[where]
+    text = f"[services.api]\ncommand = [{toml_string(sys.executable)}]\n"
+    if kind is None:
+        text += f"metrics_url = {toml_string(url)}\n"
+    else:
+        text += f'[checks.db]\ntype = "{kind}"\n{where} = {toml_string(url)}\n'
+    path = tmp_path / "services.toml"
+    path.write_text(text)
+    try:
+        config = load_config(path, {"DB_PASS": password, "PATH": os.defpath})
+    except ConfigError as exc:
+        assert MARK not in exc.render() and MARK not in str(exc)
+        assert key in exc.render()
+        return
+    expanded = url.replace("${DB_PASS}", password)
+    assert urlsplit(expanded).password == password
+    assert MARK not in Redactor(config.secrets).redact(f"x {password} y {expanded}")
