@@ -158,11 +158,12 @@ class Redactor:
         return text
 
     def redact_obj(self, value: Any) -> Any:
-        """A JSON-shaped value with every string (keys too) redacted; same object if clean."""
+        """A JSON-shaped value with every string value redacted. Keys are left alone: they are
+        field, service and check names (never secrets), and the document keeps its shape."""
         if isinstance(value, str):
             return self.redact(value)
         if isinstance(value, dict):
-            return {self.redact_obj(k): self.redact_obj(v) for k, v in value.items()}
+            return {k: self.redact_obj(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.redact_obj(v) for v in value]
         return value

@@ -96,10 +96,11 @@ def test_accepted_urls_parse_to_the_password_as_written(password: str, template:
 
 def test_redactor_walks_documents_and_keeps_shapes() -> None:
     redactor = Redactor(url_secrets("redis://:CANARY%2Fx@h"))
-    doc = {"a": ["CANARY/x", {"k": "x CANARY%2Fx y", "n": 1.5, "b": None}], "CANARY/x": True}
+    doc = {"a": ["CANARY/x", {"k": "x CANARY%2Fx y", "n": 1.5, "b": None}], "c": "ok"}
     out = redactor.redact_obj(doc)
     assert MARK not in json.dumps(out, ensure_ascii=False)
-    assert out["a"][1]["n"] == 1.5 and out["a"][1]["b"] is None
+    assert out["a"][1]["n"] == 1.5 and out["a"][1]["b"] is None and out["c"] == "ok"
+    assert list(out) == ["a", "c"] and out["a"][1]["k"] == "x *** y"
 
 
 def test_log_filter_masks_messages_and_tracebacks() -> None:
