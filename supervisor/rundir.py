@@ -75,7 +75,7 @@ def ensure_private(directory: str) -> None:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         try:
             os.mkdir(path, 0o700)
-            os.chmod(path, 0o700, follow_symlinks=False)  # the umask may have removed bits only
+            os.chmod(path, 0o700)  # a strange umask (0o200, say) may have removed owner bits
         except FileExistsError:
             pass
         st = os.lstat(path)
