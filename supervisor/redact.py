@@ -123,6 +123,8 @@ def url_problem(url: str, *, path_at_ok: bool = False) -> str | None:
     # '@' after a host that has a ':' is a password cut short, never an HTTP path's '@'.
     if "@" in after_netloc and (not path_at_ok or ":" in parts.netloc):
         return f"has an '@' after the host (in a path, write it as %40): {hint}"
+    if "#" in url and not path_at_ok:  # no fragment in a DSN: a '#' cut a password short
+        return f"has a '#' (a fragment means nothing here): {hint}"
     userinfo = parts.netloc.rpartition("@")[0]
     if re.search(r"%(?![0-9A-Fa-f]{2})", userinfo):
         return f"has a '%' that is not a percent-escape in the user information: {hint}"
