@@ -21,6 +21,7 @@ from supervisor.errors import ConfigError, SupervisorError
 
 if TYPE_CHECKING:
     from supervisor.notify import Notifier
+    from supervisor.redact import LogRedactor
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
@@ -43,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show services and readiness (exit 0 all running, "
                                            "3 some not running, 4 daemon unreachable)")
-    status.add_argument("--config", default="services.toml",
-                        help="services.toml, to find the daemon's listen address")
-    status.add_argument("--url", help="daemon base URL (default: from the config's listen)")
+    status.add_argument("--config", help="services.toml, to find the daemon (default: "
+                        "$SUPERVISOR_URL, then the daemon's status file, then ./services.toml)")
+    status.add_argument("--url", help="daemon base URL (default: $SUPERVISOR_URL, the status "
+                        "file in the runtime directory, then the config's listen)")
     status.add_argument("--json", action="store_true", help="print the raw JSON document")
 
     for name, text in (("start", "start services"), ("stop", "stop services (they stay "
@@ -104,13 +106,17 @@ def _check_config(path: str) -> int:
     return 0
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str) -> LogRedactor:
     from supervisor.logsetup import configure_logging
+    from supervisor.redact import LogRedactor
 
-    configure_logging(level)
+    handler = configure_logging(level)
+    redactor = LogRedactor()  # the daemon gives it the config's secrets, and new ones on reload
+    handler.addFilter(redactor)
     # httpx logs every scrape and check at INFO: routine, so only its warnings reach the journal.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    return redactor
 
 
 def _unblock_inherited_mask() -> None:
@@ -141,11 +147,12 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     _default_inherited_ignores()
-    _configure_logging(args.log_level or config.settings.log_level)
+    log_redactor = _configure_logging(args.log_level or config.settings.log_level)
     from supervisor.daemon import Daemon
 
     notifier = _notifier()
-    daemon = Daemon(config, notifier=notifier, subreaper=True, freeze_gc=True)
+    daemon = Daemon(config, notifier=notifier, subreaper=True, freeze_gc=True,
+                    log_redactor=log_redactor)
     log.info("starting version=%s backend=%s config=%s services=%d", __version__, args.backend,
              config.path, len(config.services))
     # HTTP threads give the GIL up at every system call; while the event loop or a parse thread
@@ -178,12 +185,15 @@ def _leaves(group: BaseExceptionGroup[SupervisorError]) -> list[BaseException]:
 
 
 def _control(args: argparse.Namespace) -> int:
-    from supervisor.control import request, socket_path_for
+    from supervisor.control import UntrustedSocket, request, socket_path_for
 
     path = args.socket or socket_path_for(args.config)
     services = getattr(args, "services", [])
     try:
         response = request(path, args.command, services)
+    except UntrustedSocket as exc:
+        print(f"supervisor: {exc}", file=sys.stderr)
+        return 4
     except OSError as exc:
         print(f"supervisor: cannot reach the daemon at {path}: {exc.strerror or exc}",
               file=sys.stderr)

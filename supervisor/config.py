@@ -24,6 +24,7 @@ from supervisor.datatypes import (
     signal_number,
 )
 from supervisor.errors import ConfigError
+from supervisor.redact import config_secrets, interpolated_values, url_problem
 
 if TYPE_CHECKING:
     from supervisor.webconfig import WebConfig
@@ -143,6 +144,9 @@ class Config:
     settings: Settings
     services: Mapping[str, ServiceSpec]  # in start order: dependencies first
     checks: Mapping[str, CheckSpec] = field(default_factory=dict)
+    # Every form of every credential above (see redact.config_secrets): masked by value in
+    # whatever leaves the daemon. Never printed, never compared.
+    secrets: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -171,6 +175,11 @@ class _Parser:
         self.path = path
         self.base = Path(path).resolve().parent
         self.environ = environ
+        # What redact.config_secrets needs: targets holding credentials, environment values
+        # interpolated into them, and dsn_file contents.
+        self.secret_targets: list[str] = []
+        self.secret_env: set[str] = set()
+        self.secret_whole: list[str] = []
         self.problems: list[str] = []
 
     def problem(self, where: str, message: str) -> None:
@@ -359,7 +368,20 @@ class _Parser:
         ordered = self.start_order(services, checks)
         if self.problems:
             raise ConfigError(self.path, self.problems)
-        return Config(self.path, settings, ordered, checks)
+        secrets = config_secrets(self.secret_targets, self.secret_env, self.secret_whole)
+        return Config(self.path, settings, ordered, checks, secrets)
+
+    def secret_url(self, data: Mapping[str, Any], key: str, value: str) -> None:
+        """Note `value` (the interpolated `data[key]`) as holding credentials."""
+        self.secret_targets.append(value)
+        raw = data.get(key)
+        if isinstance(raw, str):
+            self.secret_env.update(interpolated_values(raw, self.environ))
+
+    def url_ok(self, where: str, url: str, *, path_at_ok: bool = False) -> None:
+        why = url_problem(url, path_at_ok=path_at_ok)
+        if why is not None:
+            self.problem(where, why)  # never the URL itself: it may hold a password
 
     def label_values(self, settings: Settings, services: Mapping[str, ServiceSpec],
                      checks: Mapping[str, CheckSpec]) -> None:
@@ -467,7 +489,9 @@ class _Parser:
         env = self.environment(data, where, env_files)
         cwd = self.resolve(self.string(data, "cwd", where, "."))
         if not _is(Path.is_dir, cwd):
-            self.problem(f"{where}.cwd", f"directory {cwd} does not exist")
+            # As written: an interpolated environment value is a secret (name it, not its value).
+            self.problem(f"{where}.cwd", f"directory {_as_written(data, 'cwd', cwd)} does not "
+                                         "exist")
         if command and command[0]:
             search_path = env.get("PATH") or self.environ.get("PATH", os.defpath)
             exe = command[0]
@@ -477,8 +501,9 @@ class _Parser:
             else:
                 found = shutil.which(exe, path=search_path) is not None
             if not found:
-                self.problem(f"{where}.command", f"executable {command[0]!r} not found or not "
-                                                 "executable")
+                self.problem(f"{where}.command", f"executable "
+                             f"{_as_written(data, 'command', command[0])!r} not found or not "
+                             "executable")
         stop_signal = 15
         stop_signal_text = self.string(data, "stop_signal", where, interpolated=False)
         if stop_signal_text is not None:
@@ -505,6 +530,9 @@ class _Parser:
         metrics_url = self.string(data, "metrics_url", where)
         if metrics_url is not None and not metrics_url.startswith(("http://", "https://")):
             self.problem(f"{where}.metrics_url", "expected an http:// or https:// URL")
+        elif metrics_url is not None:
+            self.secret_url(data, "metrics_url", metrics_url)
+            self.url_ok(f"{where}.metrics_url", metrics_url, path_at_ok=True)
         return ServiceSpec(
             name=name,
             command=command,
@@ -542,8 +570,12 @@ class _Parser:
                 text = Path(file_path).read_text(encoding="utf-8")
             except OSError as exc:
                 if not optional:
+                    raw = data.get("env_file")
+                    shown = (raw[index] if isinstance(raw, list) and index < len(raw)
+                             and isinstance(raw[index], str) else
+                             raw if isinstance(raw, str) else file_path)
                     self.problem(f"{where}.env_file[{index}]",
-                                 f"cannot read {file_path}: {exc.strerror or exc}")
+                                 f"cannot read {shown}: {exc.strerror or exc}")
                 continue
             values, problems = parse_env_file(text)
             for line, message in problems:
@@ -564,6 +596,8 @@ class _Parser:
                 continue
             env[key] = self.expand(str(value), f"{where}.env.{key}", secret=True)
             origin[key] = f"{where}.env.{key}"
+            if "://" in env[key]:
+                self.secret_targets.append(env[key])
         for key, value in env.items():
             # After ${VAR} interpolation and env files; the value itself is never shown.
             self.no_nul(value, origin.get(key, f"{where}.env.{key}"), f"the value of {key}")
@@ -587,11 +621,17 @@ class _Parser:
             dsn_file = self.resolve(self.string(data, "dsn_file", where, ""))
             try:
                 target = Path(dsn_file).read_text(encoding="utf-8").strip()
+                self.secret_whole.append(target)
             except OSError as exc:
-                self.problem(f"{where}.dsn_file", f"cannot read {dsn_file}: {exc.strerror or exc}")
+                self.problem(f"{where}.dsn_file", f"cannot read "
+                             f"{_as_written(data, 'dsn_file', dsn_file)}: {exc.strerror or exc}")
+            except UnicodeDecodeError:
+                self.problem(f"{where}.dsn_file", "is not valid UTF-8")
         for other in ("dsn", "url", "address"):
             if other != key and other in data:
                 self.problem(f"{where}.{other}", f"not used by type {kind!r} (use {key})")
+        if target is not None and kind != "tcp":
+            self.secret_url(data, key, target)
         if target is None:
             if "type" in data:
                 self.problem(f"{where}.{key}", "required")
@@ -607,6 +647,9 @@ class _Parser:
             self.problem(f"{where}.url", "expected a redis:// URL")
         elif kind == "http" and not target.startswith(("http://", "https://")):
             self.problem(f"{where}.url", "expected an http:// or https:// URL")
+        else:
+            source = "dsn_file" if kind == "postgres" and "dsn_file" in data else key
+            self.url_ok(f"{where}.{source}", target, path_at_ok=kind == "http")
         if "query" in data and kind != "postgres":
             self.problem(f"{where}.query", "only postgres checks take a query")
         return CheckSpec(
@@ -664,6 +707,15 @@ def _number_text(value: float) -> str:
     if isinstance(value, int):
         return str(value) if abs(value) < 10**30 else "a number of more than 30 digits"
     return f"{value:g}"
+
+
+def _as_written(data: Mapping[str, Any], key: str, expanded: str) -> str:
+    """The config's own text for `data[key]` (its first item for a list), `${VAR}` references
+    unexpanded; `expanded` when the key holds nothing usable."""
+    raw = data.get(key)
+    if isinstance(raw, list) and raw:
+        raw = raw[0]
+    return raw if isinstance(raw, str) else expanded
 
 
 def _valid_name(name: str) -> bool:

@@ -4,16 +4,23 @@ supervisord's CVE-2017-11610 came from a control API on its HTTP server; here th
 read-only and control needs access to a socket file created with mode 0600 (0660 with
 `control_socket_group`). One JSON line in, one JSON line out. Commands come from an explicit
 allow-list; requests naming an unknown service change nothing.
+
+The socket lives in a private runtime directory (see `rundir`) and is taken, with a lock next
+to it, before any service is spawned (`ControlSocket`); the client sends nothing until it has
+checked who owns the socket file and, once connected, who runs the process behind it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import json
 import logging
 import os
 import socket
-from collections.abc import Sequence
+import stat
+import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +29,7 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from supervisor import lifecycle as lc
+from supervisor import rundir
 from supervisor.errors import SupervisorError
 
 if TYPE_CHECKING:
@@ -32,20 +40,14 @@ log = logging.getLogger(__name__)
 COMMANDS = ("start", "stop", "restart", "reload")
 MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 5.0
+BACKLOG = 64
 
 
-def default_socket_path(environ: dict[str, str] | None = None) -> str:
-    """systemd's RuntimeDirectory=platform-supervisor gives /run/platform-supervisor; the CLI
-    run by root outside systemd finds the same path. Other users get a private directory of
-    their own."""
-    env = os.environ if environ is None else environ
-    runtime = env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-    if runtime:
-        return str(Path(runtime) / "control.sock")
-    if os.geteuid() == 0:
-        return "/run/platform-supervisor/control.sock"
-    base = env.get("XDG_RUNTIME_DIR") or "/tmp"
-    return str(Path(base) / f"supervisor-{os.geteuid()}" / "control.sock")
+def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
+    """`control.sock` in the default runtime directory (see `rundir.default_directory`):
+    systemd's RuntimeDirectory=platform-supervisor gives /run/platform-supervisor, and the
+    CLI run by the same user with the same environment finds the same path."""
+    return str(Path(rundir.default_directory(environ)) / "control.sock")
 
 
 def socket_path_for(config_path: str) -> str:
@@ -66,32 +68,120 @@ def socket_path_for(config_path: str) -> str:
     return default_socket_path()
 
 
-async def serve_control(daemon: Daemon, path: str, group: str | None, *,
-                        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                        ) -> None:
-    directory = Path(path).parent
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if Path(path).is_socket():
-        if _socket_answers(path):
-            raise SupervisorError(f"control socket {path} is in use by another daemon")
-        Path(path).unlink()
-    listener = await anyio.create_unix_listener(path, mode=0o600)
-    if group is not None:
+class ControlSocket:
+    """The bound (not yet served) control socket, and the lock that makes it this daemon's.
+
+    Taken before any service is spawned: a second daemon configured with the same socket is
+    refused here, before it has started anything, and the first one is not disturbed.
+    """
+
+    def __init__(self, path: str, group: str | None = None) -> None:
+        self.path = path
+        self.directory = str(Path(path).parent)
+        rundir.ensure_private(self.directory)
+        # The lock, not the socket file, decides which daemon owns the path: a connect() to a
+        # socket that is bound but not yet listening fails, so "does it answer" alone would let
+        # two daemons starting together both take it. The lock dies with its process.
+        self._lock = _take_lock(path + ".lock", path)
         try:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
-            os.chmod(path, 0o660)
-        except (KeyError, OSError) as exc:
-            log.error("control socket group=%s not applied: %s", group, exc)
-    log.info("control socket path=%s", path)
-    try:
-        async with listener:
-            task_status.started()
-            await listener.serve(lambda stream: _handle(daemon, stream))
-    finally:
+            _clear_stale(path)
+            self.sock = _bind(path)
+        except BaseException:
+            os.close(self._lock)
+            raise
+        st = os.lstat(path)
+        self._identity = (st.st_dev, st.st_ino)
+        if group is not None:
+            _share_with_group(path, self.directory, group)
+
+    def close(self) -> None:
+        """Close the socket and remove its file (only if it is still ours), then unlock."""
+        if self._lock < 0:
+            return
+        self.sock.close()
         try:
-            Path(path).unlink()
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._identity:
+                os.unlink(self.path)
         except OSError:
             pass
+        os.close(self._lock)
+        self._lock = -1
+
+
+def _take_lock(lock_path: str, path: str) -> int:
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SupervisorError(f"cannot open control socket lock {lock_path}: "
+                              f"{exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SupervisorError(f"control socket {path} is held by another running daemon; "
+                              "refusing to start a second one (nothing was started)") from None
+    return fd
+
+
+def _clear_stale(path: str) -> None:
+    """Remove what a dead daemon left at `path`; refuse anything that is not a socket."""
+    try:
+        st = os.lstat(path)  # never follows a symlink
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SupervisorError(f"control socket {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = ("a symlink" if stat.S_ISLNK(st.st_mode) else "a directory"
+                if stat.S_ISDIR(st.st_mode) else "a regular file"
+                if stat.S_ISREG(st.st_mode) else "not a socket")
+        raise SupervisorError(f"control socket path {path} exists and is {kind}; refusing to "
+                              "replace it (remove it, or set another control_socket)")
+    if not rundir.trusted_owner(st):
+        raise SupervisorError(f"control socket {path} belongs to uid {st.st_uid}; refusing "
+                              "to replace it")
+    if _socket_answers(path):
+        raise SupervisorError(f"control socket {path} is held by another running daemon; "
+                              "refusing to start a second one (nothing was started)")
+    os.unlink(path)  # a stale socket of a daemon that died
+
+
+def _bind(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # bind() creates the file and fails on anything already there, symlinks included.
+        sock.bind(path)
+        os.chmod(path, 0o600)  # inside a private directory no one else can swap it meanwhile
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise SupervisorError(f"cannot listen on control socket {path}: "
+                              f"{exc.strerror or exc}") from None
+    return sock
+
+
+def _share_with_group(path: str, directory: str, group: str) -> None:
+    try:
+        gid = grp.getgrnam(group).gr_gid
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o660)
+        st = os.lstat(directory)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700:
+            os.chown(directory, -1, gid)
+            os.chmod(directory, 0o750)  # the group may traverse, not write
+    except (KeyError, OSError) as exc:
+        log.error("control socket group=%s not applied: %s", group, exc)
+
+
+async def serve_control(daemon: Daemon, control: ControlSocket, *,
+                        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                        ) -> None:
+    listener = await anyio.abc.SocketListener.from_socket(control.sock)
+    log.info("control socket path=%s", control.path)
+    async with listener:
+        task_status.started()
+        await listener.serve(lambda stream: _handle(daemon, stream))
 
 
 def _socket_answers(path: str) -> bool:
@@ -110,7 +200,7 @@ async def _handle(daemon: Daemon, stream: SocketStream) -> None:
                 buffered = BufferedByteReceiveStream(stream)
                 line = await buffered.receive_until(b"\n", MAX_REQUEST)
             request = json.loads(line)
-            response = await execute(daemon, request)
+            response = daemon.redactor.redact_obj(await execute(daemon, request))
         except TimeoutError:
             response = {"ok": False, "error": "request timed out"}
         except (anyio.IncompleteRead, anyio.DelimiterNotFound, ValueError):
@@ -194,18 +284,53 @@ async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str
 
 
 # -- client side (the CLI) -------------------------------------------------------------------
+class UntrustedSocket(SupervisorError):
+    """The control socket is not one the CLI may send a command to."""
+
+
 def request(path: str, command: str, services: Sequence[str] = (), timeout: float = 120.0
             ) -> dict[str, Any]:
-    """Blocking client used by the CLI. Raises OSError when the daemon cannot be reached."""
+    """Blocking client used by the CLI. Raises OSError when the daemon cannot be reached,
+    UntrustedSocket before sending anything when the socket or the daemon behind it belongs
+    to another user, ValueError for an answer that is not one JSON object."""
+    st = os.lstat(path)  # a symlink is not followed, and is refused below
+    check_socket(path, st)
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
+        check_peer(path, sock, st)
         sock.sendall(json.dumps({"command": command, "services": list(services)}).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
+        while not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
             chunk = sock.recv(65536)
             if not chunk:
                 break
             data += chunk
-    result: dict[str, Any] = json.loads(data)
+    result = json.loads(data)
+    if not isinstance(result, dict):
+        raise ValueError("expected a JSON object")
     return result
+
+
+def check_socket(path: str, st: os.stat_result) -> None:
+    """Accept a socket owned by root or by the caller, one shared with one of the caller's
+    groups (control_socket_group: mode 0660), or one that only its owner can have placed
+    (root and a daemon run as a service user in /run/platform-supervisor)."""
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
+        raise UntrustedSocket(f"refusing control socket {path}: it is {kind}")
+    shared = (st.st_gid in (os.getegid(), *os.getgroups())
+              and st.st_mode & 0o060 == 0o060 and not st.st_mode & 0o007)
+    if not (rundir.trusted_owner(st) or shared
+            or rundir.placed_by_owner(str(Path(path).parent), st)):
+        raise UntrustedSocket(f"refusing control socket {path}: it belongs to uid {st.st_uid}, "
+                              f"neither root nor you (uid {os.geteuid()}); nothing was sent")
+
+
+def check_peer(path: str, sock: socket.socket, st: os.stat_result) -> None:
+    """The process that accepted must run as root or as the socket file's owner."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid not in (0, st.st_uid):
+        raise UntrustedSocket(f"refusing control socket {path}: the process behind it runs as "
+                              f"uid {uid}, not as its owner uid {st.st_uid}; nothing was sent")

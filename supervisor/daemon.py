@@ -22,12 +22,13 @@ import anyio
 from anyio.abc import TaskGroup
 
 from supervisor import lifecycle as lc
-from supervisor import listen, reaper
+from supervisor import listen, reaper, rundir
 from supervisor.config import Config, ServiceSpec, load_config
-from supervisor.control import default_socket_path, serve_control
+from supervisor.control import ControlSocket, default_socket_path, serve_control
 from supervisor.errors import ConfigError, SupervisorError
 from supervisor.guard import OrphanGuard
 from supervisor.notify import watchdog_interval, watchdog_loop
+from supervisor.redact import LogRedactor, Redactor, config_secrets
 from supervisor.runner import ServiceRunner, ServiceSnapshot, Spawner
 from supervisor.spawn import Child, become_subreaper, spawn
 from supervisor.status import status_document
@@ -85,8 +86,15 @@ class Daemon:
     def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None,
                  notifier: Notifier | None = None, handle_signals: bool = True,
                  subreaper: bool = False, health_stale_after: float = 5.0,
-                 freeze_gc: bool = False, spawner: Spawner | None = None) -> None:
+                 freeze_gc: bool = False, spawner: Spawner | None = None,
+                 log_redactor: LogRedactor | None = None) -> None:
         self.config = config
+        # Masks the config's secrets in every string that leaves: HTTP bodies, control replies
+        # and (through `log_redactor`, the CLI's log handler filter) log records.
+        self.redactor = _redactor(config)
+        self.log_redactor = log_redactor
+        if log_redactor is not None:
+            log_redactor.redactor = self.redactor
         self.environ = dict(os.environ if environ is None else environ)
         self.notifier = notifier
         self.handle_signals = handle_signals
@@ -174,10 +182,12 @@ class Daemon:
         return (200 if healthy else 503), body
 
     def status(self) -> tuple[int, dict[str, Any]]:
-        return 200, status_document(self)
+        return 200, self.redactor.redact_obj(status_document(self))
 
     def ready(self) -> tuple[int, dict[str, Any]]:
         body = self.monitor.snapshot().body()
+        if self.redactor.secrets:
+            body = self.redactor.redact_obj(body)
         return (200 if body["status"] == "ready" else 503), body
 
     def _deny_list(self) -> DenyList:
@@ -288,9 +298,14 @@ class Daemon:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         settings = self.config.settings
+        # Both sockets are taken before anything is spawned: a second daemon with the same
+        # control socket or port is refused before it has started a single service. (Binding
+        # is cheap; the heavy imports are what _observe defers.)
+        control = ControlSocket(self.control_socket, settings.control_socket_group)
         try:
             listener = listen.bind(settings.listen_host, settings.listen_port)
         except OSError as exc:
+            control.close()
             raise SupervisorError(f"cannot listen on {settings.listen_host}:"
                                   f"{settings.listen_port}: {exc.strerror or exc}") from None
         self._shutdown = anyio.Event()
@@ -307,6 +322,7 @@ class Daemon:
             log.info("web config path=%s tls=%s client_auth=%s basic_auth_users=%d",
                      web.path, "on" if web.tls else "off", web.client_auth_type, len(web.users))
         self._check_exposure()
+        self._write_status_file(control.directory)
         if self.subreaper:
             become_subreaper()
         server = None
@@ -336,8 +352,7 @@ class Daemon:
                 await tg.start(self.scraper.run)
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._sample_stats)
-                await tg.start(serve_control, self, self.control_socket,
-                               settings.control_socket_group)
+                await tg.start(serve_control, self, control)
                 interval = watchdog_interval(self.environ)
                 if self.notifier is not None and interval is not None:
                     tg.start_soon(watchdog_loop, self.notifier, interval)
@@ -373,6 +388,8 @@ class Daemon:
                         reaper.signal_unowned(self._owned_pids())
                 tg.cancel_scope.cancel()
         finally:
+            control.close()
+            rundir.remove_status_file(control.directory, os.getpid())
             if server is not None:
                 server.shutdown()
                 server.server_close()
@@ -386,6 +403,20 @@ class Daemon:
             if self.subreaper:
                 reaper.reap_unowned(self._owned_pids())
         log.info("stopped")
+
+    def _write_status_file(self, directory: str) -> None:
+        """Tell `supervisor status`, run from anywhere by this user, where the HTTP port is."""
+        assert self.listen_address is not None
+        host, port = self.listen_address
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+        web = self.config.settings.web_config
+        scheme = "https" if web is not None and web.tls else "http"
+        try:
+            rundir.write_status_file(directory, {"url": f"{scheme}://{_host_port(host, port)}",
+                                                 "pid": os.getpid(), "config": self.config.path})
+        except OSError as exc:
+            log.warning("status file not written directory=%s error=%s", directory,
+                        exc.strerror or exc)
 
     async def _start_monitor(self) -> None:
         """(Re)start the readiness checks; a reload with other checks replaces the monitor."""
@@ -584,6 +615,9 @@ class Daemon:
         if new.settings.web_config_file:
             log.info("reload: web config applied path=%s", new.settings.web_config_file)
         self._check_exposure()
+        self.redactor = _redactor(new, old)  # old secrets may linger in texts for a while
+        if self.log_redactor is not None:
+            self.log_redactor.redactor = self.redactor
         if new.checks != old.checks:
             await self._start_monitor()
         self.scraper.set_targets(self._scrape_targets(new))
@@ -720,6 +754,18 @@ class Daemon:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _redactor(*configs: Config) -> Redactor:
+    """The secrets load_config found, and (for a Config built another way) those of the
+    targets themselves."""
+    secrets: set[str] = set()
+    for config in configs:
+        secrets |= config.secrets
+        secrets |= config_secrets(
+            [c.target for c in config.checks.values() if c.type != "tcp"]
+            + [s.metrics_url for s in config.services.values() if s.metrics_url])
+    return Redactor(secrets)
 
 
 def _no_stats(cpu_carried: float) -> TreeStats:

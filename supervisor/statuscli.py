@@ -3,43 +3,144 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import sys
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-import httpx
-
-from supervisor.config import load_config
-from supervisor.errors import ConfigError
-
 EXIT_OK, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 3, 4
+DEFAULT_CONFIG = "services.toml"
+# Anything a status document can hold that render() or the exit code could trip over.
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError)
 
 
-def show_status(url: str | None, config_path: str, as_json: bool) -> int:
-    if url is None:
-        try:
-            settings = load_config(config_path).settings
-            host = settings.listen_host
-            host = f"[{host}]" if ":" in host else host
-            url = f"http://{host}:{settings.listen_port}"
-        except ConfigError as exc:
-            print(exc.render(), file=sys.stderr)
-            return 1
+class NotFound(Exception):
+    """No way to find the daemon's address; the message says what was tried."""
+
+
+def show_status(url: str | None, config_path: str | None, as_json: bool,
+                environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
     try:
-        response = httpx.get(url.rstrip("/") + "/v1/status", timeout=5.0)
-        response.raise_for_status()
-        document: dict[str, Any] = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        print(f"supervisor: cannot reach the daemon at {url}: {_short(exc)}", file=sys.stderr)
+        url = find_url(url, config_path, env)
+    except NotFound as exc:
+        print(f"supervisor: cannot find the daemon: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    if as_json:
-        print(json.dumps(document, indent=2, sort_keys=True))
-    else:
-        print(render(document))
-    services = document.get("services", [])
+    import httpx
+
+    from supervisor.redact import Redactor, url_secrets
+
+    redactor = Redactor(url_secrets(url))  # a URL may carry basic-auth credentials
+    shown = redactor.redact(url)
+    try:
+        with httpx.Client(timeout=5.0, trust_env=not _is_loopback(url)) as client:
+            response = client.get(url.rstrip("/") + "/v1/status")
+        response.raise_for_status()
+    except httpx.RemoteProtocolError as exc:  # a truncated body, or no HTTP at all
+        print(f"supervisor: the daemon at {shown} sent a malformed answer: "
+              f"{redactor.redact(_short(exc))}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        print(f"supervisor: cannot reach the daemon at {shown}: "
+              f"{redactor.redact(_short(exc))}",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
+    try:
+        document = response.json()
+        services = _services(document)
+        text = render(document)  # also for --json: a document it cannot show is malformed
+        if as_json:
+            text = json.dumps(document, indent=2, sort_keys=True)
+    except (*_MALFORMED, RecursionError) as exc:
+        print(f"supervisor: the daemon at {shown} sent a malformed status document: "
+              f"{redactor.redact(_short(exc))}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(text)
     all_running = all(s.get("state") == "running" for s in services)
     return EXIT_OK if all_running else EXIT_NOT_RUNNING
+
+
+def find_url(url: str | None, config_path: str | None, environ: Mapping[str, str]) -> str:
+    """`--url`, then `$SUPERVISOR_URL`, then the status file the daemon keeps in its runtime
+    directory (the control socket's), and only then the config file's `listen`."""
+    from supervisor import rundir
+    from supervisor.control import socket_path_for
+
+    if url:
+        return url
+    if environ.get("SUPERVISOR_URL"):
+        return environ["SUPERVISOR_URL"]
+    if config_path is None:
+        directory = rundir.default_directory(environ)
+    else:
+        directory = str(Path(socket_path_for(config_path)).parent)
+    found = rundir.read_status_file(directory)
+    if found is not None and _alive(found.get("pid")):
+        return str(found["url"])
+    path = config_path or DEFAULT_CONFIG
+    try:
+        return _listen_url(path, environ)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise NotFound(f"no --url, no $SUPERVISOR_URL, no daemon status file in {directory}, "
+                       f"and {path}: {_short(exc)}") from None
+
+
+def _listen_url(path: str, environ: Mapping[str, str]) -> str:
+    """The `[supervisor] listen` of `path`; reads only that key, so a file being edited
+    elsewhere (invalid as a whole) still tells where the daemon is."""
+    from supervisor.config import load_toml_file
+    from supervisor.datatypes import interpolate, parse_listen
+
+    listen = load_toml_file(path).get("supervisor", {}).get("listen", "127.0.0.1:9464")
+    if not isinstance(listen, str):
+        raise ValueError("[supervisor] listen is not a string")
+    host, port = parse_listen(interpolate(listen, environ))
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}"
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _is_loopback(url: str) -> bool:
+    """Proxy variables are for leaving the host; the daemon on loopback is reached directly."""
+    import httpx
+
+    try:
+        host = httpx.URL(url).host
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _services(document: Any) -> list[dict[str, Any]]:
+    if not isinstance(document, dict):
+        raise TypeError(f"expected a JSON object, got {type(document).__name__}")
+    services = document.get("services", [])
+    if not isinstance(services, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str)
+            and isinstance(s.get("state"), str) for s in services):
+        raise TypeError("services: expected a list of objects with a name and a state")
+    return services
 
 
 def render(document: dict[str, Any]) -> str:

@@ -84,6 +84,10 @@ def unit_environment(unit: dict[str, list[str]], prefix: Path) -> dict[str, str]
         (name,) = unit[f"[Service]{key}"]
         directory = prefix / base / name
         directory.mkdir(parents=True, exist_ok=True)
+        # With the unit's mode, as systemd does (the daemon refuses a runtime directory that
+        # other users can reach).
+        (mode,) = unit.get(f"[Service]{key}Mode", ["0755"])
+        directory.chmod(int(mode, 8))
         env[key.upper().replace("DIRECTORY", "_DIRECTORY")] = str(directory)
     env["HOME"] = env["STATE_DIRECTORY"]
     return env

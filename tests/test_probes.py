@@ -50,7 +50,7 @@ def test_redact_url_hides_userinfo_and_query_passwords() -> None:
 def test_redact_text_masks_every_form_of_the_secret() -> None:
     url = "postgresql://u:s%40cret@h/db"
     secrets = url_secrets(url)
-    assert set(secrets) == {"s%40cret", "s@cret"}
+    assert set(secrets) >= {"s%40cret", "s@cret"}
     text = "auth failed for s@cret at postgresql://x:other@h and s%40cret"
     out = redact_text(text, secrets)
     assert "s@cret" not in out and "s%40cret" not in out and "other" not in out
