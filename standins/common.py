@@ -60,7 +60,9 @@ def add_database(p: argparse.ArgumentParser) -> None:
 
 def add_redis(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL)
-    p.add_argument("--stream", default=DEFAULT_STREAM, help="Redis stream of submitted events")
+    p.add_argument("--stream", default=os.environ.get("EVENTS_STREAM") or DEFAULT_STREAM,
+                   help="Redis stream of submitted events (default: $EVENTS_STREAM, else "
+                        f"{DEFAULT_STREAM})")
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -242,6 +242,9 @@ def test_second_daemon_is_refused_before_spawning_and_first_is_untouched(
         with daemon(first, backend) as d:
             assert poll_until(lambda: sock_path.exists() and first_marker.exists(), 20), \
                 d.output()
+            # status exits 0 only once every service counts as running (after start_seconds).
+            assert poll_until(lambda: cli("status", "--config", str(first)).returncode == 0,
+                              20), d.output()
             before = cli("status", "--config", str(first), "--json")
             assert before.returncode == 0, before.stderr
             out = refused_before_start(second, backend, second_marker, str(sock_path),

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ class DaemonProcess:
                if k not in ("DATABASE_URL", "REDIS_URL", "ENVIRONMENT", "NOTIFY_SOCKET")}
         # The shipped commands say "python3": the venv's, as after `. .venv/bin/activate`.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        # A stream of its own: an event-writer of another stack on this machine's shared Redis
+        # (a concurrent run, a leftover) would otherwise take entries from the same group.
+        env["EVENTS_STREAM"] = f"e2e:{os.getpid()}:{uuid.uuid4().hex}"
         self.log = config.parent / "daemon.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
