@@ -355,6 +355,8 @@ class EmptyWatcher:
 
     async def wait_empty(self, cgroup: str, within: float = math.inf) -> bool:
         """Wait until `populated 0` (True), or for at most `within` seconds (False)."""
+        if not populated(cgroup):  # the usual case after an exit: no watch needed
+            return True
         with anyio.move_on_after(within):
             while True:
                 event = self._changed.get(cgroup)

@@ -82,6 +82,7 @@ class ServiceRunner:
         self._owned = owned
         self._invocations: dict[int, str] = {}  # leader pid -> its invocation id
         self._placed: dict[int, anyio.Event] = {}  # leader pid -> set once in its cgroup
+        self._emptied: Child | None = None  # the last start whose cgroup was seen empty
         self.machine = lc.Lifecycle(spec, rng)
         self._environ = environ
         self._publish = publish
@@ -308,6 +309,7 @@ class ServiceRunner:
             if self.machine.state is not lc.State.STOPPING:
                 self.cgroup.signal(lc.SIGKILL)
             await self.cgroup.wait_empty()
+            self._emptied = child  # nothing can enter it any more: no kill needed on Exited
         elif self._tg is not None:
             self._tg.start_soon(self._sweep_after, child)
         level = logging.INFO if self.machine.state is lc.State.STOPPING else logging.WARNING
@@ -336,6 +338,8 @@ class ServiceRunner:
         """`sig` to every process of the service: its cgroup, or its group, tree and
         adopted escapees."""
         if self.cgroup is not None:
+            if self._emptied is child:
+                return
             placed = self._placed.get(child.pid)
             if placed is None or placed.is_set():
                 self.cgroup.signal(sig)
