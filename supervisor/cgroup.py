@@ -434,8 +434,9 @@ class ServiceCgroup:
 
     async def place(self, pid: int, invocation: str) -> list[int]:
         """CgroupTree.place, in a worker thread; returns the strays moved."""
-        return await anyio.to_thread.run_sync(self.tree.place, pid, self.path, invocation,
-                                              limiter=self.watcher.place_limiter)
+        moved: list[int] = await anyio.to_thread.run_sync(
+            self.tree.place, pid, self.path, invocation, limiter=self.watcher.place_limiter)
+        return moved
 
     async def wait_empty(self, within: float = math.inf) -> bool:
         return await self.watcher.wait_empty(self.path, within)
