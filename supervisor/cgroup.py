@@ -147,6 +147,10 @@ class CgroupTree:
         self.leaf = os.path.join(instance, LEAF)
         self.guard_leaf = os.path.join(instance, GUARD_LEAF)
         self._made: set[str] = set()
+        # Main processes spawned and not placed yet (in our leaf meanwhile): a placement skips
+        # them without reading their /proc files (1,000 at startup made placement quadratic).
+        # Changed by the event loop only; the placement thread only tests membership.
+        self.pending: set[int] = set()
 
     def __repr__(self) -> str:
         return f"<CgroupTree {self.instance}>"
@@ -202,8 +206,10 @@ class CgroupTree:
         moved: list[int] = []
         me = os.getpid()
         for _ in range(rounds):
+            pending = self.pending  # other services' main processes, not placed yet
             strays = [p for p in read_procs(self.leaf)
-                      if p != me and (_parent(p) == pid or invocation_of(p) == invocation)]
+                      if p != me and p not in pending
+                      and (_parent(p) == pid or invocation_of(p) == invocation)]
             if not strays:
                 break
             for stray in strays:
@@ -434,8 +440,12 @@ class ServiceCgroup:
 
     async def place(self, pid: int, invocation: str) -> list[int]:
         """CgroupTree.place, in a worker thread; returns the strays moved."""
-        moved: list[int] = await anyio.to_thread.run_sync(
-            self.tree.place, pid, self.path, invocation, limiter=self.watcher.place_limiter)
+        self.tree.pending.add(pid)  # (the runner added it at the spawn already)
+        try:
+            moved: list[int] = await anyio.to_thread.run_sync(
+                self.tree.place, pid, self.path, invocation, limiter=self.watcher.place_limiter)
+        finally:
+            self.tree.pending.discard(pid)
         return moved
 
     async def wait_empty(self, within: float = math.inf) -> bool:

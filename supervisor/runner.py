@@ -276,6 +276,7 @@ class ServiceRunner:
         if self.cgroup is not None:
             placed = anyio.Event()
             self._placed = {child.pid: placed}  # an earlier start's is placed by now
+            self.cgroup.tree.pending.add(child.pid)
             self._tg.start_soon(self._place, self.cgroup, child, invocation, placed)
         self._tg.start_soon(self._watch, child, placed)
         # Applied synchronously so that no other event can slip between Spawn and Spawned.
