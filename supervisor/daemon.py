@@ -23,9 +23,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from supervisor import cgroup as cgroups
-from supervisor import descendants
+from supervisor import descendants, listen, reaper, rundir
 from supervisor import lifecycle as lc
-from supervisor import listen, reaper, rundir
 from supervisor.config import Config, ServiceSpec, load_config
 from supervisor.control import ControlSocket, default_socket_path, serve_control
 from supervisor.errors import ConfigError, SupervisorError
