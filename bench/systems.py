@@ -36,11 +36,12 @@ class System:
     name: str
     kind: str
     backend: str = ""
+    cgroups: str = "off"  # ours: "auto" = a cgroup per service (where the machine allows)
 
     def launch_argv(self, workdir: Path, children: Sequence[Child], tools: Tools,
                     settings: dict[str, float]) -> list[str]:
         if self.kind == "ours":
-            return _ours(workdir, children, tools, self.backend, settings)
+            return _ours(workdir, children, tools, self.backend, settings, self.cgroups)
         if self.kind == "supervisord":
             return _supervisord(workdir, children, tools)
         if self.kind == "circus":
@@ -64,8 +65,8 @@ def _toml_str(value: str) -> str:
 
 
 def _ours(workdir: Path, children: Sequence[Child], tools: Tools, backend: str,
-          settings: dict[str, float]) -> list[str]:
-    lines = ["[supervisor]",
+          settings: dict[str, float], cgroups: str = "off") -> list[str]:
+    lines = ["[supervisor]", f"cgroups = {_toml_str(cgroups)}",
              'listen = "127.0.0.1:%d"' % int(settings["port"]),
              f"control_socket = {_toml_str(str(workdir / 'control.sock'))}",
              f"scrape_interval = {settings.get('scrape_interval', 5.0)}",
@@ -163,6 +164,8 @@ def available(system: System, tools: Tools) -> bool:
 
 
 ALL = (System("ours/asyncio", "ours", "asyncio"), System("ours/trio", "ours", "trio"),
+       System("ours+cg/asyncio", "ours", "asyncio", "auto"),
+       System("ours+cg/trio", "ours", "trio", "auto"),
        System("supervisord", "supervisord"), System("circus", "circus"))
 
 

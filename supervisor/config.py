@@ -136,6 +136,7 @@ class Settings:
     web_config: WebConfig | None = field(default=None, compare=False, repr=False)
     # Globs of the metric families services may expose (strict mode); None: any family.
     allow_metrics: tuple[str, ...] | None = None
+    cgroups: str = "auto"  # "auto": a cgroup per service where possible; "off": never
 
 
 @dataclass(frozen=True)
@@ -418,7 +419,7 @@ class _Parser:
         self.table(data, {"listen", "environment", "scrape_interval", "stats_interval",
                           "control_socket", "control_socket_group", "log_level",
                           "deny_metrics", "allow_metrics", "max_connections",
-                          "stdout_priority", "stderr_priority", "web_config_file"},
+                          "stdout_priority", "stderr_priority", "web_config_file", "cgroups"},
                    where)
         defaults = Settings()
         host, port = defaults.listen_host, defaults.listen_port
@@ -460,6 +461,7 @@ class _Parser:
             stderr_priority=self.priority(data, "stderr_priority", where, 4),
             web_config_file=web_config_file or None,
             web_config=web_config,
+            cgroups=self.choice(data, "cgroups", where, ("auto", "off"), "auto"),
         )
 
     def service(self, name: str, data: Mapping[str, Any]) -> ServiceSpec:

@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
+from supervisor import cgroup as cgroups
+from supervisor import descendants, listen, reaper, rundir
 from supervisor import lifecycle as lc
-from supervisor import listen, reaper, rundir
 from supervisor.config import Config, ServiceSpec, load_config
 from supervisor.control import ControlSocket, default_socket_path, serve_control
 from supervisor.errors import ConfigError, SupervisorError
@@ -112,6 +114,9 @@ class Daemon:
         self._runner_scopes: dict[str, anyio.CancelScope] = {}
         # Kills every service if this process dies without stopping them (see guard.py).
         self.guard = OrphanGuard()
+        # A cgroup per service (cgroup.py), made in run(); None: fallback containment.
+        self.cgroups: cgroups.CgroupTree | None = None
+        self._empty_watcher: cgroups.EmptyWatcher | None = None
         # Built once per deny_metrics tuple; the render caches each family's answer per list.
         self._deny: tuple[tuple[str, ...], DenyList] | None = None
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
@@ -333,6 +338,7 @@ class Daemon:
                     await tg.start(self._watch_signals)
                 if self.subreaper:
                     await tg.start(reaper.reap_orphans, self._owned_pids)
+                self._setup_cgroups(tg)
                 # Services first: checks, scrapes and the control socket are not needed to
                 # spawn them, and starting those (imports, threads) would delay every service.
                 for spec in self.config.services.values():
@@ -377,6 +383,8 @@ class Daemon:
                 await self._shutdown.wait()
                 log.info("shutting down services=%d", len(self.runners))
                 self._notify("stopping")
+                # While the services stop, not after them (it took up to 0.5 s).
+                tg.start_soon(anyio.to_thread.run_sync, _stop_serving, server)
                 for scope in self._start_scopes:
                     scope.cancel()
                 # Shielded so that cancellation still stops every child, bounded so that a
@@ -385,7 +393,7 @@ class Daemon:
                 with anyio.move_on_after(bound, shield=True):
                     await self._stop_services(list(self.runners))
                     if self.subreaper:
-                        reaper.signal_unowned(self._owned_pids())
+                        await self._sweep()
                 tg.cancel_scope.cancel()
         finally:
             control.close()
@@ -398,8 +406,15 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 if self._observing.is_set():
                     await anyio.to_thread.run_sync(self.bridge.stop)
+                if self.cgroups is not None:
+                    # Out of our leaf first: the guard kills whatever is left in it.
+                    self.cgroups.release()
                 # After the services are stopped, so the guard has nothing left to kill.
                 await anyio.to_thread.run_sync(self.guard.close)
+                if self.cgroups is not None:
+                    self.cgroups.remove_rest()
+                if self._empty_watcher is not None:
+                    self._empty_watcher.close()
             if self.subreaper:
                 reaper.reap_unowned(self._owned_pids())
         log.info("stopped")
@@ -435,10 +450,29 @@ class Daemon:
 
         await self._tg.start(run_monitor)
 
+    def _setup_cgroups(self, tg: TaskGroup) -> None:
+        tree = cgroups.available(self.config.settings.cgroups)
+        if tree is None:
+            return
+        try:
+            watcher = cgroups.EmptyWatcher()
+        except OSError as exc:
+            log.warning("no cgroup per service (inotify) reason=%s", exc.strerror or exc)
+            tree.remove_all()
+            return
+        self.cgroups, self._empty_watcher = tree, watcher
+        self.guard.cgroup = tree.instance
+        tg.start_soon(watcher.run)
+        log.info("cgroup per service path=%s", tree.instance)
+
     async def _add_runner(self, spec: ServiceSpec) -> None:
         assert self._tg is not None
+        cgroup = None
+        if self.cgroups is not None and self._empty_watcher is not None:
+            cgroup = cgroups.ServiceCgroup(self.cgroups, self._empty_watcher, spec.name)
         runner = ServiceRunner(spec, environ=self.environ, publish=self._publish,
-                               spawner=self._spawn)
+                               spawner=self._spawn,
+                               cgroup=cgroup, owned=self._owned_by_runners)
         if spec.name in self._retired:
             runner.carry_counters(*self._retired.pop(spec.name))
         scope = anyio.CancelScope()
@@ -562,16 +596,40 @@ class Daemon:
                 tg.start_soon(watch, runner, why)
 
     async def _stop_services(self, names: list[str]) -> None:
+        # Who depends on whom, once: a scan of every stopping service per service was
+        # quadratic (0.03 s of a shutdown at 200 services, 0.7 s at 1,000).
+        dependents: dict[str, list[ServiceRunner]] = {}
+        for other in names:
+            runner = self.runners.get(other)
+            if runner is not None:
+                for dep in runner.spec.depends_on:
+                    dependents.setdefault(dep, []).append(runner)
         async with anyio.create_task_group() as tg:
             for name in names:
-                tg.start_soon(self._stop_after_dependents, name, names)
+                tg.start_soon(self._stop_after_dependents, name, dependents.get(name, []))
 
-    async def _stop_after_dependents(self, name: str, stopping: list[str]) -> None:
-        for other in stopping:
-            runner = self.runners.get(other)
-            if runner is not None and name in runner.spec.depends_on:
-                await runner.wait_until(lambda s: s.state in lc.SETTLED_STATES)
+    async def _stop_after_dependents(self, name: str, dependents: list[ServiceRunner]) -> None:
+        for runner in dependents:
+            await runner.wait_until(lambda s: s.state in lc.SETTLED_STATES)
         await self.runners[name].stop_and_wait()
+
+    async def _sweep(self, rounds: int = 200, pause: float = 0.01) -> None:
+        """At shutdown, as subreaper: SIGKILL every descendant left (escapees and theirs),
+        reap, and repeat until nothing of ours is left but the guard (bounded: ~2 s)."""
+        guard = self.guard.pid
+        killed = 0
+        for _ in range(rounds):
+            reaper.reap_unowned(self._owned_pids())
+            left = descendants.live(
+                p for p in descendants.subtree(descendants.children("self")) if p != guard)
+            if not left:
+                break
+            killed += descendants.signal_pids(left, signal.SIGKILL)
+            await anyio.sleep(pause)
+        else:
+            log.warning("descendants left after the shutdown sweep count=%d", len(left))
+        if killed:
+            log.info("killed leftover descendants at shutdown count=%d", killed)
 
     # -- control (used by the control socket and SIGHUP) ----------------------------------
     def start_service(self, name: str) -> None:
@@ -695,7 +753,9 @@ class Daemon:
     async def _sample_stats(self) -> None:
         while True:
             leaders = {name: s.pid for name, s in self.snapshots.items() if s.pid is not None}
-            sampled = await anyio.to_thread.run_sync(self._sampler.sample, leaders)
+            groups = {name: s.cgroup for name, s in self.snapshots.items()
+                      if s.cgroup is not None}
+            sampled = await anyio.to_thread.run_sync(self._sampler.sample, leaders, groups)
             self.stats = {name: sampled.get(name) or _no_stats(
                 self._sampler.cpu_carried(name)) for name in self.snapshots}
             self._notify_status()
@@ -727,6 +787,14 @@ class Daemon:
         if self.spawner is not None:
             return self.spawner(argv, env, cwd)
         return spawn(argv, env, cwd, self.guard)
+
+    def _owned_by_runners(self) -> list[int] | None:
+        """What a runner's escapee search must skip among our children; None: no search
+        (not a subreaper, so no escapee is ours; or shutting down, where the final sweep
+        kills them all at once instead of a walk per service: 200 walks took 0.1 s)."""
+        if not self.subreaper or (self._shutdown is not None and self._shutdown.is_set()):
+            return None
+        return self._owned_pids()
 
     def _owned_pids(self) -> list[int]:
         guard = [self.guard.pid] if self.guard.pid is not None else []
@@ -766,6 +834,17 @@ def _redactor(*configs: Config) -> Redactor:
             [c.target for c in config.checks.values() if c.type != "tcp"]
             + [s.metrics_url for s in config.services.values() if s.metrics_url])
     return Redactor(secrets)
+
+
+def _stop_serving(server: Any) -> None:
+    """socketserver's loop sees a shutdown request only at its next poll (every 0.5 s):
+    raise the flag it reads, then make its listening socket readable, so it sees it now."""
+    server._BaseServer__shutdown_request = True
+    try:
+        server.socket.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    server.shutdown()
 
 
 def _no_stats(cpu_carried: float) -> TreeStats:

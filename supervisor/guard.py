@@ -18,9 +18,16 @@ ends it (or SIGKILL). On a clean shutdown the daemon stops its services first an
 the socket, so there is nothing left to kill. If the guard dies, the daemon starts a new one
 on its next spawn and hands it every live service again (see OrphanGuard.ready).
 
-The window: a service's pidfd reaches the guard once the daemon runs again after the exec
-(usually microseconds; up to a scheduler time slice on a loaded machine). A daemon SIGKILLed
-inside it leaves that one service running; see docs/operator-guide.md.
+With a cgroup per service (cgroup.py) the guard is given the daemon instance's cgroup and
+moves itself into its own leaf there; when the daemon dies it writes cgroup.kill of every
+other cgroup of the instance (each service's, and the daemon's own leaf, where nothing but
+the daemon and services not yet placed in their own should be), waits for them to empty, and
+removes the subtree. There is no window: a service is in its cgroup or in the daemon's leaf
+from its first instruction, and the guard exists before it.
+
+Without cgroups, the window: a service's pidfd reaches the guard once the daemon runs again
+after the exec (usually microseconds; up to a scheduler time slice on a loaded machine). A
+daemon SIGKILLed inside it leaves that one service running; see docs/operator-guide.md.
 """
 
 from __future__ import annotations
@@ -51,8 +58,10 @@ class Guarded(Protocol):
 class OrphanGuard:
     """The daemon's side. Event-loop thread only (no locking)."""
 
-    def __init__(self, python: str = sys.executable) -> None:
+    def __init__(self, python: str = sys.executable, cgroup: str | None = None) -> None:
         self._python = python
+        # The daemon instance's cgroup (cgroup.py): the guard kills every cgroup under it.
+        self.cgroup = cgroup
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         # Live services by pid, to hand to a restarted guard; they drop out when collected.
@@ -114,7 +123,8 @@ class OrphanGuard:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [self._python, "-I", "-S", _GUARD_SCRIPT, str(theirs.fileno())],
+                [self._python, "-I", "-S", _GUARD_SCRIPT, str(theirs.fileno()),
+                 *([self.cgroup] if self.cgroup else [])],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True)
         except BaseException:

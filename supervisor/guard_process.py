@@ -1,4 +1,4 @@
-"""The orphan guard's own process (see guard.py): `python -I -S guard_process.py FD`.
+"""The orphan guard's own process (see guard.py): `python -I -S guard_process.py FD [CGROUP]`.
 
 Only interpreter-builtin C modules are imported (no socket.py, signal.py or enum), so the guard
 holds about 3 MiB of its own memory instead of 6.
@@ -10,14 +10,20 @@ import os
 import select
 import sys
 from array import array
+from io import BufferedReader
 
 _STOP_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 _FD_BYTES = array("i").itemsize
 
 
-def serve(fd: int) -> None:
+def serve(fd: int, cgroup: str | None = None) -> None:
     for sig in _STOP_SIGNALS:  # only the daemon's end of the socket ends the guard
         _signal.signal(sig, _signal.SIG_IGN)
+    if cgroup is not None:
+        try:  # out of the daemon's leaf, which is killed with the daemon
+            _write(cgroup + "/guard/cgroup.procs", b"0")
+        except OSError:
+            cgroup = None
     sock = _socket.socket(fileno=fd)
     poller = select.epoll()
     poller.register(fd, select.EPOLLIN)
@@ -41,7 +47,11 @@ def serve(fd: int) -> None:
             if not data:  # the daemon is gone
                 for pidfd in fds:
                     os.close(pidfd)
+                if cgroup is not None:
+                    kill_cgroups(cgroup)
                 kill_all(watched)
+                if cgroup is not None:
+                    remove_cgroups(cgroup)
                 return
             pid = int.from_bytes(data[:4], sys.byteorder, signed=True)
             for pidfd in fds:
@@ -63,5 +73,72 @@ def kill_all(watched: dict[int, int]) -> None:
             pass
 
 
+def _write(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _children(cgroup: str) -> list[str]:
+    try:
+        names = os.listdir(cgroup)
+    except OSError:
+        return []
+    return [cgroup + "/" + n for n in names if n != "guard" and os.path.isdir(cgroup + "/" + n)]
+
+
+def kill_cgroups(cgroup: str) -> None:
+    """cgroup.kill every cgroup of the instance but the guard's: each service's, and the
+    daemon's leaf (anything there outlived the daemon)."""
+    for child in _children(cgroup):
+        try:
+            _write(child + "/cgroup.kill", b"1")
+        except OSError:
+            pass
+
+
+def _populated(events: BufferedReader) -> bool:
+    try:
+        events.seek(0)
+        return b"populated 1" in events.read()
+    except OSError:
+        return False
+
+
+def remove_cgroups(cgroup: str, timeout_ms: int = 5000) -> None:
+    """Wait (on cgroup.events' change notifications, bounded) for the killed cgroups to
+    empty, then remove the instance's subtree, moving this process out of it last."""
+    files = []
+    for child in _children(cgroup):
+        try:
+            files.append(open(child + "/cgroup.events", "rb"))  # noqa: SIM115
+        except OSError:
+            continue
+    poller = select.poll()
+    for f in files:
+        poller.register(f.fileno(), select.POLLPRI)
+    for _ in range(timeout_ms // 100):
+        # Reading re-arms the notification (kernfs compares against the last read).
+        if not any(_populated(f) for f in files):
+            break
+        poller.poll(100)  # woken by a change of cgroup.events; 100 ms bounds a lost one
+    for f in files:
+        f.close()
+    for child in _children(cgroup):
+        try:
+            os.rmdir(child)
+        except OSError:
+            pass
+    parent = cgroup.rsplit("/", 1)[0]
+    try:
+        _write(parent + "/cgroup.procs", b"0")
+        os.rmdir(cgroup + "/guard")
+        os.rmdir(cgroup)
+    except OSError:
+        pass
+
+
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

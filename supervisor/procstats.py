@@ -1,4 +1,5 @@
-"""Resource figures per service, summed over its whole process group, sampled with psutil.
+"""Resource figures per service, summed over its whole process group (or, in cgroup mode,
+over its cgroup's processes, with CPU from the cgroup's cpu.stat), sampled with psutil.
 
 psutil reads /proc and blocks, so `ProcStatsSampler.sample` is meant for a worker thread
 (`anyio.to_thread.run_sync`); the HTTP threads only ever read the frozen result.
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from supervisor import cgroup
+
 
 @dataclass(frozen=True)
 class TreeStats:
@@ -30,6 +33,7 @@ class TreeStats:
 class _ServiceCpu:
     carried: float = 0.0
     last: dict[int, float] = field(default_factory=dict)
+    cgroup: float = 0.0  # the service cgroup's usage at the last sample
 
 
 # Thread and fd counts move slowly but cost about half of a round to read (/proc/<pid>/status
@@ -46,18 +50,25 @@ class ProcStatsSampler:
         self._slow: dict[int, tuple[int, int]] = {}  # pid -> (threads, open fds)
         self._round = 0
 
-    def sample(self, leaders: Mapping[str, int]) -> dict[str, TreeStats]:
-        """`leaders` maps service -> pid of its live process (which leads its group)."""
-        wanted = {pid: name for name, pid in leaders.items()}
+    def sample(self, leaders: Mapping[str, int],
+               cgroups: Mapping[str, str] | None = None) -> dict[str, TreeStats]:
+        """`leaders` maps service -> pid of its live process (which leads its group);
+        `cgroups` service -> its cgroup, where it has one: its members are then the cgroup's
+        processes and its CPU the cgroup's cpu.stat (no walk over every pid)."""
+        cgroups = cgroups or {}
+        wanted = {pid: name for name, pid in leaders.items() if name not in cgroups}
         members: dict[str, list[int]] = {name: [] for name in leaders}
-        for pid in psutil.pids():
+        for name in leaders:
+            if name in cgroups:
+                members[name] = cgroup.read_procs(cgroups[name])
+        for pid in psutil.pids() if wanted else ():
             try:
                 group = os.getpgid(pid)
             except OSError:
                 continue
-            name = wanted.get(group)
-            if name is not None:
-                members[name].append(pid)
+            owner = wanted.get(group)
+            if owner is not None:
+                members[owner].append(pid)
         result: dict[str, TreeStats] = {}
         seen: set[int] = set()
         refresh_slow = self._round % SLOW_EVERY == 0
@@ -86,6 +97,13 @@ class ProcStatsSampler:
                 cpu_now[pid] = times.user + times.system
                 count += 1
                 seen.add(pid)
+            usage = cgroup.cpu_seconds(cgroups[name]) if name in cgroups else None
+            if usage is not None:
+                if usage < cpu_state.cgroup:  # a new cgroup (a reload): keep the counter
+                    cpu_state.carried += cpu_state.cgroup
+                cpu_state.cgroup = usage
+                result[name] = TreeStats(cpu_state.carried + usage, rss, threads, fds, count)
+                continue
             for pid, last in cpu_state.last.items():
                 if pid not in cpu_now:
                     cpu_state.carried += last
@@ -103,7 +121,7 @@ class ProcStatsSampler:
 
     def cpu_carried(self, name: str) -> float:
         state = self._cpu.get(name)
-        return state.carried if state else 0.0
+        return state.carried + state.cgroup if state else 0.0
 
     def _process(self, pid: int) -> psutil.Process | None:
         proc = self._procs.get(pid)

@@ -15,13 +15,16 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskGroup
 
+from supervisor import descendants
 from supervisor import lifecycle as lc
 from supervisor.config import ServiceSpec, child_environment
 from supervisor.datatypes import signal_name
@@ -31,6 +34,9 @@ from supervisor.spawn import Child, monotonic_and_wall, spawn
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
+
+if TYPE_CHECKING:
+    from supervisor.cgroup import ServiceCgroup
 
 Spawner = Callable[[Sequence[str], Mapping[str, str], str], Child]
 
@@ -54,6 +60,7 @@ class ServiceSnapshot:
     quick_failures: int
     autostart: bool
     waiting_for: str | None = None  # while `waiting`: which dependency or check, and why
+    cgroup: str | None = None  # the service's cgroup directory, in cgroup mode
 
     def uptime(self, now: float) -> float:
         if self.state not in (lc.State.STARTING, lc.State.RUNNING) or self.started_at is None:
@@ -65,8 +72,17 @@ class ServiceRunner:
     def __init__(self, spec: ServiceSpec, *, environ: Mapping[str, str],
                  publish: Callable[[ServiceSnapshot], None],
                  rng: Callable[[], float] = random.random,
-                 spawner: Spawner = spawn) -> None:
+                 spawner: Spawner = spawn, cgroup: ServiceCgroup | None = None,
+                 owned: Callable[[], Collection[int] | None] = lambda: None) -> None:
         self.spec = spec
+        # Containment: the service's cgroup, or (without one) its process tree and the
+        # escapees marked as its own among our children that are not in `owned()` (None:
+        # not looked for, when we are no subreaper or the daemon's final sweep will do).
+        self.cgroup = cgroup
+        self._owned = owned
+        self._invocations: dict[int, str] = {}  # leader pid -> its invocation id
+        self._placed: dict[int, anyio.Event] = {}  # leader pid -> set once in its cgroup
+        self._emptied: Child | None = None  # the last start whose cgroup was seen empty
         self.machine = lc.Lifecycle(spec, rng)
         self._environ = environ
         self._publish = publish
@@ -159,6 +175,8 @@ class ServiceRunner:
             self._send.close()
             with anyio.CancelScope(shield=True):
                 await self._terminate()
+            if self.cgroup is not None and not self.cgroup.populated():
+                self.cgroup.remove()
             self.finished = True
             self._changed.set()
 
@@ -226,7 +244,7 @@ class ServiceRunner:
                 if self._child.status is None:
                     log.info("signal service=%s pid=%d signal=%s", self.spec.name,
                              self._child.pid, signal_name(action.signal))
-                self._child.signal_group(action.signal)
+                self._signal_all(self._child, action.signal)
         elif isinstance(action, lc.StartTimer):
             self._start_timer(action.kind, action.delay)
         elif isinstance(action, lc.CancelTimer):
@@ -235,6 +253,10 @@ class ServiceRunner:
     def _spawn(self) -> None:
         assert self._tg is not None
         env = child_environment(self.spec, self._environ)
+        # How an escapee is told apart without cgroups (descendants.py).
+        invocation = secrets.token_hex(16)
+        env[descendants.MARKER] = self.spec.name
+        env[descendants.INVOCATION] = invocation
         try:
             child = self._spawner(self.spec.command, env, self.spec.cwd)
         except SpawnError as exc:
@@ -244,19 +266,53 @@ class ServiceRunner:
             return
         at, wall = monotonic_and_wall()
         self._child = child
+        self._invocations[child.pid] = invocation
         log.info("spawned service=%s pid=%d", self.spec.name, child.pid)
         self._tg.start_soon(drain, child.stdout, self.spec.name, "stdout",
                             self.spec.stdout_priority, child.pid)
         self._tg.start_soon(drain, child.stderr, self.spec.name, "stderr",
                             self.spec.stderr_priority, child.pid)
-        self._tg.start_soon(self._watch, child)
+        placed = None
+        if self.cgroup is not None:
+            placed = anyio.Event()
+            self._placed = {child.pid: placed}  # an earlier start's is placed by now
+            self.cgroup.tree.pending.add(child.pid)
+            self._tg.start_soon(self._place, self.cgroup, child, invocation, placed)
+        self._tg.start_soon(self._watch, child, placed)
         # Applied synchronously so that no other event can slip between Spawn and Spawned.
         for action in self.machine.handle(lc.Spawned(child.pid, at, wall)):
             self._perform(action)
 
-    async def _watch(self, child: Child) -> None:
+    async def _place(self, cgroup: ServiceCgroup, child: Child, invocation: str,
+                     placed: anyio.Event) -> None:
+        """Into its cgroup, with whatever it forked meanwhile (cgroup.py: why after the
+        exec). Strays moved after a stop signal was sent get it now."""
+        try:
+            strays = await cgroup.place(child.pid, invocation)
+        except OSError as exc:
+            log.error("cannot place service=%s pid=%d in its cgroup error=%s",
+                      self.spec.name, child.pid, exc.strerror or exc)
+            strays = []
+        finally:
+            placed.set()
+        if strays and self.machine.state is lc.State.STOPPING:
+            descendants.signal_pids(strays, self.spec.stop_signal)
+
+    async def _watch(self, child: Child, placed: anyio.Event | None) -> None:
+        if placed is not None:
+            # Unreaped until placed, so the pid written into the cgroup is still ours.
+            await placed.wait()
         status = await child.wait()
         at, wall = monotonic_and_wall()
+        if self.cgroup is not None:
+            # Stopped means empty. Stopping: the kill timer ends any straggler; otherwise
+            # the leader died on its own and takes the rest with it, as it always did.
+            if self.machine.state is not lc.State.STOPPING:
+                self.cgroup.signal(lc.SIGKILL)
+            await self.cgroup.wait_empty()
+            self._emptied = child  # nothing can enter it any more: no kill needed on Exited
+        elif self._tg is not None:
+            self._tg.start_soon(self._sweep_after, child)
         level = logging.INFO if self.machine.state is lc.State.STOPPING else logging.WARNING
         log.log(level, "exited service=%s pid=%d %s", self.spec.name, child.pid, status.describe())
         self._post(lc.Exited(status.code, status.signal, at, wall))
@@ -279,20 +335,67 @@ class ServiceRunner:
             self._timer_scope.cancel()
             self._timer_scope = None
 
+    def _signal_all(self, child: Child, sig: int) -> None:
+        """`sig` to every process of the service: its cgroup, or its group, tree and
+        adopted escapees."""
+        if self.cgroup is not None:
+            if self._emptied is child:
+                return
+            placed = self._placed.get(child.pid)
+            if placed is None or placed.is_set():
+                self.cgroup.signal(sig)
+            else:  # not in its cgroup yet (~10 ms): its group now, strays once placed
+                child.signal_group(sig)
+            return
+        child.signal_group(sig)
+        invocation = self._invocations.get(child.pid)
+        if invocation is None:
+            return
+        leader = child.pid if child.status is None else None
+        found = descendants.of_invocation(invocation, leader, self._owned())
+        descendants.signal_pids([pid for pid in found if pid != leader], sig)
+
+    async def _sweep_after(self, child: Child, rounds: int = 20, pause: float = 0.01) -> None:
+        """Without a cgroup: after a start's leader is gone, SIGKILL what is left of that
+        start a few more times, for escapees re-parented to us after the first sweep (their
+        parent died of it). Keyed by invocation id, so never the next start's processes."""
+        invocation = self._invocations.get(child.pid)
+        if invocation is None:
+            return
+        try:
+            for _ in range(rounds):
+                await anyio.sleep(pause)
+                owned = self._owned()
+                if owned is None:
+                    return
+                found = descendants.live(descendants.of_invocation(invocation, None, owned))
+                if not found:
+                    return
+                log.info("killing escapees service=%s count=%d", self.spec.name, len(found))
+                descendants.signal_pids(found, lc.SIGKILL)
+        finally:
+            self._invocations.pop(child.pid, None)
+
     async def _terminate(self) -> None:
         """Last resort when the runner is torn down with the child still alive (daemon shutdown
         without an orderly stop, or an error): stop_signal, grace, SIGKILL, reap."""
         child = self._child
+        cgroup = self.cgroup
+        if cgroup is not None and cgroup.populated():
+            cgroup.signal(self.spec.stop_signal)
+            if not await cgroup.wait_empty(self.spec.stop_timeout):
+                cgroup.signal(lc.SIGKILL)
+                await cgroup.wait_empty(5)
         if child is None or child.status is not None:
             return
-        child.signal_group(self.spec.stop_signal)
+        self._signal_all(child, self.spec.stop_signal)
         with anyio.move_on_after(self.spec.stop_timeout):
             await child.wait()
         if child.status is None:
-            child.signal_group(lc.SIGKILL)
+            self._signal_all(child, lc.SIGKILL)
             with anyio.move_on_after(5):
                 await child.wait()
-        child.signal_group(lc.SIGKILL)  # leftovers in the group
+        self._signal_all(child, lc.SIGKILL)  # leftovers
         child.close_if_unreaped()
 
     def _make_snapshot(self) -> ServiceSnapshot:
@@ -303,6 +406,7 @@ class ServiceRunner:
             last_exit=m.last_exit, last_error=m.last_error, next_start_at=m.next_start_at,
             quick_failures=m.quick_failures, autostart=self.spec.autostart,
             waiting_for=m.waiting_for,
+            cgroup=self.cgroup.path if self.cgroup is not None else None,
         )
 
 

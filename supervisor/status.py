@@ -42,6 +42,7 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
             "next_start_in_seconds": (round(max(0.0, snap.next_start_at - now), 3)
                                       if snap.next_start_at is not None else None),
             "quick_failures": snap.quick_failures,
+            "cgroup": snap.cgroup,
             "scrape": None if scrape is None else {
                 "ok": scrape.ok,
                 "error": scrape.error,

@@ -145,7 +145,8 @@ def _services(document: Any) -> list[dict[str, Any]]:
 
 def render(document: dict[str, Any]) -> str:
     now = document.get("time") or time.time()
-    rows = [("SERVICE", "STATE", "PID", "UPTIME", "STARTS", "LAST EXIT", "NEXT START", "SCRAPE")]
+    rows: list[tuple[str, ...]] = [
+        ("SERVICE", "STATE", "PID", "UPTIME", "STARTS", "LAST EXIT", "NEXT START", "SCRAPE")]
     for s in document.get("services", []):
         rows.append((
             s["name"],
@@ -158,6 +159,10 @@ def render(document: dict[str, Any]) -> str:
             else "-",
             _scrape(s.get("scrape")),
         ))
+    if any(s.get("cgroup") for s in document.get("services", [])):
+        rows = [(*row, "CGROUP" if i == 0 else str(document["services"][i - 1].get("cgroup")
+                                                       or "-"))
+                for i, row in enumerate(rows)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]

@@ -2,7 +2,8 @@
 
 PID 1 here reaps nothing, so a test that kills the supervisor needs its own subreaper. Prints
 `pid <daemon pid>` at start; when the daemon has exited and `--linger` seconds have passed,
-prints `exit <code>` and `leftover <pids...>` (descendants still alive, which it then kills),
+prints `exit <code>` and `leftover <pids...>` (descendants still alive, which it then kills;
+the linger ends early once no descendant is left),
 reaping everything that re-parented here.
 """
 
@@ -48,6 +49,8 @@ def main() -> int:
     deadline = time.monotonic() + linger
     while time.monotonic() < deadline:
         reap()
+        if not children():  # nothing left that could still need the linger
+            break
         time.sleep(0.05)
     reap()
     leftover = sorted(children())

@@ -120,7 +120,6 @@ def test_service_contract() -> None:
         "ProtectKernelLogs",
         "ProtectKernelModules",
         "ProtectKernelTunables",
-        "ProtectControlGroups",
         "LockPersonality",
         "MemoryDenyWriteExecute",
         "RestrictRealtime",
@@ -128,6 +127,10 @@ def test_service_contract() -> None:
         "RestrictNamespaces",
     ):
         assert d.get(key) == ["yes"], key
+    # A cgroup per service needs the unit's subtree delegated and writable (systemd 252's
+    # ProtectControlGroups=yes makes all of /sys/fs/cgroup read-only, the subtree included).
+    assert d["Delegate"] == ["yes"]
+    assert d["ProtectControlGroups"] == ["no"]
     assert d["ProtectSystem"] == ["strict"]
     assert d["CapabilityBoundingSet"] == [""]
     assert d["SystemCallArchitectures"] == ["native"]
