@@ -91,7 +91,8 @@ class Child:
         """Wait for the exit and reap. Cancel-safe: the child stays owned and unreaped."""
         while self.status is None:
             await anyio.wait_readable(self._pidfd)
-            pid, wait_status = os.waitpid(self.pid, os.WNOHANG)
+            # WNOHANG, and only once the pidfd says the child has exited: never blocks.
+            pid, wait_status = os.waitpid(self.pid, os.WNOHANG)  # noqa: ASYNC222
             if pid == self.pid:
                 self.status = ExitStatus.from_wait_status(wait_status)
                 # Tell Popen the child is gone so it never waitpid()s the number again.
