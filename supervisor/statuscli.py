@@ -145,14 +145,14 @@ def _services(document: Any) -> list[dict[str, Any]]:
 
 def render(document: dict[str, Any]) -> str:
     now = document.get("time") or time.time()
-    rows = [("SERVICE", "STATE", "READY", "PID", "UPTIME", "STARTS", "LAST EXIT", "NEXT START",
+    rows = [("SERVICE", "STATE", "PID", "READY", "UPTIME", "STARTS", "LAST EXIT", "NEXT START",
              "SCRAPE")]
     for s in document.get("services", []):
         rows.append((
             s["name"],
             s["state"],
-            _ready(s),
             str(s["pid"] or "-"),
+            _ready(s),
             _duration(s.get("uptime_seconds") or 0) if s.get("pid") else "-",
             str(s.get("starts", 0)),
             _last_exit(s.get("last_exit"), now),

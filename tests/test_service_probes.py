@@ -207,7 +207,11 @@ async def test_dependents_start_only_once_the_dependency_is_ready(
         assert db["ready"] is False and "HTTP 503" in db["probes"]["readiness"]["last_error"]
         table = render(status).splitlines()
         assert "READY" in table[0]
-        assert table[1].split()[:3] in (["db", "running", "no"], ["app", "waiting", "-"])
+        rows = {row.split()[0]: row.split() for row in table[1:3]}
+        assert rows["db"][1] == "running" and rows["db"][3] == "no"
+        assert rows["app"][1:4] == ["waiting", "-", "-"]
+        assert any(line.startswith("app: waiting for dependency db is not ready")
+                   for line in table)
         text = (await get(daemon, "/v1/metrics")).text
         assert sample(text, "service_ready", service="db") == 0.0
         (tmp_path / "ready").touch()
@@ -287,3 +291,187 @@ async def test_exec_probes_of_a_running_service_leave_nothing_behind(tmp_path: P
         assert snap.ready is False and snap.state is State.RUNNING  # never restarted
         assert len(_marked(marker)) <= 3  # at most the attempt under way
     assert await _none_marked(marker) == []
+
+
+# -- config: every key checked, with its key path ---------------------------------------------
+
+def test_probe_tables_parse_with_defaults_and_kubernetes_names(tmp_path: Path) -> None:
+    from supervisor.config import load_config
+
+    path = write_config(tmp_path, service("api", "pass") + probe_table(
+        "api", "liveness", type="http", url="http://127.0.0.1:8081/v1/health", period=5.0,
+        timeout=1.0, failure_threshold=3, initial_delay=0.0) + probe_table(
+        "api", "readiness", type="http", url="http://127.0.0.1:8081/v1/ready", period=2.0,
+        success_threshold=1, failure_threshold=1) + probe_table(
+        "api", "startup", type="tcp", address="127.0.0.1:8081", failure_threshold=30)
+        + probe_table("api", "readiness", type="exec", command=["true"]).replace(
+            "[services.api.readiness]", "[services.other]\ncommand = [\"true\"]\n"
+            "[services.other.readiness]"),
+        supervisor="ready_includes_services = true")
+    config = load_config(path)
+    api = config.services["api"]
+    assert api.liveness is not None and api.liveness.period == 5.0
+    assert api.readiness is not None and api.readiness.failure_threshold == 1
+    assert api.startup is not None and api.startup.type == "tcp"
+    assert api.startup.failure_threshold == 30 and api.startup.period == 10.0
+    assert list(api.probes()) == ["startup", "liveness", "readiness"]
+    other = config.services["other"].readiness
+    assert other is not None and other.command == ("true",)
+    assert config.settings.ready_includes_services is True
+
+
+@pytest.mark.parametrize(("probe", "key_path"), [
+    ({"type": "http", "url": "http://x/", "period": float("nan")}, "liveness.period"),
+    ({"type": "http", "url": "http://x/", "timeout": float("inf")}, "liveness.timeout"),
+    ({"type": "http", "url": "http://x/", "timeout": 0}, "liveness.timeout"),
+    ({"type": "http", "url": "http://x/", "initial_delay": -1}, "liveness.initial_delay"),
+    ({"type": "http", "url": "http://x/", "failure_threshold": 0},
+     "liveness.failure_threshold"),
+    ({"type": "http", "url": "http://x/", "failure_threshold": 10**30},
+     "liveness.failure_threshold"),
+    ({"type": "http", "url": "http://x/", "success_threshold": 2},
+     "liveness.success_threshold"),
+    ({"type": "http", "url": "http://x/", "period": True}, "liveness.period"),
+    ({"type": "http", "url": "ftp://x/"}, "liveness.url"),
+    ({"type": "http", "url": "http://x/\u0000"}, "liveness.url"),
+    ({"type": "http"}, "liveness.url"),
+    ({"type": "tcp", "address": "nohost"}, "liveness.address"),
+    ({"type": "tcp", "url": "http://x/", "address": "127.0.0.1:1"}, "liveness.url"),
+    ({"type": "exec", "command": []}, "liveness.command"),
+    ({"type": "exec", "command": ["true", "a\u0000"]}, "liveness.command[1]"),
+    ({"type": "grpc"}, "liveness.type"),
+    ({"url": "http://x/"}, "liveness.type"),
+    ({"type": "http", "url": "http://x/", "periodSeconds": 1}, "liveness.periodSeconds"),
+    ("not a table", "liveness"),
+])
+def test_bad_probe_values_are_refused_with_their_key_path(
+        tmp_path: Path, probe: object, key_path: str) -> None:
+    from tests.test_config_hostile import problems_of
+
+    problems = problems_of(tmp_path, {"api": {"command": ["/bin/sleep", "30"],
+                                              "liveness": probe}})
+    assert any(p.startswith(f"services.api.{key_path}: ") for p in problems), problems
+    assert all("Traceback" not in p for p in problems)
+
+
+def test_ready_includes_services_must_be_a_boolean(tmp_path: Path) -> None:
+    from supervisor.config import load_config
+    from supervisor.errors import ConfigError
+
+    path = write_config(tmp_path, service("api", "pass"),
+                        supervisor='ready_includes_services = "yes"')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert any(p.startswith("supervisor.ready_includes_services: ")
+               for p in caught.value.problems)
+
+
+def _hostile_probe_tables():  # type: ignore[no-untyped-def]
+    from hypothesis import strategies as st
+    from tests.test_config_hostile import hostile_number, hostile_text
+
+    value = st.one_of(hostile_number, st.floats(0.0, 5.0), st.integers(1, 5))
+    return st.fixed_dictionaries(
+        {"type": st.sampled_from(["http", "tcp", "exec", "udp"])},
+        optional={
+            "url": st.one_of(st.just("http://127.0.0.1:1/h"), hostile_text),
+            "address": st.one_of(st.just("127.0.0.1:1"), hostile_text),
+            "command": st.one_of(st.just(["true"]), st.lists(hostile_text, max_size=2)),
+            **{key: value for key in ("period", "timeout", "failure_threshold",
+                                      "success_threshold", "initial_delay")},
+        })
+
+
+def test_generated_probe_tables_are_refused_cleanly_or_bounded(tmp_path: Path) -> None:
+    import math
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from supervisor.config import MAX_PROBE_THRESHOLD, MAX_PROBE_TIMEOUT, MAX_SECONDS
+    from supervisor.config import load_config
+    from supervisor.errors import ConfigError
+    from tests.test_config_hostile import config_text
+
+    kinds = st.sampled_from(["liveness", "readiness", "startup"])
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(kind=kinds, table=_hostile_probe_tables())
+    def check(kind: str, table: dict[str, object]) -> None:
+        path = write_config(tmp_path, config_text(
+            {"svc": {"command": ["/bin/sleep", "30"], kind: table}}))
+        try:
+            spec = load_config(path).services["svc"].probes()[kind]
+        except ConfigError as exc:
+            assert exc.problems
+            for problem in exc.problems:
+                where, sep, message = problem.partition(": ")
+                assert sep and message and where.startswith(f"services.svc.{kind}"), problem
+            return
+        for number in (spec.period, spec.timeout, spec.initial_delay):
+            assert math.isfinite(number) and 0 <= number <= MAX_SECONDS
+        assert 0 < spec.timeout <= MAX_PROBE_TIMEOUT and spec.period >= 0.01
+        assert 1 <= spec.failure_threshold <= MAX_PROBE_THRESHOLD
+        assert 1 <= spec.success_threshold <= MAX_PROBE_THRESHOLD
+        assert "\0" not in spec.target and all("\0" not in a for a in spec.command)
+        assert spec.target or (spec.command and spec.command[0])
+
+    check()
+
+
+# -- the lifecycle (pure) ---------------------------------------------------------------------
+
+def _machine(restart: str = "always"):  # type: ignore[no-untyped-def]
+    from supervisor import lifecycle as lc
+    from supervisor.config import Backoff, ServiceSpec
+
+    spec = ServiceSpec(name="svc", command=("true",), env={}, cwd="/", restart=restart,
+                       start_seconds=1.0, stop_timeout=7.0, stop_signal=2,
+                       backoff=Backoff(initial=1.0, jitter=0.0, reset_after=10.0))
+    return lc.Lifecycle(spec, random=lambda: 0.5)
+
+
+def test_liveness_failure_takes_the_normal_stop_path_then_restarts() -> None:
+    from supervisor import lifecycle as lc
+
+    m = _machine()
+    m.handle(lc.StartRequested(0.0))
+    m.handle(lc.Spawned(10, 0.0, 0.0))
+    m.handle(lc.TimerFired("started", 1.0))
+    assert m.handle(lc.ProbeFailed("liveness", "HTTP 500", 20.0)) == [
+        lc.SignalGroup(2), lc.StartTimer("kill", 7.0)]
+    assert m.state is State.STOPPING and m.last_error == "liveness probe failed: HTTP 500"
+    assert m.handle(lc.ProbeFailed("liveness", "again", 20.5)) == []  # already stopping
+    assert m.handle(lc.TimerFired("kill", 27.0)) == [lc.SignalGroup(lc.SIGKILL)]
+    actions = m.handle(lc.Exited(None, 9, 27.1, 27.1))
+    # A stable run before the failure: restart at once, as after a crash.
+    assert lc.Spawn() in actions and m.state is State.STARTING
+    assert m.exits["liveness"] == 1 and m.exits["stopped"] == 0
+    assert m.last_exit is not None and m.last_exit.reason == "liveness"
+    # A quick liveness failure: backoff applies.
+    m.handle(lc.Spawned(11, 28.0, 28.0))
+    m.handle(lc.ProbeFailed("startup", "refused", 29.0))
+    actions = m.handle(lc.Exited(0, None, 29.1, 29.1))
+    assert m.state is State.BACKOFF and lc.StartTimer("backoff", 1.0) in actions
+    assert m.exits["liveness"] == 2
+
+
+def test_operator_stop_during_a_liveness_restart_wins_and_never_restarts_policy() -> None:
+    from supervisor import lifecycle as lc
+
+    m = _machine()
+    m.handle(lc.StartRequested(0.0))
+    m.handle(lc.Spawned(10, 0.0, 0.0))
+    m.handle(lc.ProbeFailed("liveness", "x", 0.5))
+    m.handle(lc.StopRequested(0.6))
+    m.handle(lc.Exited(0, None, 0.7, 0.7))
+    assert m.state is State.STOPPED and m.exits["stopped"] == 1
+    never = _machine("never")
+    never.handle(lc.StartRequested(0.0))
+    never.handle(lc.Spawned(10, 0.0, 0.0))
+    never.handle(lc.ProbeFailed("liveness", "x", 0.5))
+    never.handle(lc.Exited(0, None, 0.7, 0.7))
+    assert never.state is State.EXITED and never.exits["liveness"] == 1
+    idle = _machine()
+    assert idle.handle(lc.ProbeFailed("liveness", "x", 0.0)) == [] and idle.state is State.STOPPED
