@@ -589,7 +589,7 @@ class _Parser:
             stderr_priority=self.priority(data, "stderr_priority", where,
                                           self.defaults.stderr_priority),
             allow_metrics=self.globs(data, "allow_metrics", where),
-            **{kind: self.probe(kind, data[kind], where)  # type: ignore[arg-type]
+            **{kind: self.probe(kind, data[kind], where)
                for kind in PROBE_KINDS if kind in data},
         )
 
@@ -616,7 +616,10 @@ class _Parser:
                 self.problem(f"{where}.command", "must be a non-empty list of strings")
         else:
             target = self.string(data, key, where, "")
-            if target and kind_type == "tcp":
+            if key in data and not target and not any(
+                    p.startswith(f"{where}.{key}") for p in self.problems):
+                self.problem(f"{where}.{key}", "must not be empty")
+            elif target and kind_type == "tcp":
                 try:
                     parse_listen(target)
                 except ValueError as exc:

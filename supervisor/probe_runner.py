@@ -19,11 +19,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 
 from supervisor.config import ProbeSpec
 from supervisor.probes import CheckResult, ExecSpawner, make_http_client, probe_service
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,7 @@ class _Prober:
                 await anyio.sleep(self.spec.initial_delay)
             due = time.monotonic()
             while True:
-                yield await probe_service(self.service, self.spec, spawner=self.spawner,
-                                          env=self.env, cwd=self.cwd, http_client=client)
+                yield await self._attempt(client)
                 due += self.spec.period
                 now = time.monotonic()
                 if due < now:  # a probe slower than its period skips ticks, never bursts
@@ -89,6 +92,19 @@ class _Prober:
             if client is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
                     await client.aclose()
+
+
+    async def _attempt(self, client: httpx.AsyncClient | None) -> CheckResult:
+        try:
+            return await probe_service(self.service, self.spec, spawner=self.spawner,
+                                       env=self.env, cwd=self.cwd, http_client=client)
+        except Exception as exc:  # noqa: BLE001 - a probe's own failure is a failed attempt
+            # (e.g. no file descriptor left for an exec probe's pipes), never a fault of the
+            # service's runner.
+            log.warning("probe error service=%s probe=%s error=%s", self.service,
+                        self.spec.kind, type(exc).__name__)
+            return CheckResult(f"{self.service}.{self.spec.kind}", False, 0.0,
+                               f"internal error: {type(exc).__name__}", time.monotonic())
 
 
 async def _until_started(service: str, spec: ProbeSpec, report: Report, failed: Failed,

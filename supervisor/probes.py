@@ -278,10 +278,10 @@ async def probe_service(service: str, spec: ProbeSpec, *, spawner: ExecSpawner |
     return await probe_tcp(check, clock=clock)
 
 
-async def probe_exec(name: str, command: tuple[str, ...], timeout: float,
+async def probe_exec(name: str, command: tuple[str, ...], time_limit: float,
                      spawner: ExecSpawner, env: dict[str, str], cwd: str, *,
                      clock: Clock = time.monotonic) -> CheckResult:
-    """Run `command` in a new session; exit 0 within `timeout` passes. Whatever happens, the
+    """Run `command` in a new session; exit 0 within `time_limit` passes. Whatever happens, the
     process group is killed and the leader reaped before this returns."""
     from supervisor.errors import SpawnError
 
@@ -292,14 +292,14 @@ async def probe_exec(name: str, command: tuple[str, ...], timeout: float,
         return CheckResult(name, False, 0.0, _clean(str(exc), ""), clock())
     error: str | None = None
     try:
-        with anyio.move_on_after(timeout) as scope:
+        with anyio.move_on_after(time_limit) as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_discard, child.stdout)
                 tg.start_soon(_discard, child.stderr)
                 status = await child.wait()
                 tg.cancel_scope.cancel()  # leftovers may hold the pipes open: stop reading
         if scope.cancelled_caught:
-            error = f"timed out after {timeout:g}s (exec)"
+            error = f"timed out after {time_limit:g}s (exec)"
         elif status.code != 0:
             error = f"exec: {status.describe()}"
     finally:

@@ -12,6 +12,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+
+from supervisor.config import ProbeSpec
+from supervisor.lifecycle import State
+from supervisor.probes import probe_service
+from supervisor.spawn import spawn
+from supervisor.statuscli import render
 from tests.dbservers import BlackHole, black_hole  # noqa: F401 (fixture)
 from tests.support import (
     PY,
@@ -23,12 +29,6 @@ from tests.support import (
     wait_for,
     write_config,
 )
-
-from supervisor.config import ProbeSpec
-from supervisor.lifecycle import State
-from supervisor.probes import probe_service
-from supervisor.spawn import spawn
-from supervisor.statuscli import render
 
 pytestmark = pytest.mark.anyio
 
@@ -252,8 +252,8 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
-async def _none_marked(marker: str, timeout: float = 3.0) -> list[int]:
-    deadline = time.monotonic() + timeout
+async def _none_marked(marker: str, within: float = 3.0) -> list[int]:
+    deadline = time.monotonic() + within
     while _marked(marker) and time.monotonic() < deadline:
         await anyio.sleep(0.05)
     return _marked(marker)
@@ -335,6 +335,8 @@ def test_probe_tables_parse_with_defaults_and_kubernetes_names(tmp_path: Path) -
     ({"type": "http", "url": "ftp://x/"}, "liveness.url"),
     ({"type": "http", "url": "http://x/\u0000"}, "liveness.url"),
     ({"type": "http"}, "liveness.url"),
+    ({"type": "http", "url": ""}, "liveness.url"),
+    ({"type": "tcp", "address": ""}, "liveness.address"),
     ({"type": "tcp", "address": "nohost"}, "liveness.address"),
     ({"type": "tcp", "url": "http://x/", "address": "127.0.0.1:1"}, "liveness.url"),
     ({"type": "exec", "command": []}, "liveness.command"),
@@ -368,6 +370,7 @@ def test_ready_includes_services_must_be_a_boolean(tmp_path: Path) -> None:
 
 def _hostile_probe_tables():  # type: ignore[no-untyped-def]
     from hypothesis import strategies as st
+
     from tests.test_config_hostile import hostile_number, hostile_text
 
     value = st.one_of(hostile_number, st.floats(0.0, 5.0), st.integers(1, 5))
@@ -388,8 +391,7 @@ def test_generated_probe_tables_are_refused_cleanly_or_bounded(tmp_path: Path) -
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from supervisor.config import MAX_PROBE_THRESHOLD, MAX_PROBE_TIMEOUT, MAX_SECONDS
-    from supervisor.config import load_config
+    from supervisor.config import MAX_PROBE_THRESHOLD, MAX_PROBE_TIMEOUT, MAX_SECONDS, load_config
     from supervisor.errors import ConfigError
     from tests.test_config_hostile import config_text
 
