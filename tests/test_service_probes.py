@@ -477,3 +477,26 @@ def test_operator_stop_during_a_liveness_restart_wins_and_never_restarts_policy(
     assert never.state is State.EXITED and never.exits["liveness"] == 1
     idle = _machine()
     assert idle.handle(lc.ProbeFailed("liveness", "x", 0.0)) == [] and idle.state is State.STOPPED
+
+
+async def test_probe_errors_never_show_the_url_password(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    canary = "Pr0be-canary-s3cret"
+    closed = free_port()
+    path = write_config(tmp_path, service("svc", "import time; time.sleep(300)",
+                                          start_seconds=0.1) + probe_table(
+        "svc", "liveness", type="http", url=f"http://user:{canary}@127.0.0.1:{closed}/h",
+        period=0.1, timeout=0.5, failure_threshold=2) + probe_table(
+        "svc", "readiness", type="http",
+        url=f"http://127.0.0.1:{closed}/r?token={canary}&password={canary}", period=0.1,
+        timeout=0.5))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "svc", lambda s: s.exits["liveness"] >= 1
+                       and s.probes["readiness"].failures >= 1)
+        status = (await get(daemon, "/v1/status")).text
+        metrics = (await get(daemon, "/v1/metrics")).text
+        ready = (await get(daemon, "/v1/ready")).text
+    assert "liveness" in status and "readiness" in status
+    for text in (status, metrics, ready, caplog.text):
+        assert canary not in text
