@@ -39,8 +39,10 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
             },
             "last_error": snap.last_error,
             "waiting_for": snap.waiting_for,
-            # null without a readiness probe; else what the current process's probe says
-            "ready": snap.ready,
+            # the readiness probe's verdict; without one, whether the service is running
+            # (as service_ready)
+            "ready": snap.is_ready,
+            "readiness_probe": snap.ready is not None,
             "probes": {kind: {"failures": p.failures, "passing": p.passing,
                               "last_error": p.last_error}
                        for kind, p in snap.probes.items()},

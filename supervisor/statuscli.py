@@ -190,7 +190,8 @@ def render(document: dict[str, Any]) -> str:
 
 
 def _ready(s: dict[str, Any]) -> str:
-    """yes/no by the readiness probe; without one, "-" (running is then what counts)."""
+    """yes/no (by the readiness probe; without one, whether it is running); "-" from a daemon
+    that does not report readiness."""
     ready = s.get("ready")
     return "-" if ready is None else ("yes" if ready else "no")
 

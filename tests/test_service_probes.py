@@ -205,11 +205,14 @@ async def test_dependents_start_only_once_the_dependency_is_ready(
         status = (await get(daemon, "/v1/status")).json()
         db = next(s for s in status["services"] if s["name"] == "db")
         assert db["ready"] is False and "HTTP 503" in db["probes"]["readiness"]["last_error"]
+        assert db["readiness_probe"] is True
+        app_entry = next(s for s in status["services"] if s["name"] == "app")
+        assert app_entry["ready"] is False and app_entry["readiness_probe"] is False
         table = render(status).splitlines()
         assert "READY" in table[0]
         rows = {row.split()[0]: row.split() for row in table[1:3]}
         assert rows["db"][1] == "running" and rows["db"][3] == "no"
-        assert rows["app"][1:4] == ["waiting", "-", "-"]
+        assert rows["app"][1:4] == ["waiting", "-", "no"]
         assert any(line.startswith("app: waiting for dependency db is not ready")
                    for line in table)
         text = (await get(daemon, "/v1/metrics")).text
