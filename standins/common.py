@@ -321,6 +321,12 @@ def health_routes(links: Sequence[Link[Any]],
     is down)."""
 
     async def health(scope: Scope, receive: Any, reply: Reply) -> None:
+        # A liveness failure on demand (to exercise the supervisor's liveness probe): while
+        # the file named by STANDIN_UNHEALTHY_FILE exists, the process says it is not alive.
+        unhealthy = os.environ.get("STANDIN_UNHEALTHY_FILE")
+        if unhealthy and os.path.exists(unhealthy):
+            await reply.json(503, {"status": "unhealthy", "reason": "STANDIN_UNHEALTHY_FILE"})
+            return
         await reply.json(200, {"status": "ok"})
 
     async def ready(scope: Scope, receive: Any, reply: Reply) -> None:

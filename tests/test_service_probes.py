@@ -503,3 +503,32 @@ async def test_probe_errors_never_show_the_url_password(
     assert "liveness" in status and "readiness" in status
     for text in (status, metrics, ready, caplog.text):
         assert canary not in text
+
+
+async def test_a_standin_toggled_unhealthy_is_restarted_within_the_bound(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    flag = tmp_path / "unhealthy"
+    period, threshold, timeout = 0.5, 2, 1.0
+    path = write_config(tmp_path, f"""
+[services.watchdog]
+command = ["{PY}", "{root}/standins/watchdog.py", "--listen", "127.0.0.1:{port}"]
+env = {{ STANDIN_UNHEALTHY_FILE = "{flag}" }}
+start_seconds = 0.2
+""" + probe_table("watchdog", "liveness", type="http",
+                  url=f"http://127.0.0.1:{port}/v1/health", period=period, timeout=timeout,
+                  failure_threshold=threshold, initial_delay=0.5))
+    async with running_daemon(path) as daemon:
+        first = await wait_for(daemon, "watchdog", lambda s: s.probes["liveness"].passing is True,
+                               timeout=30)
+        flag.touch()
+        sick_at = time.monotonic()
+        second = await wait_for(daemon, "watchdog", lambda s: s.starts == 2)
+        elapsed = time.monotonic() - sick_at
+        flag.unlink()
+        assert elapsed <= period * threshold + timeout + 1.0, elapsed
+        assert second.pid != first.pid and second.exits["liveness"] == 1
+        # The stand-in stopped cleanly on SIGTERM (the normal stop path), exit status 0.
+        assert second.last_exit is not None and second.last_exit.code == 0
+        await wait_for(daemon, "watchdog", lambda s: s.probes["liveness"].passing is True,
+                       timeout=30)
