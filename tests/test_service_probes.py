@@ -532,3 +532,20 @@ start_seconds = 0.2
         assert second.last_exit is not None and second.last_exit.code == 0
         await wait_for(daemon, "watchdog", lambda s: s.probes["liveness"].passing is True,
                        timeout=30)
+
+
+async def test_exec_probe_under_way_at_shutdown_leaves_nothing_behind(tmp_path: Path) -> None:
+    marker = f"probe-marker-{uuid.uuid4().hex}"
+    path = write_config(tmp_path, service("svc", "import time; time.sleep(300)",
+                                          start_seconds=0.1) + probe_table(
+        "svc", "liveness", type="exec", command=[PY, "-c", FORK_AND_HANG, marker],
+        period=60.0, timeout=60.0))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "svc", lambda s: s.pid is not None)
+        deadline = time.monotonic() + 10
+        while len(_marked(marker)) < 4 and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        assert len(_marked(marker)) == 4  # the probe and what it forked, hanging
+        started = time.monotonic()
+    assert time.monotonic() - started < 5.0  # the probe did not hold the shutdown up
+    assert await _none_marked(marker) == []
