@@ -626,6 +626,9 @@ class _Parser:
                     self.problem(f"{where}.address", str(exc))
             elif target and not target.startswith(("http://", "https://")):
                 self.problem(f"{where}.url", "expected an http:// or https:// URL")
+            elif target:  # like metrics_url: its credentials are masked wherever they show
+                self.secret_url(data, "url", target)
+                self.url_ok(f"{where}.url", target, path_at_ok=True)
         if key not in data and "type" in data:
             self.problem(f"{where}.{key}", "required")
         success_threshold = self.integer(data, "success_threshold", where, 1, minimum=1,

@@ -773,7 +773,9 @@ def _redactor(*configs: Config) -> Redactor:
         secrets |= config.secrets
         secrets |= config_secrets(
             [c.target for c in config.checks.values() if c.type != "tcp"]
-            + [s.metrics_url for s in config.services.values() if s.metrics_url])
+            + [s.metrics_url for s in config.services.values() if s.metrics_url]
+            + [p.target for s in config.services.values() for p in s.probes().values()
+               if p.type == "http"])
     return Redactor(secrets)
 
 

@@ -549,3 +549,12 @@ async def test_exec_probe_under_way_at_shutdown_leaves_nothing_behind(tmp_path: 
         started = time.monotonic()
     assert time.monotonic() - started < 5.0  # the probe did not hold the shutdown up
     assert await _none_marked(marker) == []
+
+
+def test_a_probe_url_password_is_a_config_secret(tmp_path: Path) -> None:
+    from supervisor.config import load_config
+
+    canary = "Pr0be-canary-s3cret"
+    path = write_config(tmp_path, service("svc", "pass") + probe_table(
+        "svc", "liveness", type="http", url=f"http://user:{canary}@127.0.0.1:1/h"))
+    assert canary in load_config(path).secrets
