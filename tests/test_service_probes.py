@@ -558,3 +558,24 @@ def test_a_probe_url_password_is_a_config_secret(tmp_path: Path) -> None:
     path = write_config(tmp_path, service("svc", "pass") + probe_table(
         "svc", "liveness", type="http", url=f"http://user:{canary}@127.0.0.1:1/h"))
     assert canary in load_config(path).secrets
+
+
+async def test_supervisor_start_of_a_dependency_and_its_dependent_waits_for_ready(
+        tmp_path: Path) -> None:
+    from tests.test_operators import cli
+
+    port = free_port()
+    (tmp_path / "ready").touch()
+    path = write_config(tmp_path, app("db", port, tmp_path, start_seconds=0.1, autostart=False)
+                        + probe_table("db", "readiness", type="http",
+                                      url=f"http://127.0.0.1:{port}/v1/ready", period=0.1,
+                                      timeout=0.5, initial_delay=0.6)
+                        + service("app", "import time; time.sleep(300)", depends_on=["db"],
+                                  start_seconds=0.1, autostart=False))
+    async with running_daemon(path) as daemon:
+        refused = await cli("start", "app", "--config", str(path))
+        assert refused.returncode != 0 and "db" in refused.stdout + refused.stderr
+        started = await cli("start", "db", "app", "--config", str(path))
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "app: running" in started.stdout, started.stdout
+        assert snapshot_of(daemon, "db").ready is True
