@@ -589,9 +589,30 @@ class _Parser:
             stderr_priority=self.priority(data, "stderr_priority", where,
                                           self.defaults.stderr_priority),
             allow_metrics=self.globs(data, "allow_metrics", where),
-            **{kind: self.probe(kind, data[kind], where)
-               for kind in PROBE_KINDS if kind in data},
+            **self.probes(data, where, env, cwd),
         )
+
+    def probes(self, data: Mapping[str, Any], where: str, env: Mapping[str, str],
+               cwd: str) -> dict[str, ProbeSpec | None]:
+        """The service's probe tables; an exec probe's program must exist, as the service's
+        (a typo would otherwise fail the probe, and restart the service, forever)."""
+        probes = {kind: self.probe(kind, data[kind], where)
+                  for kind in PROBE_KINDS if kind in data}
+        for kind, probe in probes.items():
+            if probe is None or probe.type != "exec" or not probe.command:
+                continue
+            exe = probe.command[0]
+            if "/" in exe:
+                exe = str(Path(cwd) / exe) if not Path(exe).is_absolute() else exe
+                found = os.access(exe, os.X_OK) and _is(Path.is_file, exe)
+            else:
+                search_path = env.get("PATH") or self.environ.get("PATH", os.defpath)
+                found = shutil.which(exe, path=search_path) is not None
+            if not found:
+                written = _as_written(data[kind], "command", probe.command[0])
+                self.problem(f"{where}.{kind}.command", f"executable {written!r} not found or "
+                             "not executable")
+        return probes
 
     def probe(self, kind: str, data: Any, where: str) -> ProbeSpec | None:
         """[services.NAME.liveness] and its siblings; every key checked, bounded and typed."""

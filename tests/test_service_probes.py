@@ -343,6 +343,8 @@ def test_probe_tables_parse_with_defaults_and_kubernetes_names(tmp_path: Path) -
     ({"type": "tcp", "address": "nohost"}, "liveness.address"),
     ({"type": "tcp", "url": "http://x/", "address": "127.0.0.1:1"}, "liveness.url"),
     ({"type": "exec", "command": []}, "liveness.command"),
+    ({"type": "exec", "command": ["no-such-probe-program-here"]}, "liveness.command"),
+    ({"type": "exec", "command": ["/nonexistent/probe"]}, "liveness.command"),
     ({"type": "exec", "command": ["true", "a\u0000"]}, "liveness.command[1]"),
     ({"type": "grpc"}, "liveness.type"),
     ({"url": "http://x/"}, "liveness.type"),
