@@ -581,3 +581,24 @@ async def test_supervisor_start_of_a_dependency_and_its_dependent_waits_for_read
         assert started.returncode == 0, started.stdout + started.stderr
         assert "app: running" in started.stdout, started.stdout
         assert snapshot_of(daemon, "db").ready is True
+
+
+async def test_probe_failures_count_on_across_a_reload(tmp_path: Path) -> None:
+    closed = free_port()
+
+    def config(period: float) -> str:
+        return service("svc", "import time; time.sleep(300)", start_seconds=0.1) + probe_table(
+            "svc", "readiness", type="tcp", address=f"127.0.0.1:{closed}", period=period,
+            timeout=0.5)
+
+    path = write_config(tmp_path, config(0.1))
+    async with running_daemon(path) as daemon:
+        before = await wait_for(daemon, "svc", lambda s: s.probes["readiness"].failures >= 3)
+        path.write_text(path.read_text().replace("period = 0.1", "period = 0.2"))
+        result = await daemon.reload()
+        assert result.ok and result.changed == ("svc",)
+        snap = snapshot_of(daemon, "svc")
+        assert snap.probes["readiness"].failures >= before.probes["readiness"].failures
+        text = (await get(daemon, "/v1/metrics")).text
+        count = sample(text, "service_probe_failures_total", service="svc", probe="readiness")
+        assert count is not None and count >= before.probes["readiness"].failures
