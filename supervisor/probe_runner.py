@@ -9,7 +9,9 @@ concurrently, every `period`. Liveness failing `failure_threshold` times in a ro
 
 Each probe is bounded by its `timeout` (see probes.py: the same bounded clients and redaction
 as the readiness checks) and runs as a task on the event loop, never in it: nothing here
-blocks the loop or the HTTP server. The verdicts go back through `report`, which only
+blocks the loop or the HTTP server. http probes share one client per event loop, built once
+in a worker thread (building one loads the CA bundle: about 20 ms that would otherwise stall
+the loop at every spawn of a probed service). The verdicts go back through `report`, which only
 updates the runner's state on the loop thread.
 """
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
+from anyio.lowlevel import RunVar
 
 from supervisor.config import ProbeSpec
 from supervisor.probes import CheckResult, ExecSpawner, make_http_client, probe_service
@@ -30,6 +33,32 @@ if TYPE_CHECKING:
     import httpx
 
 log = logging.getLogger(__name__)
+
+# The http probes' client, per event loop (a client's pool belongs to the loop that first uses
+# it); no keep-alive, so it holds no connection between probes, and no cap on connections at
+# once (each probe is bounded by its own timeout instead).
+_HTTP: RunVar[httpx.AsyncClient] = RunVar("probe_http_client")
+_HTTP_LOCK: RunVar[anyio.Lock] = RunVar("probe_http_client_lock")
+
+
+async def shared_http_client() -> httpx.AsyncClient:
+    try:
+        return _HTTP.get()
+    except LookupError:
+        pass
+    try:
+        lock = _HTTP_LOCK.get()
+    except LookupError:
+        lock = anyio.Lock()
+        _HTTP_LOCK.set(lock)
+    async with lock:
+        try:
+            return _HTTP.get()
+        except LookupError:
+            client = await anyio.to_thread.run_sync(
+                lambda: make_http_client(max_connections=None))
+            _HTTP.set(client)
+            return client
 
 
 @dataclass(frozen=True)
@@ -72,27 +101,20 @@ class _Prober:
                  env: dict[str, str], cwd: str) -> None:
         self.service, self.spec = service, spec
         self.spawner, self.env, self.cwd = spawner, env, cwd
-        self.due: float | None = None
 
     async def attempts(self, skip_delay: bool = False):  # type: ignore[no-untyped-def]
         """Yield one CheckResult per period (an async generator; close it to stop)."""
-        client = make_http_client(self.spec.timeout) if self.spec.type == "http" else None
-        try:
-            if not skip_delay and self.spec.initial_delay > 0:
-                await anyio.sleep(self.spec.initial_delay)
-            due = time.monotonic()
-            while True:
-                yield await self._attempt(client)
-                due += self.spec.period
-                now = time.monotonic()
-                if due < now:  # a probe slower than its period skips ticks, never bursts
-                    due = now
-                await anyio.sleep(due - now)
-        finally:
-            if client is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                    await client.aclose()
-
+        if not skip_delay and self.spec.initial_delay > 0:
+            await anyio.sleep(self.spec.initial_delay)
+        client = await shared_http_client() if self.spec.type == "http" else None
+        due = time.monotonic()
+        while True:
+            yield await self._attempt(client)
+            due += self.spec.period
+            now = time.monotonic()
+            if due < now:  # a probe slower than its period skips ticks, never bursts
+                due = now
+            await anyio.sleep(due - now)
 
     async def _attempt(self, client: httpx.AsyncClient | None) -> CheckResult:
         try:

@@ -165,18 +165,20 @@ async def probe_http(spec: CheckSpec, *, client: httpx.AsyncClient | None = None
     return await _timed(spec, phase, clock, lambda: _native(check, spec.timeout))
 
 
-def make_http_client(timeout: float = 5.0) -> httpx.AsyncClient:
+def make_http_client(timeout: float = 5.0, max_connections: int | None = 100
+                     ) -> httpx.AsyncClient:
     """A client for `probe_http`: no keep-alive (one connection per check, closed after),
     no redirects, and no proxies from the environment (a check measures the direct path)."""
-    return _http_client(timeout)
+    return _http_client(timeout, max_connections)
 
 
-def _http_client(timeout: float) -> httpx.AsyncClient:
+def _http_client(timeout: float, max_connections: int | None = 100) -> httpx.AsyncClient:
     import httpx
 
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False,
                              trust_env=False,
-                             limits=httpx.Limits(max_keepalive_connections=0))
+                             limits=httpx.Limits(max_connections=max_connections,
+                                                 max_keepalive_connections=0))
 
 
 async def _get(client: httpx.AsyncClient, spec: CheckSpec) -> None:
