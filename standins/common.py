@@ -317,12 +317,23 @@ async def read_body(receive: Callable[[], Awaitable[Any]], limit: int = MAX_BODY
             return b"".join(chunks)
 
 
+def _unhealthy_on_demand() -> bool:
+    """Whether the file named by STANDIN_UNHEALTHY_FILE exists (one stat: never blocks)."""
+    path = os.environ.get("STANDIN_UNHEALTHY_FILE")
+    return path is not None and path != "" and os.path.exists(path)
+
+
 def health_routes(links: Sequence[Link[Any]],
                   extra: Callable[[], Mapping[str, Any]] | None = None) -> list[Route]:
     """`/v1/health` (alive: always 200 while serving) and `/v1/ready` (503 while a dependency
     is down)."""
 
     async def health(scope: Scope, receive: Any, reply: Reply) -> None:
+        # A liveness failure on demand (to exercise the supervisor's liveness probe): while
+        # the file named by STANDIN_UNHEALTHY_FILE exists, the process says it is not alive.
+        if _unhealthy_on_demand():
+            await reply.json(503, {"status": "unhealthy", "reason": "STANDIN_UNHEALTHY_FILE"})
+            return
         await reply.json(200, {"status": "ok"})
 
     async def ready(scope: Scope, receive: Any, reply: Reply) -> None:

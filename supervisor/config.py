@@ -45,6 +45,11 @@ MAX_RETRIES = 1_000_000_000
 MAX_CONNECTIONS = 65_536
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, with the terminating NUL
 CHECK_TYPES = ("postgres", "redis", "http", "tcp")
+# Service probes ([services.NAME.liveness|readiness|startup]), named as in Kubernetes.
+PROBE_KINDS = ("startup", "liveness", "readiness")
+PROBE_TYPES = ("http", "tcp", "exec")
+MAX_PROBE_THRESHOLD = 10_000
+MAX_PROBE_TIMEOUT = 3600.0
 # Variables that belong to the daemon's own relation with systemd; a child must never see them.
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                "LISTEN_FDNAMES")
@@ -79,6 +84,21 @@ class Backoff:
 
 
 @dataclass(frozen=True)
+class ProbeSpec:
+    """One probe of a service (liveness, readiness or startup), as in Kubernetes."""
+
+    kind: str  # "liveness" | "readiness" | "startup"
+    type: str  # "http" | "tcp" | "exec"
+    target: str = field(default="", repr=False)  # URL (http) or host:port (tcp); may hold a secret
+    command: tuple[str, ...] = field(default=(), repr=False)  # exec
+    period: float = 10.0
+    timeout: float = 1.0
+    failure_threshold: int = 3
+    success_threshold: int = 1
+    initial_delay: float = 0.0
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     name: str
     command: tuple[str, ...]
@@ -105,6 +125,14 @@ class ServiceSpec:
     # Not compared: a reload that changes only what passes re-screens the service's metrics
     # (daemon._scrape_targets) without restarting its process.
     allow_metrics: tuple[str, ...] | None = field(default=None, compare=False)
+    liveness: ProbeSpec | None = None
+    readiness: ProbeSpec | None = None
+    startup: ProbeSpec | None = None
+
+    def probes(self) -> dict[str, ProbeSpec]:
+        """The configured probes by kind, startup first."""
+        found = {"startup": self.startup, "liveness": self.liveness, "readiness": self.readiness}
+        return {kind: probe for kind, probe in found.items() if probe is not None}
 
 
 @dataclass(frozen=True)
@@ -137,6 +165,8 @@ class Settings:
     # Globs of the metric families services may expose (strict mode); None: any family.
     allow_metrics: tuple[str, ...] | None = None
     cgroups: str = "auto"  # "auto": a cgroup per service where possible; "off": never
+    # /v1/ready also requires every service with a readiness probe to be ready.
+    ready_includes_services: bool = False
 
 
 @dataclass(frozen=True)
@@ -419,7 +449,8 @@ class _Parser:
         self.table(data, {"listen", "environment", "scrape_interval", "stats_interval",
                           "control_socket", "control_socket_group", "log_level",
                           "deny_metrics", "allow_metrics", "max_connections",
-                          "stdout_priority", "stderr_priority", "web_config_file", "cgroups"},
+                          "stdout_priority", "stderr_priority", "web_config_file", "cgroups",
+                          "ready_includes_services"},
                    where)
         defaults = Settings()
         host, port = defaults.listen_host, defaults.listen_port
@@ -462,6 +493,7 @@ class _Parser:
             web_config_file=web_config_file or None,
             web_config=web_config,
             cgroups=self.choice(data, "cgroups", where, ("auto", "off"), "auto"),
+            ready_includes_services=self.boolean(data, "ready_includes_services", where, False),
         )
 
     def service(self, name: str, data: Mapping[str, Any]) -> ServiceSpec:
@@ -472,7 +504,7 @@ class _Parser:
             "wait_timeout", "success_exit_codes", "backoff_initial", "backoff_max",
             "backoff_factor", "backoff_jitter", "backoff_reset_after", "max_retries",
             "metrics_url", "scrape_timeout", "stdout_priority", "stderr_priority",
-            "allow_metrics",
+            "allow_metrics", *PROBE_KINDS,
         }, where)
         if name == "supervisor":
             self.problem(where, "the name 'supervisor' is reserved for the daemon's own metrics")
@@ -559,6 +591,83 @@ class _Parser:
             stderr_priority=self.priority(data, "stderr_priority", where,
                                           self.defaults.stderr_priority),
             allow_metrics=self.globs(data, "allow_metrics", where),
+            **self.probes(data, where, env, cwd),
+        )
+
+    def probes(self, data: Mapping[str, Any], where: str, env: Mapping[str, str],
+               cwd: str) -> dict[str, ProbeSpec | None]:
+        """The service's probe tables; an exec probe's program must exist, as the service's
+        (a typo would otherwise fail the probe, and restart the service, forever)."""
+        probes = {kind: self.probe(kind, data[kind], where)
+                  for kind in PROBE_KINDS if kind in data}
+        for kind, probe in probes.items():
+            if probe is None or probe.type != "exec" or not probe.command:
+                continue
+            exe = probe.command[0]
+            if "/" in exe:
+                exe = str(Path(cwd) / exe) if not Path(exe).is_absolute() else exe
+                found = os.access(exe, os.X_OK) and _is(Path.is_file, exe)
+            else:
+                search_path = env.get("PATH") or self.environ.get("PATH", os.defpath)
+                found = shutil.which(exe, path=search_path) is not None
+            if not found:
+                written = _as_written(data[kind], "command", probe.command[0])
+                self.problem(f"{where}.{kind}.command", f"executable {written!r} not found or "
+                             "not executable")
+        return probes
+
+    def probe(self, kind: str, data: Any, where: str) -> ProbeSpec | None:
+        """[services.NAME.liveness] and its siblings; every key checked, bounded and typed."""
+        where = f"{where}.{kind}"
+        if not self.is_table(data, where):
+            return None
+        self.table(data, {"type", "url", "address", "command", "period", "timeout",
+                          "failure_threshold", "success_threshold", "initial_delay"}, where)
+        kind_type = self.choice(data, "type", where, PROBE_TYPES, "tcp")
+        if "type" not in data:
+            self.problem(f"{where}.type", f"required (one of {', '.join(PROBE_TYPES)})")
+        key = {"http": "url", "tcp": "address", "exec": "command"}[kind_type]
+        for other in ("url", "address", "command"):
+            if other != key and other in data:
+                self.problem(f"{where}.{other}", f"not used by type {kind_type!r} (use {key})")
+        target = ""
+        command: tuple[str, ...] = ()
+        if kind_type == "exec":
+            command = self.strings(data, "command", where)
+            if "command" in data and (not command or not command[0]) and not any(
+                    p.startswith(f"{where}.command") for p in self.problems):
+                self.problem(f"{where}.command", "must be a non-empty list of strings")
+        else:
+            target = self.string(data, key, where, "")
+            if key in data and not target and not any(
+                    p.startswith(f"{where}.{key}") for p in self.problems):
+                self.problem(f"{where}.{key}", "must not be empty")
+            elif target and kind_type == "tcp":
+                try:
+                    parse_listen(target)
+                except ValueError as exc:
+                    self.problem(f"{where}.address", str(exc))
+            elif target and not target.startswith(("http://", "https://")):
+                self.problem(f"{where}.url", "expected an http:// or https:// URL")
+            elif target:  # like metrics_url: its credentials are masked wherever they show
+                self.secret_url(data, "url", target)
+                self.url_ok(f"{where}.url", target, path_at_ok=True)
+        if key not in data and "type" in data:
+            self.problem(f"{where}.{key}", "required")
+        success_threshold = self.integer(data, "success_threshold", where, 1, minimum=1,
+                                         maximum=MAX_PROBE_THRESHOLD)
+        if kind != "readiness" and success_threshold != 1:
+            self.problem(f"{where}.success_threshold", "must be 1 for a liveness or startup "
+                         "probe (as in Kubernetes)")
+        return ProbeSpec(
+            kind=kind, type=kind_type, target=target, command=command,
+            period=self.number(data, "period", where, 10.0, MIN_INTERVAL),
+            timeout=self.number(data, "timeout", where, 1.0, 0.0, strictly=True,
+                                maximum=MAX_PROBE_TIMEOUT),
+            failure_threshold=self.integer(data, "failure_threshold", where, 3, minimum=1,
+                                           maximum=MAX_PROBE_THRESHOLD),
+            success_threshold=success_threshold,
+            initial_delay=self.number(data, "initial_delay", where, 0.0),
         )
 
     def environment(self, data: Mapping[str, Any], where: str,

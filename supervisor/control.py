@@ -269,6 +269,11 @@ async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str
             for dep in spec.depends_on:
                 if dep in done:
                     await done[dep].wait()
+                    other = daemon.runners.get(dep)
+                    if other is not None and other.snapshot.ready is not None:
+                        # It has a readiness probe: wait (within the bound) until it is ready.
+                        await other.wait_until(lambda s: s.is_ready or s.state not in (
+                            lc.State.STARTING, lc.State.RUNNING))
             if not daemon.unsatisfied_dependencies(name):
                 await runner.wait_applied(runner.start())
                 await runner.wait_until(lambda s: s.state not in (lc.State.STARTING,)

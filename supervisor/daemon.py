@@ -1,7 +1,8 @@
 """The composition root: owns the top task group and wires runners, HTTP, stats and signals.
 
-Start order follows `depends_on` (a service starts once its dependencies run, or exited
-successfully; until then it is `waiting`, with the reason); stop order is the reverse (a
+Start order follows `depends_on` (a service starts once its dependencies run -- or, for one
+with a readiness probe, are ready -- or exited successfully; until then it is `waiting`, with
+the reason); stop order is the reverse (a
 service is stopped once everything depending on it has stopped); services without a relation
 start and stop concurrently.
 """
@@ -130,7 +131,7 @@ class Daemon:
         self._stopping_sent = False  # STOPPING=1 went out: no READY=1 may follow it
         # Per service name, the counters of runners a reload replaced or removed: starts and
         # exits count for the daemon's lifetime, so a new runner for the name carries them on.
-        self._retired: dict[str, tuple[int, dict[str, int]]] = {}
+        self._retired: dict[str, tuple[int, dict[str, int], dict[str, int]]] = {}
         self._replacing: frozenset[str] = frozenset()  # runners a reload is stopping for good
         self.listen_address: tuple[str, int] | None = None
         self.warnings: tuple[str, ...] = ()  # shown in /v1/status and `supervisor status`
@@ -191,6 +192,13 @@ class Daemon:
 
     def ready(self) -> tuple[int, dict[str, Any]]:
         body = self.monitor.snapshot().body()
+        if self.config.settings.ready_includes_services:
+            # Every service with a readiness probe must be ready too (one snapshot read).
+            services = {name: s.is_ready for name, s in self.snapshots.items()
+                        if s.ready is not None}
+            body["services"] = services
+            if not all(services.values()):
+                body["status"] = "not_ready"
         if self.redactor.secrets:
             body = self.redactor.redact_obj(body)
         return (200 if body["status"] == "ready" else 503), body
@@ -710,7 +718,8 @@ class Daemon:
         for runner in old_runners:
             name = runner.spec.name
             del self._runner_scopes[name], self.runners[name]
-            self._retired[name] = (runner.machine.starts, dict(runner.machine.exits))
+            self._retired[name] = (runner.machine.starts, dict(runner.machine.exits),
+                                   runner.probe_failures())
         self.snapshots = {n: s for n, s in self.snapshots.items() if n in new.services}
         for name in new.services:
             if name in added or name in changed:
@@ -832,7 +841,9 @@ def _redactor(*configs: Config) -> Redactor:
         secrets |= config.secrets
         secrets |= config_secrets(
             [c.target for c in config.checks.values() if c.type != "tcp"]
-            + [s.metrics_url for s in config.services.values() if s.metrics_url])
+            + [s.metrics_url for s in config.services.values() if s.metrics_url]
+            + [p.target for s in config.services.values() for p in s.probes().values()
+               if p.type == "http"])
     return Redactor(secrets)
 
 
@@ -854,13 +865,19 @@ def _no_stats(cpu_carried: float) -> TreeStats:
 
 
 def _dependency_satisfied(s: ServiceSnapshot) -> bool:
-    return s.state is lc.State.RUNNING or (
-        s.state is lc.State.EXITED and s.last_exit is not None and s.last_exit.reason == "success")
+    if s.state is lc.State.EXITED and s.last_exit is not None and s.last_exit.reason == "success":
+        return True
+    if s.ready is not None:  # it has a readiness probe: ready, not merely running
+        return s.ready and s.state in (lc.State.STARTING, lc.State.RUNNING)
+    return s.state is lc.State.RUNNING
 
 
 def _blocked_because(s: ServiceSnapshot) -> str:
     """Why a dependency holds its dependents back, coarse enough that a crash-looping
     dependency (starting, backoff, starting...) does not change the reason each time."""
+    if s.ready is not None and s.state in (lc.State.STARTING, lc.State.RUNNING,
+                                           lc.State.BACKOFF):
+        return "not ready"
     if s.state in (lc.State.STARTING, lc.State.BACKOFF):
         return "not running yet"
     if s.state is lc.State.EXITED:

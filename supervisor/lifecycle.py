@@ -12,6 +12,10 @@ The delay is computed in log space, so no count of quick failures and no factor 
 
 A service whose start is held back (an unsatisfied `depends_on`, `wait_for` checks) is
 `waiting`, with the reason; an unexpected error in its runner makes it `fatal` (`Faulted`).
+
+A failed liveness (or startup) probe (`ProbeFailed`) stops the process through the normal stop
+path (stop_signal, stop_timeout, SIGKILL); its exit is recorded with reason `liveness` and the
+restart policy and backoff then apply as to any other failure.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class State(str, enum.Enum):
 
 ACTIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
 SETTLED_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
-EXIT_REASONS = ("success", "failure", "signal", "stopped", "spawn_error")
+EXIT_REASONS = ("success", "failure", "signal", "stopped", "spawn_error", "liveness")
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -109,8 +113,18 @@ class Faulted:
     wall: float
 
 
+@dataclass(frozen=True)
+class ProbeFailed:
+    """The service's liveness (or startup) probe failed failure_threshold times in a row:
+    stop the process, then restart it as after a failure."""
+
+    probe: str  # "liveness" | "startup"
+    error: str
+    at: float
+
+
 Event = (StartRequested | StopRequested | Spawned | SpawnFailed | Exited | TimerFired | Held
-         | Released | Faulted)
+         | Released | Faulted | ProbeFailed)
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -193,6 +207,10 @@ class Lifecycle:
     timer: str | None = None
     start_after_stop: bool = False
     waiting_for: str | None = None  # while WAITING: what the start is held back for
+    # While STOPPING because a probe failed: restart after the exit (as after a failure);
+    # `probe_kill_running` says whether the process had reached RUNNING (for the backoff).
+    probe_kill: str | None = None
+    probe_kill_running: bool = False
 
     def __repr__(self) -> str:
         return (f"<Lifecycle {self.spec.name} {self.state} pid={self.pid} starts={self.starts} "
@@ -218,6 +236,7 @@ class Lifecycle:
 
     def _on_StopRequested(self, event: StopRequested) -> list[Action]:
         self.start_after_stop = False
+        self.probe_kill = None  # an operator's stop wins over a probe's restart
         if self.state in (State.STARTING, State.RUNNING):
             self.state = State.STOPPING
             return [SignalGroup(self.spec.stop_signal), self._timer("kill", self.spec.stop_timeout)]
@@ -241,6 +260,15 @@ class Lifecycle:
             return self._spawn()
         return []
 
+    def _on_ProbeFailed(self, event: ProbeFailed) -> list[Action]:
+        if self.state not in (State.STARTING, State.RUNNING):
+            return []  # already stopping, or gone: nothing to restart
+        self.probe_kill = event.probe
+        self.probe_kill_running = self.state is State.RUNNING
+        self.last_error = f"{event.probe} probe failed: {event.error}"
+        self.state = State.STOPPING
+        return [SignalGroup(self.spec.stop_signal), self._timer("kill", self.spec.stop_timeout)]
+
     def _on_Faulted(self, event: Faulted) -> list[Action]:
         """Contain an unexpected error: the service goes to `fatal`, with the error, and what
         is left of its process group is killed. An operator's start tries again."""
@@ -251,6 +279,7 @@ class Lifecycle:
         self.started_wall = None
         self.next_start_at = None
         self.start_after_stop = False
+        self.probe_kill = None
         self.state = State.FATAL
         return actions + self._cancel_timer()
 
@@ -294,6 +323,19 @@ class Lifecycle:
         self.pid = None
         self.started_at = None
         self.started_wall = None
+        if self.state is State.STOPPING and self.probe_kill is not None:
+            self.probe_kill = None
+            self._record_exit(event.code, event.signal, "liveness", event.wall)
+            actions += self._cancel_timer()
+            if self.start_after_stop:  # an operator asked for a start meanwhile
+                self.start_after_stop = False
+                self.quick_failures = 0
+                return actions + self._spawn()
+            if self.spec.restart == "never":
+                self.state = State.EXITED
+                return actions
+            stable = self.probe_kill_running and ran_for >= self.spec.backoff.reset_after
+            return actions + self._after_exit(event.at, quick=not stable)
         if self.state is State.STOPPING:
             self._record_exit(event.code, event.signal, "stopped", event.wall)
             self.state = State.STOPPED

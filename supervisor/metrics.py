@@ -105,11 +105,21 @@ def service_families(view: MetricsView) -> Iterator[Metric]:
                 lambda s: s.started_wall if s.pid is not None else None)
     exits = CounterMetricFamily("service_exits", "Process exits by reason: success, failure "
                                 "(non-success exit code), signal, stopped (asked by the "
-                                "supervisor), spawn_error.", labels=[*LABELS, "reason"])
+                                "supervisor), spawn_error, liveness (restarted by a failed "
+                                "liveness or startup probe).", labels=[*LABELS, "reason"])
     for s in snaps:
         for reason in EXIT_REASONS:
             exits.add_metric([s.name, env, reason], s.exits.get(reason, 0))
     yield exits
+    yield gauge("service_ready", "1 if the service is ready: its readiness probe passes, or "
+                "(without one) its process is running.", lambda s: 1.0 if s.is_ready else 0.0)
+    probe_failures = CounterMetricFamily("service_probe_failures", "Failed probe attempts "
+                                         "(liveness, readiness, startup) since the daemon "
+                                         "started.", labels=[*LABELS, "probe"])
+    for s in snaps:
+        for kind, status in s.probes.items():
+            probe_failures.add_metric([s.name, env, kind], status.failures)
+    yield probe_failures
     yield gauge("service_last_exit_code", "Exit code of the last exit; 128+N for a process "
                 "killed by signal N (the shell's convention).", _last_exit_code)
 

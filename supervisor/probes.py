@@ -13,12 +13,18 @@ http and tcp run natively on the caller's backend.
 Error texts are short (one line, at most `MAX_ERROR` characters), name the phase that failed,
 and pass through `redact_text` with every form of the target's password, so no credential
 reaches `/v1/ready`, logs or metrics.
+
+`probe_exec` (service probes of type exec) runs a command in its own process group under the
+same deadline: exit 0 passes; at the deadline, and after any exit, the whole group is
+SIGKILLed and the leader reaped, so a probe that forks and hangs leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,7 +33,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from supervisor.aioloop import AsyncioThread
-from supervisor.config import CheckSpec
+from supervisor.config import CheckSpec, ProbeSpec
 from supervisor.datatypes import parse_listen
 from supervisor.redact import redact_text, url_secrets
 
@@ -35,6 +41,8 @@ from supervisor.redact import redact_text, url_secrets
 # 0.1 s, which the daemon would otherwise spend before spawning its services.
 if TYPE_CHECKING:
     import httpx
+
+    from supervisor.spawn import Child
 
 logger = logging.getLogger(__name__)
 
@@ -157,18 +165,20 @@ async def probe_http(spec: CheckSpec, *, client: httpx.AsyncClient | None = None
     return await _timed(spec, phase, clock, lambda: _native(check, spec.timeout))
 
 
-def make_http_client(timeout: float = 5.0) -> httpx.AsyncClient:
+def make_http_client(timeout: float = 5.0, max_connections: int | None = 100
+                     ) -> httpx.AsyncClient:
     """A client for `probe_http`: no keep-alive (one connection per check, closed after),
     no redirects, and no proxies from the environment (a check measures the direct path)."""
-    return _http_client(timeout)
+    return _http_client(timeout, max_connections)
 
 
-def _http_client(timeout: float) -> httpx.AsyncClient:
+def _http_client(timeout: float, max_connections: int | None = 100) -> httpx.AsyncClient:
     import httpx
 
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout), follow_redirects=False,
                              trust_env=False,
-                             limits=httpx.Limits(max_keepalive_connections=0))
+                             limits=httpx.Limits(max_connections=max_connections,
+                                                 max_keepalive_connections=0))
 
 
 async def _get(client: httpx.AsyncClient, spec: CheckSpec) -> None:
@@ -245,3 +255,88 @@ def _clean(text: str, target: str) -> str:
     # The whole target too, in case a library echoes it in a form the secrets don't match.
     text = redact_text(" ".join(text.split()), (*secrets, target) if secrets else ())
     return text if len(text) <= MAX_ERROR else text[:MAX_ERROR - 3] + "..."
+
+
+ExecSpawner = Callable[[tuple[str, ...], "dict[str, str]", str], "Child"]
+# Read from an exec probe's stdout/stderr per wakeup; what it prints is discarded (it could
+# hold anything), but must be read so that a chatty command never blocks on a full pipe.
+_DRAIN_CHUNK = 65536
+
+
+async def probe_service(service: str, spec: ProbeSpec, *, spawner: ExecSpawner | None = None,
+                        env: dict[str, str] | None = None, cwd: str = ".",
+                        http_client: httpx.AsyncClient | None = None,
+                        clock: Clock = time.monotonic) -> CheckResult:
+    """Run one service probe (liveness, readiness or startup); never raises (but cancels)."""
+    name = f"{service}.{spec.kind}"
+    if spec.type == "exec":
+        if spawner is None:
+            return CheckResult(name, False, 0.0, "no spawner for an exec probe", clock())
+        return await probe_exec(name, spec.command, spec.timeout, spawner, env or {}, cwd,
+                                clock=clock)
+    check = CheckSpec(name, spec.type, spec.target, timeout=spec.timeout, interval=spec.period)
+    if spec.type == "http":
+        return await probe_http(check, client=http_client, clock=clock)
+    return await probe_tcp(check, clock=clock)
+
+
+async def probe_exec(name: str, command: tuple[str, ...], time_limit: float,
+                     spawner: ExecSpawner, env: dict[str, str], cwd: str, *,
+                     clock: Clock = time.monotonic) -> CheckResult:
+    """Run `command` in a new session; exit 0 within `time_limit` passes. Whatever happens, the
+    process group is killed and the leader reaped before this returns."""
+    from supervisor.errors import SpawnError
+
+    started = clock()
+    try:
+        child = spawner(command, env, cwd)
+    except SpawnError as exc:
+        return CheckResult(name, False, 0.0, _clean(str(exc), ""), clock())
+    error: str | None = None
+    try:
+        with anyio.move_on_after(time_limit) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_discard, child.stdout)
+                tg.start_soon(_discard, child.stderr)
+                status = await child.wait()
+                tg.cancel_scope.cancel()  # leftovers may hold the pipes open: stop reading
+        if scope.cancelled_caught:
+            error = f"timed out after {time_limit:g}s (exec)"
+        elif status.code != 0:
+            error = f"exec: {status.describe()}"
+    finally:
+        with anyio.CancelScope(shield=True):
+            # The group id stays reserved while any member lives, so this reaches what the
+            # command left behind even after the leader was reaped.
+            child.signal_group(9)
+            if child.status is None:
+                with anyio.move_on_after(5):
+                    await child.wait()
+            child.close_if_unreaped()
+            for fd in (child.stdout, child.stderr):
+                _close(fd)
+    finished = clock()
+    if error is not None:
+        logger.debug("probe failed probe=%s error=%s", name, error)
+    return CheckResult(name, error is None, (finished - started) * 1000.0, error, finished)
+
+
+async def _discard(fd: int) -> None:
+    while True:
+        await anyio.wait_readable(fd)
+        try:
+            if not os.read(fd, _DRAIN_CHUNK):
+                return
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            if exc.errno in (errno.EBADF, errno.EIO):
+                return
+            raise
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

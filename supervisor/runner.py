@@ -18,7 +18,7 @@ import random
 import secrets
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
@@ -30,6 +30,8 @@ from supervisor.config import ServiceSpec, child_environment
 from supervisor.datatypes import signal_name
 from supervisor.errors import SpawnError
 from supervisor.output import drain
+from supervisor.probe_runner import ProbeStatus, run_probes
+from supervisor.probes import CheckResult
 from supervisor.spawn import Child, monotonic_and_wall, spawn
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -61,6 +63,14 @@ class ServiceSnapshot:
     autostart: bool
     waiting_for: str | None = None  # while `waiting`: which dependency or check, and why
     cgroup: str | None = None  # the service's cgroup directory, in cgroup mode
+    # None without a readiness probe; else whether the current process's probe says ready
+    ready: bool | None = None
+    probes: Mapping[str, ProbeStatus] = field(default_factory=dict)  # by kind, if configured
+
+    @property
+    def is_ready(self) -> bool:
+        """Ready by its readiness probe, or (without one) running."""
+        return self.state is lc.State.RUNNING if self.ready is None else self.ready
 
     def uptime(self, now: float) -> float:
         if self.state not in (lc.State.STARTING, lc.State.RUNNING) or self.started_at is None:
@@ -94,6 +104,10 @@ class ServiceRunner:
         self._changed = anyio.Event()
         self.finished = False
         self._posted = self._applied = 0  # events queued / applied, for wait_applied
+        probes = spec.probes()
+        self._probe_scope: anyio.CancelScope | None = None  # the current process's probes
+        self._ready: bool | None = False if "readiness" in probes else None
+        self._probe_status: dict[str, ProbeStatus] = dict.fromkeys(probes, ProbeStatus())
         self.snapshot = self._make_snapshot()
 
     def __repr__(self) -> str:
@@ -131,12 +145,19 @@ class ServiceRunner:
         """Wait until the event numbered `number` (see start) has been applied."""
         return await self.wait_until(lambda s: self._applied >= number)
 
-    def carry_counters(self, starts: int, exits: Mapping[str, int]) -> None:
+    def carry_counters(self, starts: int, exits: Mapping[str, int],
+                       probe_failures: Mapping[str, int] | None = None) -> None:
         """Continue the counts of the runner this one replaces (a reload changed the service):
         they count for the daemon's lifetime and never go back. Before run() only."""
         self.machine.starts = starts
         self.machine.exits.update(exits)
+        for kind, count in (probe_failures or {}).items():
+            if kind in self._probe_status:
+                self._probe_status[kind] = ProbeStatus(failures=count)
         self.snapshot = self._make_snapshot()
+
+    def probe_failures(self) -> dict[str, int]:
+        return {kind: status.failures for kind, status in self._probe_status.items()}
 
     def child_pid(self) -> int | None:
         """The pid of our child while it is unreaped (and so safe to signal)."""
@@ -220,6 +241,8 @@ class ServiceRunner:
         for action in self.machine.handle(event):
             self._perform(action)
         after = self.machine.state
+        if after is not before and after not in (lc.State.STARTING, lc.State.RUNNING):
+            self._stop_probes()  # stopping or gone: its probes end with it
         waiting_for = self.machine.waiting_for
         if after is lc.State.WAITING and (before is not after or reason != waiting_for):
             log.info("waiting service=%s reason=%s", self.spec.name, waiting_for)
@@ -282,6 +305,68 @@ class ServiceRunner:
         # Applied synchronously so that no other event can slip between Spawn and Spawned.
         for action in self.machine.handle(lc.Spawned(child.pid, at, wall)):
             self._perform(action)
+        self._start_probes(env)
+
+    # -- probes ----------------------------------------------------------------------------
+    def _start_probes(self, env: dict[str, str]) -> None:
+        probes = self.spec.probes()
+        self._stop_probes()
+        if not probes:
+            return
+        assert self._tg is not None
+        scope = self._probe_scope = anyio.CancelScope()
+        name = self.spec.name
+        # A new process: no verdict yet (failure counts and the last error stay).
+        self._probe_status = {kind: ProbeStatus(old.failures, None, old.last_error)
+                              for kind, old in self._probe_status.items()}
+
+        async def probing() -> None:
+            with scope:
+                # Probe commands are spawned without the orphan guard (which keeps what it
+                # is given for the daemon's lifetime): PR_SET_PDEATHSIG covers them instead.
+                await run_probes(name, probes, report=self._probe_report,
+                                 failed=self._probe_failed, ready=self._probe_ready,
+                                 spawner=_probe_spawn, env=env, cwd=self.spec.cwd)
+
+        self._tg.start_soon(probing)
+
+    def _stop_probes(self) -> None:
+        if self._probe_scope is not None:
+            self._probe_scope.cancel()
+            self._probe_scope = None
+        if self._ready:
+            self._ready = False
+            log.info("not ready service=%s reason=process not running", self.spec.name)
+
+    def _probe_report(self, kind: str, result: CheckResult) -> None:
+        old = self._probe_status[kind]
+        if result.healthy:
+            new = ProbeStatus(old.failures, True, old.last_error)
+        else:
+            new = ProbeStatus(old.failures + 1, False, result.error)
+            # One line when a probe starts failing (or its error changes), not one per period.
+            level = logging.INFO if (old.passing, old.last_error) != (False, result.error) \
+                else logging.DEBUG
+            log.log(level, "probe failed service=%s probe=%s error=%s", self.spec.name, kind,
+                    result.error)
+        self._probe_status[kind] = new
+        if new != old:
+            self._published()
+
+    def _probe_failed(self, kind: str, error: str) -> None:
+        spec = self.spec.probes()[kind]
+        log.warning("%s probe failed %d times, restarting service=%s error=%s", kind,
+                    spec.failure_threshold, self.spec.name, error)
+        self._post(lc.ProbeFailed(kind, error, _now()))
+
+    def _probe_ready(self, ready: bool, error: str | None) -> None:
+        self._ready = ready
+        if ready:
+            log.info("ready service=%s", self.spec.name)
+        else:
+            # Dependents keep running; the change is reported (log, status, service_ready).
+            log.warning("not ready service=%s error=%s", self.spec.name, error)
+        self._published()
 
     async def _place(self, cgroup: ServiceCgroup, child: Child, invocation: str,
                      placed: anyio.Event) -> None:
@@ -303,6 +388,8 @@ class ServiceRunner:
             # Unreaped until placed, so the pid written into the cgroup is still ours.
             await placed.wait()
         status = await child.wait()
+        if child is self._child:
+            self._stop_probes()
         at, wall = monotonic_and_wall()
         if self.cgroup is not None:
             # Stopped means empty. Stopping: the kill timer ends any straggler; otherwise
@@ -405,7 +492,7 @@ class ServiceRunner:
             started_wall=m.started_wall, starts=m.starts, exits=dict(m.exits),
             last_exit=m.last_exit, last_error=m.last_error, next_start_at=m.next_start_at,
             quick_failures=m.quick_failures, autostart=self.spec.autostart,
-            waiting_for=m.waiting_for,
+            waiting_for=m.waiting_for, ready=self._ready, probes=dict(self._probe_status),
             cgroup=self.cgroup.path if self.cgroup is not None else None,
         )
 
@@ -416,6 +503,10 @@ def _describe(exc: BaseException) -> str:
         exc = exc.exceptions[0]
     text = str(exc).splitlines()[0][:200] if str(exc) else ""
     return f"internal error: {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+def _probe_spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Child:
+    return spawn(argv, env, cwd)
 
 
 def _now() -> float:

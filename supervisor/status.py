@@ -39,6 +39,13 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
             },
             "last_error": snap.last_error,
             "waiting_for": snap.waiting_for,
+            # the readiness probe's verdict; without one, whether the service is running
+            # (as service_ready)
+            "ready": snap.is_ready,
+            "readiness_probe": snap.ready is not None,
+            "probes": {kind: {"failures": p.failures, "passing": p.passing,
+                              "last_error": p.last_error}
+                       for kind, p in snap.probes.items()},
             "next_start_in_seconds": (round(max(0.0, snap.next_start_at - now), 3)
                                       if snap.next_start_at is not None else None),
             "quick_failures": snap.quick_failures,

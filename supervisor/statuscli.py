@@ -146,12 +146,14 @@ def _services(document: Any) -> list[dict[str, Any]]:
 def render(document: dict[str, Any]) -> str:
     now = document.get("time") or time.time()
     rows: list[tuple[str, ...]] = [
-        ("SERVICE", "STATE", "PID", "UPTIME", "STARTS", "LAST EXIT", "NEXT START", "SCRAPE")]
+        ("SERVICE", "STATE", "PID", "READY", "UPTIME", "STARTS", "LAST EXIT", "NEXT START",
+         "SCRAPE")]
     for s in document.get("services", []):
         rows.append((
             s["name"],
             s["state"],
             str(s["pid"] or "-"),
+            _ready(s),
             _duration(s.get("uptime_seconds") or 0) if s.get("pid") else "-",
             str(s.get("starts", 0)),
             _last_exit(s.get("last_exit"), now),
@@ -171,6 +173,10 @@ def render(document: dict[str, Any]) -> str:
             lines.append(f"{s['name']}: waiting for {s['waiting_for']}")
         elif s.get("state") == "fatal" and s.get("last_error"):
             lines.append(f"{s['name']}: fatal: {s['last_error']}")
+        elif s.get("ready") is False and s.get("state") == "running":
+            probe = (s.get("probes") or {}).get("readiness") or {}
+            error = probe.get("last_error") if isinstance(probe, dict) else None
+            lines.append(f"{s['name']}: not ready" + (f": {error}" if error else ""))
     daemon = document.get("daemon")
     warnings = daemon.get("warnings") if isinstance(daemon, dict) else None
     for warning in warnings if isinstance(warnings, list) else []:
@@ -186,6 +192,13 @@ def render(document: dict[str, Any]) -> str:
                 detail += f"  {check['error']}"
             lines.append(f"  {mark} {name:<16} {detail}")
     return "\n".join(lines)
+
+
+def _ready(s: dict[str, Any]) -> str:
+    """yes/no (by the readiness probe; without one, whether it is running); "-" from a daemon
+    that does not report readiness."""
+    ready = s.get("ready")
+    return "-" if ready is None else ("yes" if ready else "no")
 
 
 def _duration(seconds: float) -> str:
@@ -208,6 +221,8 @@ def _last_exit(last: dict[str, Any] | None, now: float) -> str:
     what = f"signal {last['signal']}" if last.get("signal") else f"code {last.get('code')}"
     if last.get("reason") == "spawn_error":
         what = "spawn error"
+    elif last.get("reason") == "liveness":
+        what += " (liveness)"  # restarted by a failed liveness or startup probe
     ago = f" {_duration(max(0.0, now - last['at']))} ago" if last.get("at") else ""
     return f"{what}{ago}"
 

@@ -34,6 +34,8 @@ EXPORTED: dict[str, frozenset[str]] = {
         "service_exits_total": ("reason",),
         "service_last_exit_code": (),
         "service_restart_backoff_seconds": (),
+        "service_ready": (),
+        "service_probe_failures_total": ("probe",),
         "service_cpu_seconds_total": (),
         "service_memory_resident_bytes": (),
         "service_threads": (),
@@ -59,8 +61,10 @@ EXPORTED: dict[str, frozenset[str]] = {
 }
 COMMON_LABELS = frozenset({"service", "environment", "job", "instance"})
 LABEL_VALUES = {
-    "state": {"stopped", "starting", "running", "backoff", "stopping", "exited", "fatal"},
-    "reason": {"success", "failure", "signal", "stopped", "spawn_error"},
+    "state": {"stopped", "starting", "running", "backoff", "stopping", "exited", "fatal",
+              "waiting"},
+    "reason": {"success", "failure", "signal", "stopped", "spawn_error", "liveness"},
+    "probe": {"liveness", "readiness", "startup"},
     "result": {"success", "failure"},
 }
 PROMQL_KEYWORDS = {

@@ -227,3 +227,28 @@ async def test_shipped_config_is_ready_with_its_checks(stack: dict[str, Any]) ->
         assert ready.json()["status"] == "ready"
         for name, url in stack["services"].items():
             assert (await client.get(f"{url}/v1/ready")).status_code == 200, name
+
+
+@pytest.mark.anyio
+async def test_shipped_config_probes_every_standin_and_orders_starts_by_readiness(
+        stack: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        await wait_all_running(client, stack)
+        with anyio.fail_after(20):
+            while True:
+                status = (await client.get(f"{stack['url']}/v1/status")).json()
+                if all(s["ready"] is True for s in status["services"]):
+                    break
+                await anyio.sleep(0.1)
+        for entry in status["services"]:
+            assert set(entry["probes"]) == {"liveness", "readiness"}, entry["name"]
+        text = await daemon_metrics(client, stack)
+        for name in SERVICES:
+            assert sample(text, "service_ready", service=name) == 1.0, name
+    # api and observer wait for event-writer to be ready; watchdog for api.
+    log = stack["daemon"].output()
+    for dependency, dependent in (("event-writer", "api"), ("event-writer", "observer"),
+                                  ("api", "watchdog")):
+        ready = re.search(rf"(?<!not )ready service={re.escape(dependency)}\b", log)
+        assert ready is not None, log
+        assert ready.start() < log.index(f"spawned service={dependent} "), (dependency, dependent)

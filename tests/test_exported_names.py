@@ -26,7 +26,8 @@ async def test_live_daemon_exports_every_documented_name(tmp_path: Path) -> None
 type = "redis"
 url = "redis://127.0.0.1:6379/0"
 interval = 0.3
-""" + service("api", SLEEPER_CODE, start_seconds=0.1, metrics_url="http://127.0.0.1:1/metrics"),
+""" + service("api", SLEEPER_CODE, start_seconds=0.1, metrics_url="http://127.0.0.1:1/metrics")
+        + '[services.api.readiness]\ntype = "exec"\ncommand = ["false"]\nperiod = 0.2\n',
         supervisor="scrape_interval = 0.3")
     async with running_daemon(path) as daemon:
         first = await wait_for(daemon, "api", lambda s: s.state is State.RUNNING)
