@@ -220,6 +220,16 @@ class CgroupTree:
                     continue
         return moved
 
+    def strays(self, leader: int, invocation: str) -> list[int]:
+        """Processes of one start still in our leaf: never placed because the leader died
+        before its placement (they were re-parented to us, so their parent no longer names
+        them) or because they were mid-exec when placement looked. Their invocation id, or
+        the leader as parent, names them."""
+        me = os.getpid()
+        return [p for p in read_procs(self.leaf)
+                if p != me and p not in self.pending
+                and (_parent(p) == leader or invocation_of(p) == invocation)]
+
     def remove(self, cgroup: str) -> bool:
         """Remove an empty service cgroup."""
         self._made.discard(cgroup)

@@ -398,11 +398,31 @@ class ServiceRunner:
                 self.cgroup.signal(lc.SIGKILL)
             await self.cgroup.wait_empty()
             self._emptied = child  # nothing can enter it any more: no kill needed on Exited
+            await self._kill_unplaced(child)
+            self._invocations.pop(child.pid, None)  # one per start: a crash loop lasts weeks
         elif self._tg is not None:
             self._tg.start_soon(self._sweep_after, child)
         level = logging.INFO if self.machine.state is lc.State.STOPPING else logging.WARNING
         log.log(level, "exited service=%s pid=%d %s", self.spec.name, child.pid, status.describe())
         self._post(lc.Exited(status.code, status.signal, at, wall))
+
+    async def _kill_unplaced(self, child: Child, rounds: int = 5, pause: float = 0.01) -> None:
+        """The start is over: whatever of it never reached its cgroup (a leader killed within
+        its ~10 ms placement window leaves its setsid() children in our leaf, re-parented to
+        us) goes now, or it would outlive its service. Seen under load in 1 of 200 fast
+        restarts of `sh -c 'setsid sleep & exec sleep'`."""
+        assert self.cgroup is not None
+        invocation = self._invocations.get(child.pid)
+        if invocation is None:
+            return
+        for _ in range(rounds):
+            strays = self.cgroup.tree.strays(child.pid, invocation)
+            if not strays:
+                return
+            log.warning("killing processes of service=%s that escaped its cgroup pids=%s",
+                        self.spec.name, ",".join(map(str, strays)))
+            descendants.signal_pids(strays, lc.SIGKILL)
+            await anyio.sleep(pause)
 
     def _start_timer(self, kind: str, delay: float) -> None:
         assert self._tg is not None
