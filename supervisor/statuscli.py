@@ -159,7 +159,8 @@ def render(document: dict[str, Any]) -> str:
             _last_exit(s.get("last_exit"), now),
             _duration(s["next_start_in_seconds"]) if s.get("next_start_in_seconds") is not None
             else "-",
-            _scrape(s.get("scrape")),
+            # No process, nothing to scrape: a stale failure would read as a fault.
+            _scrape(s.get("scrape")) if s.get("pid") else "-",
         ))
     if any(s.get("cgroup") for s in document.get("services", [])):
         rows = [(*row, "CGROUP" if i == 0 else str(document["services"][i - 1].get("cgroup")

@@ -188,3 +188,35 @@ def test_any_json_answer_gives_a_table_or_a_clean_exit_4(
         assert "malformed" in err.getvalue() and out.getvalue() == ""
     else:
         assert out.getvalue() and err.getvalue() == ""
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    # `supervisor status | head -3`: the pipe closes under the writer.
+    document = {"version": 1, "time": 1.0, "services": [
+        {"name": f"svc{i}", "state": "running", "pid": 100 + i} for i in range(2000)]}
+    body = json.dumps(document).encode()
+    with fake_daemon() as server:
+        server.body = body  # type: ignore[attr-defined]
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first line
+        try:
+            proc = subprocess.run([sys.executable, "-m", "supervisor", "status", "--url",
+                                   url_of(server)], stdout=write_end, stderr=subprocess.PIPE,
+                                  text=True, timeout=30, cwd=tmp_path)
+        finally:
+            os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141
+
+
+def test_a_service_without_a_process_shows_no_scrape_verdict() -> None:
+    from supervisor.statuscli import render
+
+    document = {"version": 1, "time": 1.0, "services": [
+        {"name": "api", "state": "waiting", "pid": None, "waiting_for": "dependency db",
+         "scrape": {"ok": False, "error": "connection refused"}},
+        {"name": "db", "state": "running", "pid": 42, "uptime_seconds": 3.0,
+         "scrape": {"ok": False, "error": "connection refused"}}]}
+    rows = {line.split()[0]: line.split() for line in render(document).splitlines()[1:3]}
+    assert "failing" not in rows["api"] and rows["api"][-1] == "-"
+    assert "failing" in rows["db"]
