@@ -49,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", help="daemon base URL (default: $SUPERVISOR_URL, the status "
                         "file in the runtime directory, then the config's listen)")
     status.add_argument("--json", action="store_true", help="print the raw JSON document")
+    status.add_argument("--socket", help="control socket path; without --url the CLI asks the "
+                        "daemon's control socket first (no HTTP credentials needed), then HTTP")
+    status.add_argument("--cacert", help="CA file for an https port (default: $SUPERVISOR_CACERT)")
+    status.add_argument("--cert", help="client certificate (PEM, may include the key) for an "
+                        "mTLS port (default: $SUPERVISOR_CERT)")
+    status.add_argument("--key", help="its key, if not in --cert (default: $SUPERVISOR_KEY)")
+    status.add_argument("--basic-auth-file", help="file whose first line is user:password for a "
+                        "port with basic auth (default: $SUPERVISOR_BASIC_AUTH_FILE, then "
+                        "$SUPERVISOR_BASIC_AUTH); never put a password on the command line")
 
     for name, text in (("start", "start services"), ("stop", "stop services (they stay "
                        "stopped until started)"), ("restart", "stop, then start services")):
@@ -86,9 +95,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "run":
         return _run(args)
     if args.command == "status":
-        from supervisor.statuscli import show_status
+        from supervisor.statuscli import HttpAuth, show_status
 
-        return show_status(args.url, args.config, args.json)
+        auth = HttpAuth(args.cacert, args.cert, args.key, args.basic_auth_file)
+        return show_status(args.url, args.config, args.json, socket_path=args.socket, auth=auth)
     return _control(args)
     raise AssertionError(args.command)  # pragma: no cover
 

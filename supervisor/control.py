@@ -37,8 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("start", "stop", "restart", "reload")
+COMMANDS = ("start", "stop", "restart", "reload", "status")
 MAX_REQUEST = 64 * 1024
+# A reply can be a whole status document (hundreds of services): the client reads up to this.
+MAX_REPLY = 16 * 1024 * 1024
 REQUEST_TIMEOUT = 5.0
 BACKLOG = 64
 
@@ -215,6 +217,11 @@ async def execute(daemon: Daemon, request: Any) -> dict[str, Any]:
     if not isinstance(request, dict) or request.get("command") not in COMMANDS:
         return {"ok": False, "error": f"unknown command (expected one of {', '.join(COMMANDS)})"}
     command = request["command"]
+    if command == "status":
+        # Read-only: the same document as GET /v1/status, built and redacted the same way, for
+        # `supervisor status` on this host when the HTTP port wants TLS or credentials.
+        _code, document = daemon.status()
+        return {"ok": True, "status": document}
     log.info("control command=%s services=%s", command, ",".join(request.get("services") or []))
     if daemon.shutting_down():  # services are being stopped for good: start or reload nothing
         return {"ok": False, "error": f"the daemon is shutting down; {command} refused"}
@@ -305,8 +312,8 @@ def request(path: str, command: str, services: Sequence[str] = (), timeout: floa
         sock.connect(path)
         check_peer(path, sock, st)
         sock.sendall(json.dumps({"command": command, "services": list(services)}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n") and len(data) <= MAX_REQUEST:
+        data = bytearray()
+        while not data.endswith(b"\n") and len(data) <= MAX_REPLY:
             chunk = sock.recv(65536)
             if not chunk:
                 break

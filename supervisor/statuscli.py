@@ -6,9 +6,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +24,72 @@ class NotFound(Exception):
     """No way to find the daemon's address; the message says what was tried."""
 
 
+@dataclass(frozen=True)
+class HttpAuth:
+    """How to reach a protected HTTP port: a CA for its certificate, a client certificate for
+    mTLS, basic-auth credentials. Credentials come from a file or the environment, never from
+    the command line (where `ps` shows them), and are never printed."""
+
+    cacert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    basic_auth_file: str | None = None
+
+
 def show_status(url: str | None, config_path: str | None, as_json: bool,
-                environ: Mapping[str, str] | None = None) -> int:
+                environ: Mapping[str, str] | None = None, *, socket_path: str | None = None,
+                auth: HttpAuth | None = None) -> int:
+    """The control socket first (same host, no HTTP credentials needed), unless a URL is given
+    (--url, $SUPERVISOR_URL); HTTP otherwise, or when no trusted socket answers."""
     env = os.environ if environ is None else environ
+    socket_note = ""
+    if not url and not env.get("SUPERVISOR_URL"):
+        code, socket_note = _through_socket(socket_path, config_path, env, as_json)
+        if code is not None:
+            return code
     try:
         url = find_url(url, config_path, env)
     except NotFound as exc:
-        print(f"supervisor: cannot find the daemon: {exc}", file=sys.stderr)
+        print(f"supervisor: cannot find the daemon: {exc}{socket_note}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    return _through_http(url, as_json, env, auth or HttpAuth(), socket_note)
+
+
+def _through_socket(socket_path: str | None, config_path: str | None, env: Mapping[str, str],
+                    as_json: bool) -> tuple[int | None, str]:
+    """(exit code, "") when the control socket answered; (None, why not) to fall back to HTTP.
+    An explicit --socket has no fallback."""
+    from supervisor import control
+
+    if socket_path:
+        path = socket_path
+    elif config_path is not None:
+        path = control.socket_path_for(config_path)
+    else:
+        path = control.default_socket_path(env)
+    try:
+        response = control.request(path, "status", timeout=10.0)
+    except control.UntrustedSocket as exc:
+        why = str(exc)
+    except OSError as exc:
+        why = f"control socket {path}: {exc.strerror or type(exc).__name__}"
+    except (ValueError, RecursionError) as exc:  # a trusted daemon, a broken answer
+        print(f"supervisor: the daemon at {path} sent a malformed answer: {_short(exc)}",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE, ""
+    else:
+        if response.get("ok") and "status" in response:
+            return _emit(response["status"], path, None, as_json), ""
+        # A daemon from before the status command: ask its HTTP port.
+        why = f"control socket {path}: {_short(ValueError(response.get('error', '?')))}"
+    if socket_path:
+        print(f"supervisor: cannot reach the daemon: {why}", file=sys.stderr)
+        return EXIT_UNREACHABLE, ""
+    return None, f" (and {why})"
+
+
+def _through_http(url: str, as_json: bool, env: Mapping[str, str], auth: HttpAuth,
+                  socket_note: str) -> int:
     import httpx
 
     from supervisor.redact import Redactor, url_secrets
@@ -37,31 +97,125 @@ def show_status(url: str | None, config_path: str | None, as_json: bool,
     redactor = Redactor(url_secrets(url))  # a URL may carry basic-auth credentials
     shown = redactor.redact(url)
     try:
-        with httpx.Client(timeout=5.0, trust_env=not _is_loopback(url)) as client:
+        credentials = _credentials(auth, env)
+        verify = _tls_context(auth, env)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        print(f"supervisor: {_short(exc)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if credentials is not None:
+        redactor = Redactor((*redactor.secrets, credentials[1]))
+    try:
+        with httpx.Client(timeout=5.0, trust_env=not _is_loopback(url), verify=verify,
+                          auth=credentials) as client:
             response = client.get(url.rstrip("/") + "/v1/status")
+        if response.status_code in (401, 403):
+            print(f"supervisor: the daemon at {shown} refused the request "
+                  f"(HTTP {response.status_code}): {_auth_hint(credentials)}{socket_note}",
+                  file=sys.stderr)
+            return EXIT_UNREACHABLE
         response.raise_for_status()
     except httpx.RemoteProtocolError as exc:  # a truncated body, or no HTTP at all
         print(f"supervisor: the daemon at {shown} sent a malformed answer: "
-              f"{redactor.redact(_short(exc))}", file=sys.stderr)
+              f"{redactor.redact(_short(exc))}{_tls_hint(exc, url, auth)}{socket_note}",
+              file=sys.stderr)
         return EXIT_UNREACHABLE
-    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError, ssl.SSLError, OSError) as exc:
         print(f"supervisor: cannot reach the daemon at {shown}: "
-              f"{redactor.redact(_short(exc))}",
+              f"{redactor.redact(_short(exc))}{_tls_hint(exc, url, auth)}{socket_note}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     try:
         document = response.json()
+    except (ValueError, RecursionError) as exc:
+        print(f"supervisor: the daemon at {shown} sent a malformed status document: "
+              f"{redactor.redact(_short(exc))}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    return _emit(document, shown, redactor, as_json)
+
+
+def _emit(document: Any, shown: str, redactor: Any, as_json: bool) -> int:
+    """Print the document (table or --json) and return the exit code: the same whichever way
+    it came."""
+    try:
         services = _services(document)
         text = render(document)  # also for --json: a document it cannot show is malformed
         if as_json:
             text = json.dumps(document, indent=2, sort_keys=True)
     except (*_MALFORMED, RecursionError) as exc:
+        message = _short(exc) if redactor is None else redactor.redact(_short(exc))
         print(f"supervisor: the daemon at {shown} sent a malformed status document: "
-              f"{redactor.redact(_short(exc))}", file=sys.stderr)
+              f"{message}", file=sys.stderr)
         return EXIT_UNREACHABLE
     print(text)
     all_running = all(s.get("state") == "running" for s in services)
     return EXIT_OK if all_running else EXIT_NOT_RUNNING
+
+
+def _credentials(auth: HttpAuth, env: Mapping[str, str]) -> tuple[str, str] | None:
+    """`user:password` from --basic-auth-file / $SUPERVISOR_BASIC_AUTH_FILE (first line), else
+    $SUPERVISOR_BASIC_AUTH; None without any. Errors never quote the file's content."""
+    path = auth.basic_auth_file or env.get("SUPERVISOR_BASIC_AUTH_FILE")
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                raw = handle.read(4096)
+        except OSError as exc:
+            raise ValueError(f"basic auth file {path}: {exc.strerror or exc}") from None
+        try:
+            line = raw.decode().splitlines()[0] if raw.strip() else ""
+        except UnicodeDecodeError:
+            line = ""
+        where = f"basic auth file {path}"
+    else:
+        line = env.get("SUPERVISOR_BASIC_AUTH", "")
+        if not line:
+            return None
+        where = "$SUPERVISOR_BASIC_AUTH"
+    user, sep, password = line.rstrip("\r\n").partition(":")
+    if not sep or not user:
+        raise ValueError(f"{where}: expected one line user:password")
+    return user, password
+
+
+def _tls_context(auth: HttpAuth, env: Mapping[str, str]) -> ssl.SSLContext | bool:
+    cacert = auth.cacert or env.get("SUPERVISOR_CACERT")
+    cert = auth.cert or env.get("SUPERVISOR_CERT")
+    key = auth.key or env.get("SUPERVISOR_KEY")
+    if not cacert and not cert:
+        return True
+    try:
+        context = ssl.create_default_context(cafile=cacert or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--cacert {cacert}: {_short(exc)}") from None
+    if cert:
+        try:
+            context.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"--cert {cert}: {_short(exc)}") from None
+    return context
+
+
+def _auth_hint(credentials: tuple[str, str] | None) -> str:
+    if credentials is not None:
+        return f"the credentials of user {credentials[0]!r} were refused"
+    return ("the port requires credentials (web_config_file). Run `supervisor status` on the "
+            "daemon's host as its user or root, which uses the control socket, or give "
+            "user:password in a file (--basic-auth-file, $SUPERVISOR_BASIC_AUTH_FILE) or "
+            "in $SUPERVISOR_BASIC_AUTH")
+
+
+def _tls_hint(exc: BaseException, url: str, auth: HttpAuth) -> str:
+    if not url.lower().startswith("https:"):
+        return ""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return ("; its TLS certificate is not trusted: give its CA with --cacert FILE "
+                "($SUPERVISOR_CACERT)")
+    if auth.cert is None:
+        return ("; if the port requires a client certificate (mTLS), give --cert FILE "
+                "[--key FILE], or run `supervisor status` on the daemon's host as its user, "
+                "which uses the control socket")
+    return ""
 
 
 def find_url(url: str | None, config_path: str | None, environ: Mapping[str, str]) -> str:
