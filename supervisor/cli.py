@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show services and readiness (exit 0 all running, "
                                            "3 some not running, 4 daemon unreachable)")
-    status.add_argument("--config", help="services.toml, to find the daemon (default: "
-                        "$SUPERVISOR_URL, then the daemon's status file, then ./services.toml)")
+    status.add_argument("--config", help="services.toml, to find the daemon's control socket, "
+                        "then its status file and listen (default: the runtime directory, "
+                        "then ./services.toml)")
     status.add_argument("--url", help="daemon base URL (default: $SUPERVISOR_URL, the status "
                         "file in the runtime directory, then the config's listen)")
     status.add_argument("--json", action="store_true", help="print the raw JSON document")

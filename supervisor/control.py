@@ -1,4 +1,5 @@
-"""The control channel: start/stop/restart/reload over a Unix socket, never over HTTP.
+"""The control channel: start/stop/restart/reload over a Unix socket, never over HTTP, and a
+read-only `status` (the /v1/status document) for `supervisor status` on the daemon's host.
 
 supervisord's CVE-2017-11610 came from a control API on its HTTP server; here the HTTP port is
 read-only and control needs access to a socket file created with mode 0600 (0660 with

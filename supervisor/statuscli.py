@@ -116,12 +116,12 @@ def _through_http(url: str, as_json: bool, env: Mapping[str, str], auth: HttpAut
         response.raise_for_status()
     except httpx.RemoteProtocolError as exc:  # a truncated body, or no HTTP at all
         print(f"supervisor: the daemon at {shown} sent a malformed answer: "
-              f"{redactor.redact(_short(exc))}{_tls_hint(exc, url, auth)}{socket_note}",
+              f"{redactor.redact(_short(exc))}{_tls_hint(exc, url, auth, env)}{socket_note}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     except (httpx.HTTPError, httpx.InvalidURL, ValueError, ssl.SSLError, OSError) as exc:
         print(f"supervisor: cannot reach the daemon at {shown}: "
-              f"{redactor.redact(_short(exc))}{_tls_hint(exc, url, auth)}{socket_note}",
+              f"{redactor.redact(_short(exc))}{_tls_hint(exc, url, auth, env)}{socket_note}",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     try:
@@ -204,14 +204,14 @@ def _auth_hint(credentials: tuple[str, str] | None) -> str:
             "in $SUPERVISOR_BASIC_AUTH")
 
 
-def _tls_hint(exc: BaseException, url: str, auth: HttpAuth) -> str:
+def _tls_hint(exc: BaseException, url: str, auth: HttpAuth, env: Mapping[str, str]) -> str:
     if not url.lower().startswith("https:"):
         return ""
     text = str(exc)
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
         return ("; its TLS certificate is not trusted: give its CA with --cacert FILE "
                 "($SUPERVISOR_CACERT)")
-    if auth.cert is None:
+    if not (auth.cert or env.get("SUPERVISOR_CERT")):
         return ("; if the port requires a client certificate (mTLS), give --cert FILE "
                 "[--key FILE], or run `supervisor status` on the daemon's host as its user, "
                 "which uses the control socket")

@@ -6,9 +6,12 @@ from a file or the environment, and a refusal is one clear line and exit 4, neve
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,17 +19,32 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from supervisor.statuscli import HttpAuth, show_status
 from tests.support import SLEEPER_CODE, running_daemon, service, wait_for, write_config
 from tests.test_status_cli import hostile_env, run_cli
-from tests.test_web_config import PASSWORD, PKI, basic, pki, url, web_config  # noqa: F401
-
-pytestmark = pytest.mark.anyio
+from tests.test_web_config import PASSWORD, PKI, basic, url, web_config
 
 CANARY = "CANARY-dsn-s3cr3t"
 CHECK = (f'[checks.db]\ntype = "postgres"\ntimeout = 0.5\n'
          f'dsn = "postgresql://app:{CANARY}@127.0.0.1:1/db"\n')
 MTLS = "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem\n"
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> PKI:
+    """As in tests/test_web_config.py: a CA, the server's certificate, a client's."""
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = ca.issue_cert("scraper.example.test")
+    client.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+    return PKI(tmp_path, ca, tmp_path / "client.pem", tmp_path / "client.pem")
 
 
 @pytest.fixture
@@ -61,6 +79,7 @@ def assert_clean(result: subprocess.CompletedProcess[str], *secrets: str) -> Non
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.anyio
 async def test_basic_auth_port_status_through_the_control_socket(tmp_path: Path, pki: PKI,
                                                                  runtime: str) -> None:
     path = write_config(tmp_path, service("api", SLEEPER_CODE, start_seconds=0.1) + CHECK,
@@ -102,6 +121,7 @@ async def test_basic_auth_port_status_through_the_control_socket(tmp_path: Path,
         assert_clean(stopped)
 
 
+@pytest.mark.anyio
 async def test_mtls_port_status_through_the_socket_and_over_https(tmp_path: Path, pki: PKI,
                                                                   runtime: str) -> None:
     path = write_config(tmp_path, service("api", SLEEPER_CODE, start_seconds=0.1) + CHECK,
@@ -141,6 +161,7 @@ async def test_mtls_port_status_through_the_socket_and_over_https(tmp_path: Path
                 assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.anyio
 async def test_no_reachable_socket_falls_back_to_http_and_says_what_to_do(
         tmp_path: Path, pki: PKI, runtime: str) -> None:
     path = write_config(tmp_path, service("api", SLEEPER_CODE, start_seconds=0.1) + CHECK,
@@ -183,3 +204,57 @@ async def test_no_reachable_socket_falls_back_to_http_and_says_what_to_do(
                               cwd=other, env=env)
         assert malformed.returncode == 4 and "user:password" in malformed.stderr
         assert_clean(malformed, "CANARY-no-colon")
+
+
+def test_a_status_document_larger_than_a_request_comes_whole(capsys: pytest.CaptureFixture[str],
+                                                             runtime: str) -> None:
+    """Hundreds of services make a reply far larger than the 64 KiB a request may be."""
+    os.chmod(runtime, 0o700)
+    path = str(Path(runtime) / "control.sock")
+    services = [{"name": f"svc-{i:04d}", "state": "running", "pid": 1000 + i,
+                 "padding": "x" * 200} for i in range(1000)]
+    reply = json.dumps({"ok": True, "status": {"version": 1, "services": services}}).encode()
+    assert len(reply) > 200_000
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply + b"\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        code = show_status(None, None, True, {}, socket_path=path)
+    finally:
+        thread.join(10)
+        server.close()
+    assert code == 0
+    assert len(json.loads(capsys.readouterr().out)["services"]) == 1000
+
+
+@settings(max_examples=60, deadline=None)
+@given(content=st.binary(max_size=200))
+def test_any_credentials_file_is_used_or_refused_without_quoting_it(content: bytes) -> None:
+    """Whatever the file holds: a clean exit 4 naming the file (never its content), or, for a
+    well-formed user:password, a request to a port where nobody listens (exit 4 too)."""
+    with tempfile.TemporaryDirectory() as directory:
+        secret = Path(directory) / "auth"
+        secret.write_bytes(b"CANARY" + content)
+        out, err = io_run(lambda: show_status(
+            "http://127.0.0.1:9", None, False, {}, auth=HttpAuth(basic_auth_file=str(secret))))
+    assert out[0] == 4
+    assert "CANARY" not in out[1] + err and "Traceback" not in err
+
+
+def io_run(call: Any) -> tuple[tuple[int, str], str]:
+    import contextlib
+    import io
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = call()
+    return (code, stdout.getvalue()), stderr.getvalue()
