@@ -331,6 +331,25 @@ def test_cli_sends_nothing_to_another_users_socket(public_dir: Path) -> None:
         assert log.read_bytes() == b""  # not even a connection
 
 
+def test_status_sends_nothing_to_another_users_socket_and_falls_back(public_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """`supervisor status` asks the control socket first: never one another user holds."""
+    with impostor(public_dir) as (sock_path, log):
+        path = tmp_path / "services.toml"
+        path.write_text(f'[supervisor]\nlisten = "127.0.0.1:{free_port()}"\n'
+                        f'control_socket = "{sock_path}"\n')
+        fallback = cli("status", "--config", str(path))
+        assert fallback.returncode == 4, fallback.stdout + fallback.stderr
+        assert "cannot reach the daemon at http://127.0.0.1" in fallback.stderr  # over HTTP
+        assert f"belongs to uid {NOBODY}" in fallback.stderr
+        explicit = cli("status", "--socket", str(sock_path), "--json")
+        assert explicit.returncode == 4 and f"belongs to uid {NOBODY}" in explicit.stderr
+        for result in (fallback, explicit):
+            assert "Traceback" not in result.stderr and result.stdout == ""
+            assert len(result.stderr.strip().splitlines()) == 1
+        assert log.read_bytes() == b""  # not even a connection
+
+
 def test_cli_checks_the_daemons_uid_after_connecting(public_dir: Path) -> None:
     """A socket file that looks like root's, served by another user's process."""
     with impostor(public_dir) as (sock_path, log):
