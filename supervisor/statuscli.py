@@ -68,7 +68,7 @@ def _through_socket(socket_path: str | None, config_path: str | None, env: Mappi
     else:
         path = control.default_socket_path(env)
     try:
-        response = control.request(path, "status", timeout=10.0)
+        response = control.request(path, "status", timeout=5.0)
     except control.UntrustedSocket as exc:
         why = str(exc)
     except OSError as exc:
