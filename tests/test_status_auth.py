@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from supervisor.statuscli import HttpAuth, show_status
 from tests.support import SLEEPER_CODE, running_daemon, service, wait_for, write_config
-from tests.test_status_cli import hostile_env, run_cli
+from tests.test_status_cli import documents, fake_daemon, hostile_env, run_cli, url_of
 from tests.test_web_config import PASSWORD, PKI, basic, url, web_config
 
 CANARY = "CANARY-dsn-s3cr3t"
@@ -258,3 +258,61 @@ def io_run(call: Any) -> tuple[tuple[int, str], str]:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = call()
     return (code, stdout.getvalue()), stderr.getvalue()
+
+
+class FakeControlSocket:
+    """A control socket of our own (so trusted) that answers every request with `reply`."""
+
+    def __init__(self, directory: str) -> None:
+        os.chmod(directory, 0o700)
+        self.path = str(Path(directory) / "control.sock")
+        self.reply = b""
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(self.path)
+        self.server.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(self.reply)
+
+    def close(self) -> None:
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def both_ways() -> Iterator[tuple[FakeControlSocket, Any]]:
+    directory = tempfile.mkdtemp(prefix="svs-")
+    fake = FakeControlSocket(directory)
+    try:
+        with fake_daemon() as server:
+            yield fake, server
+    finally:
+        fake.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(document=documents, as_json=st.booleans())
+def test_the_same_document_prints_the_same_and_exits_the_same_either_way(
+        both_ways: tuple[FakeControlSocket, Any], document: Any, as_json: bool) -> None:
+    fake, server = both_ways
+    if isinstance(document, dict) and not document.get("time"):
+        document["time"] = 1.0  # else "ago" is measured from two different clocks readings
+    body = json.dumps(document, allow_nan=True)
+    fake.reply = ('{"ok": true, "status": ' + body + "}\n").encode()
+    server.body = body.encode()
+    by_socket = io_run(lambda: show_status(None, None, as_json, {}, socket_path=fake.path))
+    by_http = io_run(lambda: show_status(url_of(server), None, as_json, {}))
+    assert by_socket[0] == by_http[0]  # exit code and stdout
+    assert by_socket[0][0] in (0, 3, 4)
+    assert bool(by_socket[1]) == bool(by_http[1])  # an error line on both, or on neither
