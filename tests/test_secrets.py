@@ -209,17 +209,22 @@ async def test_canary_sweep_through_every_output(tmp_path: Path,
                 lambda: run_cli("status", "--url", base_url(daemon)))
             as_json = await anyio.to_thread.run_sync(
                 lambda: run_cli("status", "--url", base_url(daemon), "--json"))
+            by_socket = await anyio.to_thread.run_sync(  # the control socket's status command
+                lambda: run_cli("status", "--config", str(path), "--json"))
         finally:
             daemon.request_shutdown()
     assert ready.status_code == 503
     errors = [c.get("error", "") for c in ready.json()["checks"].values()]
     assert any("***" in e for e in errors)  # the parsers did echo the passwords
     outputs = {"ready": ready.text, "status": status.text, "status text": text.stdout,
-               "status json": as_json.stdout, "log": caplog.text}
+               "status json": as_json.stdout, "status by socket": by_socket.stdout,
+               "log": caplog.text}
     for where, output in outputs.items():
         decoded = output.encode().decode("unicode_escape", errors="ignore")
         assert MARK not in output and MARK not in decoded, (where, output[:2000])
     assert text.returncode == 0 and as_json.returncode == 0  # every service runs
+    assert by_socket.returncode == 0, by_socket.stderr
+    assert json.loads(by_socket.stdout).keys() == status.json().keys()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING
                 and "check unhealthy" in r.getMessage()]
     # (a few cut-short URLs fall back to localhost:6379, the shared Redis, and pass)
