@@ -196,7 +196,7 @@ class ServiceRunner:
             self._send.close()
             with anyio.CancelScope(shield=True):
                 await self._terminate()
-            if self.cgroup is not None and not self.cgroup.populated():
+            if self.cgroup is not None and (self._seen_empty() or not self.cgroup.populated()):
                 self.cgroup.remove()
             self.finished = True
             self._changed.set()
@@ -488,7 +488,7 @@ class ServiceRunner:
         without an orderly stop, or an error): stop_signal, grace, SIGKILL, reap."""
         child = self._child
         cgroup = self.cgroup
-        if cgroup is not None and cgroup.populated():
+        if cgroup is not None and not self._seen_empty() and cgroup.populated():
             cgroup.signal(self.spec.stop_signal)
             if not await cgroup.wait_empty(self.spec.stop_timeout):
                 cgroup.signal(lc.SIGKILL)
@@ -504,6 +504,11 @@ class ServiceRunner:
                 await child.wait()
         self._signal_all(child, lc.SIGKILL)  # leftovers
         child.close_if_unreaped()
+
+    def _seen_empty(self) -> bool:
+        """The last start's cgroup was seen empty after it ended, so it is still empty (no
+        start since): spares two cgroup.events reads per service at shutdown."""
+        return self._child is not None and self._emptied is self._child
 
     def _make_snapshot(self) -> ServiceSnapshot:
         m = self.machine
