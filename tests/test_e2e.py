@@ -103,15 +103,54 @@ def shipped_stack(directory: Path, scrape_interval: float = 0.5, extra: str = ""
     stack["daemon"] = daemon
     try:
         yield stack
+        # A test may have killed a stand-in, and the daemon restarted it: stop only once every
+        # stand-in serves again. One still importing (seconds on a loaded machine) has not yet
+        # installed its SIGTERM handler and would die of the signal instead of exiting 0.
+        wait_all_serving(stack)
+        offset = daemon.log.stat().st_size
         code = daemon.stop()
         assert code == 0, daemon.output()
-        log = daemon.output()
+        log = daemon.log.read_bytes()[offset:].decode(errors="replace")  # what the stop logged
         for name in SERVICES:  # each stand-in stopped cleanly on the daemon's SIGTERM
             assert re.search(rf"exited service={re.escape(name)} pid=\d+ exit status 0", log), \
-                log
+                f"no clean exit of {name} in the stop's log:\n{log[-6000:]}"
     finally:
         daemon.stop()
         shutil.rmtree(stack["socket_dir"], ignore_errors=True)
+
+
+def wait_all_serving(stack: dict[str, Any], within: float = 60) -> None:
+    """Until the daemon reports every service running and each answers 200 on /v1/health."""
+    daemon: DaemonProcess = stack["daemon"]
+
+    def not_serving(client: httpx.Client) -> list[str]:
+        try:
+            status = client.get(f"{stack['url']}/v1/status").json()
+        except (httpx.TransportError, ValueError) as exc:
+            return [f"the daemon's /v1/status: {type(exc).__name__}"]
+        states = {s["name"]: s["state"] for s in status["services"]}
+        missing = [f"{name} is {states.get(name)}" for name in SERVICES
+                   if states.get(name) != "running"]
+        for name in SERVICES:
+            try:
+                code = client.get(f"{stack['services'][name]}/v1/health").status_code
+            except httpx.TransportError as exc:
+                missing.append(f"{name}'s /v1/health: {type(exc).__name__}")
+            else:
+                if code != 200:
+                    missing.append(f"{name}'s /v1/health: {code}")
+        return missing
+
+    deadline = time.monotonic() + within
+    with httpx.Client(timeout=5) as client:
+        while True:
+            assert daemon.proc.poll() is None, daemon.output()
+            missing = not_serving(client)
+            if not missing:
+                return
+            assert time.monotonic() < deadline, \
+                f"not every stand-in serves after {within} s: {missing}\n{daemon.output()}"
+            time.sleep(0.1)
 
 
 async def wait_all_running(client: httpx.AsyncClient, stack: dict[str, Any],

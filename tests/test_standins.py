@@ -75,17 +75,20 @@ class Standin:
 
 
 async def poll(check: Callable[[], Any], within: float, what: str) -> Any:
-    """Await `check()` until it returns something truthy, within `within` seconds."""
-    with anyio.fail_after(within):
-        while True:
-            try:
-                found = await check()
-            except httpx.TransportError:
-                found = None
-            if found:
-                return found
-            await anyio.sleep(0.05)
-    raise AssertionError(what)  # pragma: no cover (fail_after raises first)
+    """Await `check()` until it returns something truthy, within `within` seconds; on timeout
+    an AssertionError that names `what` was awaited."""
+    try:
+        with anyio.fail_after(within):
+            while True:
+                try:
+                    found = await check()
+                except httpx.TransportError:
+                    found = None
+                if found:
+                    return found
+                await anyio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not within {within} s: {what}") from None
 
 
 async def wait_exit(proc: subprocess.Popen[bytes], within: float) -> int:
@@ -293,16 +296,23 @@ async def _is(client: httpx.AsyncClient, url: str, code: int) -> bool:
 @pytest.mark.anyio
 async def test_watchdog_reports_what_it_sees(stack: dict[str, Standin]) -> None:
     dead = free_port()
-    watchdog = Standin("watchdog", "--interval", "0.2", "--timeout", "0.5",
+    # A generous --timeout: on a loaded machine api may take longer than a second to answer,
+    # and this test is about what the watchdog reports, not about api's latency. "gone" is
+    # refused at once whatever the timeout.
+    watchdog = Standin("watchdog", "--interval", "0.2", "--timeout", "10",
                        "--target", f"api={stack['api'].url}/v1/health",
                        "--target", f"gone=http://127.0.0.1:{dead}/v1/health")
     try:
         async with httpx.AsyncClient(timeout=5) as client:
             async def seen() -> str | None:
+                # Both checks run concurrently and "gone" fails first: wait for both results.
+                assert watchdog.alive(), watchdog.output()
                 text = await metrics(client, watchdog)
-                return text if sample(text, "watchdog_target_checks_total", target="gone",
-                                      result="fail") else None
-            text = await poll(seen, 10, "watchdog checked its targets")
+                checked = [sample(text, "watchdog_target_checks_total", target=target,
+                                  result=result) for target, result in (("api", "ok"),
+                                                                        ("gone", "fail"))]
+                return text if all(checked) else None
+            text = await poll(seen, 30, "watchdog saw api up and gone down")
             assert sample(text, "watchdog_target_up", target="api") == 1
             assert sample(text, "watchdog_target_up", target="gone") == 0
             status = (await client.get(f"{watchdog.url}/v1/status")).json()["targets"]
