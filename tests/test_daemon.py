@@ -187,16 +187,19 @@ async def test_health_reports_a_wedged_event_loop(tmp_path: Path) -> None:
         seen: list[int] = []
 
         def probe() -> None:
-            time.sleep(1.8)
-            seen.append(httpx.get(url, timeout=5).status_code)
+            time.sleep(1.8)  # the loop's heartbeat is older than health_stale_after by then
+            seen.append(httpx.get(url, timeout=10).status_code)
 
         thread = threading.Thread(target=probe)
         thread.start()
-        time.sleep(2.5)  # deliberately block the event loop: the handler thread must notice
-        thread.join()
+        # Deliberately block the event loop until the probe has its answer (not for a fixed
+        # time the probe might outlast on a loaded machine): the handler thread must notice.
+        thread.join(30)
         assert seen == [503]
-        await anyio.sleep(0.7)
-        assert (await get(daemon, "/v1/health")).status_code == 200
+        with anyio.fail_after(10):  # the heartbeat resumes with the loop: healthy again
+            while (code := (await get(daemon, "/v1/health")).status_code) != 200:
+                await anyio.sleep(0.1)
+        assert code == 200
 
 
 async def test_metrics_formats_and_promtool(tmp_path: Path) -> None:
