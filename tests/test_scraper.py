@@ -193,7 +193,9 @@ async def test_bad_children_never_delay_or_break_the_good_one() -> None:
             began = time.monotonic()
             await tg.start(scraper.run)
             snap = await wait_until(scraper, lambda s: "api" in s)
-            assert time.monotonic() - began < 0.5, "the good child waited for the slow ones"
+            # Waiting for the slow and the trickling child would take their 1 s timeouts; the
+            # good one alone takes milliseconds idle, a few hundred on a loaded machine.
+            assert time.monotonic() - began < 1.0, "the good child waited for the slow ones"
             assert snap["api"].ok and snap["api"].samples > 0
             # Two good rounds while the slow child still hangs in its first.
             await wait_until(scraper, lambda s: good.hits >= 3)
