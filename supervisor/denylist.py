@@ -51,6 +51,16 @@ TYPE_SUFFIXES = {
     "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
     "info": ("_info",),
 }
+
+
+def exposed_names(family: Metric) -> set[str]:
+    """Every series name `family` can put into an exposition (for deny and clash checks)."""
+    names = {family.name}
+    names.update(family.name + s for s in TYPE_SUFFIXES.get(family.type, ()))
+    names.update(s.name for s in family.samples)
+    return names
+
+
 SUFFIX_WORDS = ("total", "count", "sum", "bucket", "created", "info", "gsum", "gcount",
                 "seconds", "bytes", "ratio", "percent")
 _NOT_ALNUM = re.compile(r"[^a-z0-9]+")

@@ -31,7 +31,7 @@ from typing import NamedTuple
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from supervisor.denylist import TYPE_SUFFIXES, DenyList
+from supervisor.denylist import DenyList, exposed_names
 from supervisor.lint import lint_problem
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,6 @@ class Drop(NamedTuple):
     family: str
     reason: str
     families: int = 1  # families this drop stands for (a payload cut at the limit: all it had)
-
-
-def exposed_names(family: Metric) -> set[str]:
-    """Every series name `family` can put into an exposition."""
-    names = {family.name}
-    names.update(family.name + s for s in TYPE_SUFFIXES.get(family.type, ()))
-    names.update(s.name for s in family.samples)
-    return names
 
 
 def _stored(name: str) -> str:

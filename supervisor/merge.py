@@ -31,7 +31,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.denylist import TYPE_SUFFIXES, DenyList
+from supervisor.denylist import DenyList, exposed_names
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +175,6 @@ def merge(sources: Iterable[Iterable[Metric]], deny: DenyList) -> MergeResult:
 def merge_families(sources: Iterable[Iterable[Metric]], deny: DenyList) -> list[Metric]:
     """The merged families only; see `merge` for what was dropped."""
     return list(merge(sources, deny).families)
-
-
-def exposed_names(family: Metric) -> set[str]:
-    """Every series name `family` can put into a text exposition (for deny and clash checks)."""
-    names = {family.name}
-    names.update(family.name + s for s in TYPE_SUFFIXES.get(family.type, ()))
-    names.update(s.name for s in family.samples)
-    return names
 
 
 def _valid_family(family: Metric) -> bool:
