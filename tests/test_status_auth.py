@@ -19,14 +19,13 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervisor.statuscli import HttpAuth, show_status
 from tests.support import SLEEPER_CODE, running_daemon, service, wait_for, write_config
 from tests.test_status_cli import documents, fake_daemon, hostile_env, run_cli, url_of
-from tests.test_web_config import PASSWORD, PKI, basic, url, web_config
+from tests.test_web_config import PASSWORD, PKI, basic, make_pki, url, web_config
 
 CANARY = "CANARY-dsn-s3cr3t"
 CHECK = (f'[checks.db]\ntype = "postgres"\ntimeout = 0.5\n'
@@ -36,15 +35,7 @@ MTLS = "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.pem
 
 @pytest.fixture
 def pki(tmp_path: Path) -> PKI:
-    """As in tests/test_web_config.py: a CA, the server's certificate, a client's."""
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
-    server.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    client = ca.issue_cert("scraper.example.test")
-    client.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
-    return PKI(tmp_path, ca, tmp_path / "client.pem", tmp_path / "client.pem")
+    return make_pki(tmp_path)
 
 
 @pytest.fixture

@@ -54,6 +54,11 @@ class PKI:
 
 @pytest.fixture
 def pki(tmp_path: Path) -> PKI:
+    return make_pki(tmp_path)
+
+
+def make_pki(tmp_path: Path) -> PKI:
+    """A CA, the server's certificate, a client's, and a client of another CA."""
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     server.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
