@@ -29,12 +29,18 @@ INVOCATION = "SUPERVISOR_INVOCATION_ID"  # one per start of a service, like syst
 _MAX_PROCESSES = 100_000  # bounds a walk over a pathological tree
 
 
-def children(pid: int | str) -> list[int]:
+def children(pid: int | str, leader_only: bool = False) -> list[int]:
+    """`pid`'s children, as listed per thread (a child belongs to the thread that forked it).
+    Orphans are re-parented to the first live thread of a subreaper, its main thread:
+    `leader_only` reads that one list (~15 us), not one per thread (~14 us each)."""
     pids: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return pids
+    if leader_only:
+        tasks = [str(os.getpid() if pid == "self" else pid)]
+    else:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return pids
     for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/children", "rb") as f:

@@ -15,23 +15,14 @@ from collections.abc import Callable, Collection
 
 import anyio
 
+from supervisor.descendants import children
+
 log = logging.getLogger(__name__)
 
 
 def children_of_self(leader_only: bool = False) -> set[int]:
-    """Our children, as listed per thread (a child belongs to the thread that forked it).
-    Orphans are re-parented to the first live thread of the subreaper, its main thread:
-    `leader_only` reads that one list (~15 us), not one per thread (~14 us each)."""
-    tasks = [str(os.getpid())] if leader_only else os.listdir("/proc/self/task")
-    pids: set[int] = set()
-    for task in tasks:
-        try:
-            with open(f"/proc/self/task/{task}/children", "rb") as f:
-                text = f.read()
-        except OSError:
-            continue
-        pids.update(int(p) for p in text.split())
-    return pids
+    """Our children (descendants.children: why `leader_only` suffices for orphans)."""
+    return set(children("self", leader_only))
 
 
 def reap_unowned(owned: Collection[int], leader_only: bool = False) -> int:
