@@ -1,4 +1,4 @@
-"""Calibration for the HTTP part: the daemon's own server (supervisor.http.serve) serving
+"""Calibration for the HTTP part: the daemon's own server (supervisor.web.http.serve) serving
 precomputed bytes, so no rendering, no readiness snapshot and no daemon competing for the GIL.
 
 `python http_floor_server.py PORT BODY_FILE`: GET /v1/metrics returns BODY_FILE's bytes,
@@ -8,7 +8,7 @@ the server and the transport; the daemon's excess over it is its own work.
 
 import sys
 
-from supervisor.http import serve
+from supervisor.web.http import serve
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Stand-in for the platform's api: a bare ASGI app on uvicorn, instrumented by
-supervisor.instrument.MetricsMiddleware.
+supervisor.observe.instrument.MetricsMiddleware.
 
 Routes (each is its own `endpoint` label): GET /v1/health, GET /v1/ready, GET /v1/events
 (recent events from PostgreSQL), GET /v1/events/{id}, POST /v1/events (submits

@@ -2,7 +2,7 @@
 router, metric families without `_created`, and serving on uvicorn until SIGTERM.
 
 The stand-ins are separate programs run by the supervisor; they use asyncio directly (asyncpg
-and redis.asyncio need it). They import `supervisor.instrument` and `supervisor.redact`, which
+and redis.asyncio need it). They import `supervisor.observe.instrument` and `supervisor.core.redact`, which
 `pip install .` provides.
 """
 
@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.asgi import make_asgi_app
 from prometheus_client.metrics_core import Metric
 
-from supervisor.instrument import MetricsMiddleware
-from supervisor.redact import redact_text, redact_url, url_secrets
+from supervisor.observe.instrument import MetricsMiddleware
+from supervisor.core.redact import redact_text, redact_url, url_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def setup_logging(name: str, level: str) -> None:
 
 class Families:
     """prometheus_client metrics on a given registry, minus their `_created` samples (the
-    switch for those is process-global; see supervisor.instrument)."""
+    switch for those is process-global; see supervisor.observe.instrument)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._metrics: list[Any] = []

@@ -17,11 +17,11 @@ import anyio
 
 from supervisor import __version__
 from supervisor.config import Config, load_config
-from supervisor.errors import ConfigError, SupervisorError
+from supervisor.core.errors import ConfigError, SupervisorError
 
 if TYPE_CHECKING:
-    from supervisor.notify import Notifier
-    from supervisor.redact import LogRedactor
+    from supervisor.control.notify import Notifier
+    from supervisor.core.redact import LogRedactor
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
@@ -96,7 +96,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "run":
         return _run(args)
     if args.command == "status":
-        from supervisor.statuscli import HttpAuth, show_status
+        from supervisor.control.client import HttpAuth, show_status
 
         auth = HttpAuth(args.cacert, args.cert, args.key, args.basic_auth_file)
         return show_status(args.url, args.config, args.json, socket_path=args.socket, auth=auth)
@@ -119,7 +119,7 @@ def _check_config(path: str) -> int:
     names = ", ".join(config.services)
     print(f"{path}: ok ({len(config.services)} services: {names}; "
           f"{len(config.checks)} checks)")
-    from supervisor.listen import exposure_warning
+    from supervisor.web.listen import exposure_warning
 
     settings = config.settings
     warning = exposure_warning(settings.listen_host, settings.listen_port, settings.web_config)
@@ -129,8 +129,8 @@ def _check_config(path: str) -> int:
 
 
 def _configure_logging(level: str) -> LogRedactor:
-    from supervisor.logsetup import configure_logging
-    from supervisor.redact import LogRedactor
+    from supervisor.core.redact import LogRedactor
+    from supervisor.logs.setup import configure_logging
 
     handler = configure_logging(level)
     redactor = LogRedactor()  # the daemon gives it the config's secrets, and new ones on reload
@@ -207,7 +207,7 @@ def _leaves(group: BaseExceptionGroup[SupervisorError]) -> list[BaseException]:
 
 
 def _control(args: argparse.Namespace) -> int:
-    from supervisor.control import UntrustedSocket, request, socket_path_for
+    from supervisor.control.server import UntrustedSocket, request, socket_path_for
 
     path = args.socket or socket_path_for(args.config)
     services = getattr(args, "services", [])
@@ -246,6 +246,6 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _notifier() -> Notifier | None:
-    from supervisor.notify import Notifier
+    from supervisor.control.notify import Notifier
 
     return Notifier.from_environ(os.environ)

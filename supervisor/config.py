@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from supervisor.datatypes import (
+from supervisor.core.datatypes import (
     interpolate,
     parse_env_file,
     parse_listen,
     priority_number,
     signal_number,
 )
-from supervisor.errors import ConfigError
-from supervisor.redact import config_secrets, interpolated_values, url_problem
+from supervisor.core.errors import ConfigError
+from supervisor.core.redact import config_secrets, interpolated_values, url_problem
 
 if TYPE_CHECKING:
-    from supervisor.webconfig import WebConfig
+    from supervisor.web.webconfig import WebConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,8 +54,8 @@ MAX_PROBE_TIMEOUT = 3600.0
 PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
                "LISTEN_FDNAMES")
 # Seed story's constitutional metrics (FR52): never exposed, in any disguise. Globs over the
-# normalised names, labels and HELP of a family (see supervisor/denylist.py): the exact names,
-# then the same words (and `constitutional`) anywhere.
+# normalised names, labels and HELP of a family (see supervisor/observe/denylist.py): the exact
+# names, then the same words (and `constitutional`) anywhere.
 DEFAULT_DENY_METRICS = (
     "constitutional_breach_count",
     "halt_state",
@@ -304,7 +304,7 @@ class _Parser:
         return texts
 
     def deny_entries(self, data: Mapping[str, Any], where: str) -> tuple[str, ...]:
-        from supervisor.denylist import normalise
+        from supervisor.observe.denylist import normalise
 
         entries = self.strings(data, "deny_metrics", where, False)
         for index, entry in enumerate(entries):
@@ -419,7 +419,7 @@ class _Parser:
         """The names the daemon writes as label values on its own series (`service`, `check`,
         `environment`) must pass the FR52 guard too: only scraped families are judged label by
         label at run time."""
-        from supervisor.denylist import DenyList
+        from supervisor.observe.denylist import DenyList
 
         deny = DenyList(settings.deny_metrics)
         for kind, names in (("services", services), ("checks", checks)):
@@ -466,7 +466,7 @@ class _Parser:
         web_config_file = self.string(data, "web_config_file", where)
         web_config = None
         if web_config_file:
-            from supervisor.webconfig import WebConfigError, load_web_config
+            from supervisor.web.webconfig import WebConfigError, load_web_config
 
             web_config_file = self.resolve(web_config_file)
             try:

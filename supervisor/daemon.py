@@ -23,18 +23,20 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor import cgroup as cgroups
-from supervisor import descendants, listen, reaper, rundir
-from supervisor import lifecycle as lc
 from supervisor.config import Config, ServiceSpec, load_config
-from supervisor.control import ControlSocket, default_socket_path, serve_control
-from supervisor.errors import ConfigError, SupervisorError
-from supervisor.guard import OrphanGuard
-from supervisor.notify import watchdog_interval, watchdog_loop
-from supervisor.redact import LogRedactor, Redactor, config_secrets
+from supervisor.control import rundir
+from supervisor.control.notify import watchdog_interval, watchdog_loop
+from supervisor.control.server import ControlSocket, default_socket_path, serve_control
+from supervisor.control.status import status_document
+from supervisor.core import lifecycle as lc
+from supervisor.core.errors import ConfigError, SupervisorError
+from supervisor.core.redact import LogRedactor, Redactor, config_secrets
+from supervisor.process import cgroup as cgroups
+from supervisor.process import descendants, reaper
+from supervisor.process.guard import OrphanGuard
+from supervisor.process.spawn import Child, become_subreaper, spawn
 from supervisor.runner import ServiceRunner, ServiceSnapshot, Spawner
-from supervisor.spawn import Child, become_subreaper, spawn
-from supervisor.status import status_document
+from supervisor.web import listen
 
 # The HTTP, metrics, checks and stats stack (prometheus_client, wsgiref, psutil, asyncio for
 # the bridge: about 80 ms of imports) is imported by Daemon._observe, once the services are
@@ -42,18 +44,18 @@ from supervisor.status import status_document
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from supervisor.aioloop import AsyncioThread
-    from supervisor.denylist import DenyList
-    from supervisor.exposition import SharedRenderMetricsApp
-    from supervisor.http import BoundedWSGIServer, WSGIApp
-    from supervisor.instrument import HttpMetrics
-    from supervisor.integrity import DropLedger
-    from supervisor.metrics import MetricsView
-    from supervisor.procstats import ProcStatsSampler, TreeStats
-    from supervisor.readiness import ReadinessMonitor
-    from supervisor.render import CachingRenderer, Source, Ticker
-    from supervisor.scraper import Scraper, ScrapeResult, Target
-    from supervisor.webauth import WebGate
+    from supervisor.checks.aioloop import AsyncioThread
+    from supervisor.checks.readiness import ReadinessMonitor
+    from supervisor.observe.denylist import DenyList
+    from supervisor.observe.instrument import HttpMetrics
+    from supervisor.observe.integrity import DropLedger
+    from supervisor.observe.metrics import MetricsView
+    from supervisor.observe.metrics_endpoint import SharedRenderMetricsApp
+    from supervisor.observe.render import CachingRenderer, Source, Ticker
+    from supervisor.observe.scraper import Scraper, ScrapeResult, Target
+    from supervisor.process.procstats import ProcStatsSampler, TreeStats
+    from supervisor.web.http import BoundedWSGIServer, WSGIApp
+    from supervisor.web.webauth import WebGate
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +144,15 @@ class Daemon:
         """Build the HTTP, metrics, readiness, scrape and stats stack (and import it)."""
         from prometheus_client import CollectorRegistry
 
-        from supervisor.aioloop import AsyncioThread
-        from supervisor.instrument import HttpMetrics
-        from supervisor.integrity import Drop, DropLedger
-        from supervisor.metrics import own_process_collector
-        from supervisor.procstats import ProcStatsSampler
-        from supervisor.readiness import ReadinessMonitor
-        from supervisor.render import CachingRenderer, Ticker
-        from supervisor.scraper import Scraper
-        from supervisor.webauth import WebGate
+        from supervisor.checks.aioloop import AsyncioThread
+        from supervisor.checks.readiness import ReadinessMonitor
+        from supervisor.observe.instrument import HttpMetrics
+        from supervisor.observe.integrity import Drop, DropLedger
+        from supervisor.observe.metrics import own_process_collector
+        from supervisor.observe.render import CachingRenderer, Ticker
+        from supervisor.observe.scraper import Scraper
+        from supervisor.process.procstats import ProcStatsSampler
+        from supervisor.web.webauth import WebGate
 
         config = self.config
         self._sampler: ProcStatsSampler = ProcStatsSampler()
@@ -174,7 +176,7 @@ class Daemon:
 
     # -- views read from HTTP threads -----------------------------------------------------
     def metrics_view(self) -> MetricsView:
-        from supervisor.metrics import MetricsView
+        from supervisor.observe.metrics import MetricsView
 
         return MetricsView(self.config.settings.environment, self.snapshots, self.stats,
                            dict(self.reloads), self.last_reload_ok)
@@ -204,7 +206,7 @@ class Daemon:
         return (200 if body["status"] == "ready" else 503), body
 
     def _deny_list(self) -> DenyList:
-        from supervisor.denylist import DenyList
+        from supervisor.observe.denylist import DenyList
 
         patterns = self.config.settings.deny_metrics
         if self._deny is None or self._deny[0] is not patterns:  # a reload made new settings
@@ -212,9 +214,9 @@ class Daemon:
         return self._deny[1]
 
     def _scrape_targets(self, config: Config) -> dict[str, Target]:
-        from supervisor.denylist import DenyList
-        from supervisor.integrity import Policy
-        from supervisor.scraper import Target
+        from supervisor.observe.denylist import DenyList
+        from supervisor.observe.integrity import Policy
+        from supervisor.observe.scraper import Target
 
         deny = DenyList(config.settings.deny_metrics)
         return {name: Target(spec.metrics_url, spec.scrape_timeout, Policy(
@@ -225,17 +227,17 @@ class Daemon:
     def _metric_sources(self) -> list[Source]:
         """What /v1/metrics merges, in precedence order. Keyed sources are re-rendered only
         when their key objects change (the loop swaps snapshots and stats whole)."""
-        from supervisor.integrity import drop_families
-        from supervisor.merge import relabel
-        from supervisor.metrics import (
+        from supervisor.checks.readiness import collect_families
+        from supervisor.observe.families import relabel
+        from supervisor.observe.integrity import drop_families
+        from supervisor.observe.metrics import (
             SELF,
             config_families,
             live_service_families,
             resource_families,
             service_families,
         )
-        from supervisor.readiness import collect_families
-        from supervisor.render import Source
+        from supervisor.observe.render import Source
 
         env = self.config.settings.environment
         view = self.metrics_view()
@@ -282,9 +284,9 @@ class Daemon:
     def _build_router(self) -> WSGIApp:
         # INLINE_PATHS are answered on the accepting thread: their handlers must stay
         # non-blocking with small bodies (health reads a clock, ready one snapshot attribute).
-        from supervisor.exposition import SharedRenderMetricsApp
-        from supervisor.http import Router
-        from supervisor.instrument import instrument_wsgi
+        from supervisor.observe.instrument import instrument_wsgi
+        from supervisor.observe.metrics_endpoint import SharedRenderMetricsApp
+        from supervisor.web.http import Router
 
         router = Router()
         self.metrics_app: SharedRenderMetricsApp = SharedRenderMetricsApp(
@@ -354,7 +356,7 @@ class Daemon:
                 await self._spawn_independent()
                 # Requests that arrived meanwhile wait in the listen backlog.
                 self._observe()
-                from supervisor.http import serve
+                from supervisor.web.http import serve
 
                 server, _ = serve(settings.listen_host, settings.listen_port, self.router,
                                   settings.max_connections, INLINE_PATHS, sock=listener,
@@ -443,7 +445,7 @@ class Daemon:
 
     async def _start_monitor(self) -> None:
         """(Re)start the readiness checks; a reload with other checks replaces the monitor."""
-        from supervisor.readiness import ReadinessMonitor
+        from supervisor.checks.readiness import ReadinessMonitor
 
         assert self._tg is not None
         if self._monitor_scope is not None:
@@ -859,7 +861,7 @@ def _stop_serving(server: Any) -> None:
 
 
 def _no_stats(cpu_carried: float) -> TreeStats:
-    from supervisor.procstats import TreeStats
+    from supervisor.process.procstats import TreeStats
 
     return TreeStats(cpu_carried, 0, 0, 0, 0)
 
@@ -891,8 +893,8 @@ def waiting_reason(blockers: Mapping[str, str]) -> str:
 
 
 def _scraped_service(result: ScrapeResult, environment: str) -> list[Metric]:
-    from supervisor.merge import relabel
-    from supervisor.scraper import scrape_families
+    from supervisor.observe.families import relabel
+    from supervisor.observe.scraper import scrape_families
 
     return [*scrape_families({result.service: result}, environment),
             *relabel(result.served(), result.service, environment)]

@@ -24,21 +24,21 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor import descendants
-from supervisor import lifecycle as lc
+from supervisor.checks.probe_runner import ProbeStatus, run_probes
+from supervisor.checks.probes import CheckResult
 from supervisor.config import ServiceSpec, child_environment
-from supervisor.datatypes import signal_name
-from supervisor.errors import SpawnError
-from supervisor.output import drain
-from supervisor.probe_runner import ProbeStatus, run_probes
-from supervisor.probes import CheckResult
-from supervisor.spawn import Child, monotonic_and_wall, spawn
+from supervisor.core import lifecycle as lc
+from supervisor.core.datatypes import signal_name
+from supervisor.core.errors import SpawnError
+from supervisor.process import descendants
+from supervisor.process.output import drain
+from supervisor.process.spawn import Child, monotonic_and_wall, spawn
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
-    from supervisor.cgroup import ServiceCgroup
+    from supervisor.process.cgroup import ServiceCgroup
 
 Spawner = Callable[[Sequence[str], Mapping[str, str], str], Child]
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor import cgroup
-from supervisor.procstats import ProcStatsSampler
-from supervisor.spawn import Child, spawn
+from supervisor.process import cgroup
+from supervisor.process.procstats import ProcStatsSampler
+from supervisor.process.spawn import Child, spawn
 
 HYBRID = """\
 31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755

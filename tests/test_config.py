@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import load_config
-from supervisor.errors import ConfigError
+from supervisor.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

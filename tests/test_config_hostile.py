@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from supervisor.config import load_config
-from supervisor.errors import ConfigError
-from supervisor.lifecycle import State
+from supervisor.core.errors import ConfigError
+from supervisor.core.lifecycle import State
 from tests.support import SLEEPER_CODE, get, running_daemon, service, wait_for, write_config
 
 SECRET = "s3cr3t-VALUE"

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from supervisor.cgroup import unified_mount
-from supervisor.control import request
+from supervisor.control.server import request
+from supervisor.process.cgroup import unified_mount
 from tests.support import free_port, write_config
 
 SHIM = Path(__file__).with_name("subreaper_shim.py")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import rundir
+from supervisor.control import rundir
 from tests.support import SLEEPER_CODE, free_port, poll_until, service
 
 NOBODY = 65534

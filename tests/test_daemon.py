@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from supervisor.lifecycle import State
+from supervisor.core.lifecycle import State
 from tests.support import (
     base_url,
     get,
@@ -325,7 +325,7 @@ async def test_concurrent_scrapes_share_one_render_and_stay_fresh(tmp_path: Path
 
 async def test_a_kept_body_is_served_until_something_operators_act_on_changes(
         tmp_path: Path) -> None:
-    from supervisor.render import Ticker
+    from supervisor.observe.render import Ticker
 
     path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1))
     async with running_daemon(path) as daemon:

@@ -10,8 +10,8 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from supervisor.core.lifecycle import State
 from supervisor.daemon import Daemon
-from supervisor.lifecycle import State
 from tests.support import SLEEPER_CODE, get, running_daemon, service, wait_for, write_config
 from tests.test_dashboard import EXPORTED
 

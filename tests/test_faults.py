@@ -25,9 +25,9 @@ import anyio
 import pytest
 
 from supervisor import daemon as daemon_module
-from supervisor import lifecycle as lc
-from supervisor.lifecycle import State
-from supervisor.spawn import Child
+from supervisor.core import lifecycle as lc
+from supervisor.core.lifecycle import State
+from supervisor.process.spawn import Child
 from tests.support import (
     SLEEPER_CODE,
     free_port,
@@ -86,7 +86,7 @@ async def test_crash_loop_past_1100_quick_failures_keeps_the_daemon_up(tmp_path:
 # -- one service never takes the daemon down ----------------------------------------------
 async def test_unexpected_spawn_error_makes_only_that_service_fatal(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from supervisor.spawn import spawn as real_spawn
+    from supervisor.process.spawn import spawn as real_spawn
 
     calls = {"bad": 0}
 
@@ -312,7 +312,6 @@ async def test_unexpected_error_in_a_runner_task_is_contained(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A task of the runner (here: the output drain of one service) raising."""
     from supervisor import runner as runner_module
-
     real_drain = runner_module.drain
 
     async def faulty_drain(fd: int, name: str, *args: Any, **kwargs: Any) -> None:

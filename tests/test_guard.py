@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (and each service's own child), then does whatever stdin asks.
 FAKE_DAEMON = """\
 import json, os, sys, time
-from supervisor.guard import OrphanGuard
-from supervisor.spawn import spawn
+from supervisor.process.guard import OrphanGuard
+from supervisor.process.spawn import spawn
 
 guard = OrphanGuard()
 children = []

@@ -15,7 +15,7 @@ import anyio
 import psutil
 import pytest
 
-from supervisor import http as http_mod
+from supervisor.web import http as http_mod
 from tests.support import SLEEPER_CODE, free_port, running_daemon, service, write_config
 
 pytestmark = pytest.mark.anyio

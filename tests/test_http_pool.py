@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from supervisor.http import Router, serve
+from supervisor.web.http import Router, serve
 
 
 def _get(port: int, path: str) -> int:

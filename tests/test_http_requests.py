@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.heads import Head, head_state, origin_form
-from supervisor.http import BoundedWSGIServer, Router, serve
+from supervisor.web.heads import Head, head_state, origin_form
+from supervisor.web.http import BoundedWSGIServer, Router, serve
 from tests.support import SLEEPER_CODE, running_daemon, service, write_config
 
 

@@ -23,7 +23,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Mount, Route
 
-from supervisor.instrument import DURATION_BUCKETS, HttpMetrics, MetricsMiddleware, instrument_wsgi
+from supervisor.observe.instrument import (
+    DURATION_BUCKETS,
+    HttpMetrics,
+    MetricsMiddleware,
+    instrument_wsgi,
+)
 from tests.support import promtool_ok
 
 pytestmark = pytest.mark.anyio

@@ -17,14 +17,14 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Exemplar, Sample
 
 from supervisor.config import DEFAULT_DENY_METRICS, load_config
+from supervisor.control.client import render as render_status
+from supervisor.core.errors import ConfigError
+from supervisor.core.lifecycle import State
 from supervisor.daemon import Daemon
-from supervisor.denylist import DenyList, normalise
-from supervisor.errors import ConfigError
-from supervisor.integrity import DropLedger, Policy, daemon_names, screen
-from supervisor.lifecycle import State
-from supervisor.merge import parse_exposition, relabel
-from supervisor.render import CachingRenderer, Source
-from supervisor.statuscli import render as render_status
+from supervisor.observe.denylist import DenyList, normalise
+from supervisor.observe.families import parse_exposition, relabel
+from supervisor.observe.integrity import DropLedger, Policy, daemon_names, screen
+from supervisor.observe.render import CachingRenderer, Source
 from tests.hostile import (
     CONTENT_TYPES,
     cases,
@@ -209,10 +209,10 @@ def test_no_disguise_survives_either_format(family: Metric) -> None:
 
 def test_ledger_logs_each_drop_once_with_a_bounded_memory(
         caplog: pytest.LogCaptureFixture) -> None:
-    from supervisor.integrity import Drop
+    from supervisor.observe.integrity import Drop
 
     ledger = DropLedger(log_limit=3)
-    caplog.set_level(logging.WARNING, "supervisor.integrity")
+    caplog.set_level(logging.WARNING, "supervisor.observe.integrity")
     token = ledger.token
     for _ in range(5):  # five scrapes of the same payload
         ledger.record("api", [Drop("halt_state", "denied"), Drop("up", "reserved")])
@@ -273,7 +273,7 @@ async def wait_scraped(daemon: Daemon, names: list[str], within: float = 15) -> 
 @pytest.mark.anyio
 async def test_hostile_children_in_both_formats_reach_neither_format(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, "supervisor.integrity")
+    caplog.set_level(logging.WARNING, "supervisor.observe.integrity")
     services = ""
     for fmt in ("text", "openmetrics"):
         port = free_port()

@@ -25,8 +25,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.journal import JournalSocket, decode, encode
-from supervisor.output import EntryGrouper, split_priority
+from supervisor.logs.journal import JournalSocket, decode, encode
+from supervisor.process.output import EntryGrouper, split_priority
 from tests.support import free_port, poll_until
 
 Entry = dict[str, str]
@@ -334,7 +334,7 @@ def test_without_a_journal_lines_stay_as_they_were(tmp_path: Path) -> None:
 
 def test_priorities_config_defaults_overrides_and_errors(tmp_path: Path) -> None:
     from supervisor.config import load_config
-    from supervisor.errors import ConfigError
+    from supervisor.core.errors import ConfigError
 
     path = tmp_path / "services.toml"
     path.write_text(textwrap.dedent("""
@@ -367,7 +367,7 @@ def test_priorities_config_defaults_overrides_and_errors(tmp_path: Path) -> None
 def test_own_records_with_a_traceback_are_one_entry(journal: FakeJournal) -> None:
     import logging
 
-    from supervisor.logsetup import configure_logging
+    from supervisor.logs.setup import configure_logging
 
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
@@ -376,8 +376,8 @@ def test_own_records_with_a_traceback_are_one_entry(journal: FakeJournal) -> Non
         try:
             raise RuntimeError("boom")
         except RuntimeError:
-            logging.getLogger("supervisor.probes").exception("check failed check=%s", "db")
-        logging.getLogger("supervisor.probes").debug("not at info")
+            logging.getLogger("supervisor.checks.probes").exception("check failed check=%s", "db")
+        logging.getLogger("supervisor.checks.probes").debug("not at info")
         (entry,) = journal.wait(lambda e: "check failed" in e.get("MESSAGE", ""))
     finally:
         for h in list(root.handlers):
@@ -385,10 +385,10 @@ def test_own_records_with_a_traceback_are_one_entry(journal: FakeJournal) -> Non
                 root.removeHandler(h)
                 h.close()
         root.setLevel(level)
-    assert entry["MESSAGE"].startswith("supervisor.probes: check failed check=db\nTraceback")
+    assert entry["MESSAGE"].startswith("supervisor.checks.probes: check failed check=db\nTraceback")
     assert entry["MESSAGE"].endswith("RuntimeError: boom")
     assert entry["PRIORITY"] == "3" and entry["SYSLOG_IDENTIFIER"] == "supervisor"
-    assert entry["LOGGER"] == "supervisor.probes" and entry["CODE_FUNC"]
+    assert entry["LOGGER"] == "supervisor.checks.probes" and entry["CODE_FUNC"]
     assert not [e for e in journal.entries if "not at info" in e.get("MESSAGE", "")]
 
 
@@ -396,10 +396,10 @@ def test_journal_stream_without_socket_prefixes_each_line(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import logging
 
-    from supervisor import logsetup
-    from supervisor.logsetup import configure_logging
-    from supervisor.output import Entry as OutputEntry
-    from supervisor.output import _emit
+    from supervisor.logs import setup as logsetup
+    from supervisor.logs.setup import configure_logging
+    from supervisor.process.output import Entry as OutputEntry
+    from supervisor.process.output import _emit
 
     monkeypatch.setattr(logsetup, "DEFAULT_SOCKET", str(tmp_path / "no-journal-socket"))
     path = tmp_path / "journal"

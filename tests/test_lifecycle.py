@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from supervisor import lifecycle as lc
 from supervisor.config import Backoff, ServiceSpec
-from supervisor.lifecycle import State
+from supervisor.core import lifecycle as lc
+from supervisor.core.lifecycle import State
 
 
 def make(restart: str = "always", start_seconds: float = 1.0, **backoff: float) -> lc.Lifecycle:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.logsetup import configure_logging, stream_is_journal, syslog_priority
+from supervisor.logs.setup import configure_logging, stream_is_journal, syslog_priority
 
 ISO_LINE = re.compile(r"^(\S+) (DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
 
@@ -120,10 +120,10 @@ def test_real_process_with_journal_stream_on_a_pipe() -> None:
     code = textwrap.dedent(
         """
         import logging
-        import supervisor.logsetup
-        from supervisor.logsetup import configure_logging
+        import supervisor.logs.setup
+        from supervisor.logs.setup import configure_logging
         # The stream alone, as without journald's native socket (a host with systemd has one).
-        supervisor.logsetup.DEFAULT_SOCKET = "/nonexistent/journal/socket"
+        supervisor.logs.setup.DEFAULT_SOCKET = "/nonexistent/journal/socket"
         configure_logging("info")
         logging.getLogger("supervisor.output").info("[api] %s", "line one\\nline two")
         logging.getLogger("supervisor.daemon").warning("stopping reason=%s", "SIGTERM")

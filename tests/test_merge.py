@@ -9,9 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import Metric
 
 from supervisor.config import DEFAULT_DENY_METRICS
-from supervisor.denylist import DenyList
-from supervisor.instrument import HttpMetrics
-from supervisor.merge import (
+from supervisor.observe.denylist import DenyList
+from supervisor.observe.families import (
     NO_HELP,
     ExpositionError,
     SeriesLimitExceeded,
@@ -20,6 +19,7 @@ from supervisor.merge import (
     parse_exposition,
     relabel,
 )
+from supervisor.observe.instrument import HttpMetrics
 from tests.support import promtool_ok
 
 CONSTITUTIONAL = """\

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
-from supervisor.notify import (
+from supervisor.control.notify import (
     Notifier,
     watchdog_interval,
     watchdog_loop,
@@ -65,7 +65,7 @@ def test_from_environ_without_socket_is_none() -> None:
 
 
 def test_from_environ_rejects_unsupported_address(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="supervisor.notify"):
+    with caplog.at_level(logging.WARNING, logger="supervisor.control.notify"):
         assert Notifier.from_environ({"NOTIFY_SOCKET": "vsock:2:1234"}) is None
     assert "sd_notify disabled" in caplog.text
 
@@ -118,7 +118,7 @@ def test_send_failure_never_raises_and_logs_once(caplog: pytest.LogCaptureFixtur
     tmpdir = tempfile.mkdtemp(prefix="sdn")
     try:
         notifier = Notifier(os.path.join(tmpdir, "nobody-listens"))
-        with caplog.at_level(logging.INFO, logger="supervisor.notify"):
+        with caplog.at_level(logging.INFO, logger="supervisor.control.notify"):
             assert notifier.send(WATCHDOG=1) is False
             assert notifier.send(WATCHDOG=1) is False
             assert notifier.send(READY=1) is False
@@ -129,11 +129,11 @@ def test_send_failure_never_raises_and_logs_once(caplog: pytest.LogCaptureFixtur
         # The listener comes back: one recovery line, and the next failure is logged again.
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(notifier.address)
-            with caplog.at_level(logging.INFO, logger="supervisor.notify"):
+            with caplog.at_level(logging.INFO, logger="supervisor.control.notify"):
                 assert notifier.send(READY=1) is True
             assert sock.recv(100) == b"READY=1\n"
         os.unlink(notifier.address)
-        with caplog.at_level(logging.INFO, logger="supervisor.notify"):
+        with caplog.at_level(logging.INFO, logger="supervisor.control.notify"):
             assert notifier.send(READY=1) is False
         messages = [r.getMessage() for r in caplog.records]
         assert sum("sd_notify recovered" in m for m in messages) == 1

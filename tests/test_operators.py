@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor.lifecycle import State
+from supervisor.core.lifecycle import State
 from tests.support import (
     SLEEPER_CODE,
     base_url,

@@ -11,13 +11,12 @@ from collections.abc import Iterator
 import anyio
 import psutil
 import pytest
-from tests.dbservers import black_hole, status_server  # noqa: F401 (fixtures)
-from tests.dbservers import CANARY, BlackHole, StatusServer, free_port
 
-from supervisor.aioloop import AsyncioThread, BridgeStoppedError
+from supervisor.checks.aioloop import AsyncioThread, BridgeStoppedError
+from supervisor.checks.probes import CheckResult, probe
 from supervisor.config import CheckSpec
-from supervisor.probes import CheckResult, probe
-from supervisor.redact import redact_text, redact_url, url_secrets
+from supervisor.core.redact import redact_text, redact_url, url_secrets
+from tests.dbservers import CANARY, BlackHole, StatusServer, black_hole, free_port, status_server  # noqa: F401 (fixtures)
 
 MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/test"
 MACHINE_REDIS = "redis://127.0.0.1:6379/0"

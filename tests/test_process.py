@@ -106,7 +106,7 @@ def test_the_http_and_metrics_stack_is_not_imported_before_services_spawn() -> N
     """The daemon binds its port and spawns its services before importing prometheus_client,
     wsgiref, psutil or httpx (about 80 ms): they start that much sooner."""
     code = ("import sys, supervisor.cli, supervisor.daemon\n"
-            "heavy = ['prometheus_client', 'wsgiref', 'psutil', 'httpx', 'supervisor.http']\n"
+            "heavy = ['prometheus_client', 'wsgiref', 'psutil', 'httpx', 'supervisor.web.http']\n"
             "print(sorted(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout

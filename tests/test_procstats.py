@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.procstats import SLOW_EVERY, ProcStatsSampler
+from supervisor.process.procstats import SLOW_EVERY, ProcStatsSampler
 from tests.support import poll_until
 
 # A leader that forks one worker into its own group, and starts 3 more threads once `go` exists.

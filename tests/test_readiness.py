@@ -15,15 +15,22 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 import anyio
 import psutil
 import pytest
-from tests.dbservers import black_hole, pg_server, redis_server  # noqa: F401 (fixtures)
-from tests.dbservers import CANARY, BlackHole, PostgresServer, RedisServer
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from supervisor.aioloop import AsyncioThread
+from supervisor.checks.aioloop import AsyncioThread
+from supervisor.checks.probes import CheckResult
+from supervisor.checks.readiness import ReadinessMonitor, ReadinessSnapshot, collect_families
 from supervisor.config import CheckSpec
-from supervisor.probes import CheckResult
-from supervisor.readiness import ReadinessMonitor, ReadinessSnapshot, collect_families
+from tests.dbservers import (  # noqa: F401 (fixtures)
+    CANARY,
+    BlackHole,
+    PostgresServer,
+    RedisServer,
+    black_hole,
+    pg_server,
+    redis_server,
+)
 
 MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/test"
 MACHINE_REDIS = "redis://127.0.0.1:6379/0"

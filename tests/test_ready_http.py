@@ -12,8 +12,8 @@ import anyio
 import httpx
 import pytest
 
+from supervisor.core.lifecycle import State
 from supervisor.daemon import CLOCK_RESOLUTION
-from supervisor.lifecycle import State
 from tests.dbservers import CANARY, PostgresServer, pg_server  # noqa: F401 (fixture)
 from tests.support import (
     SLEEPER_CODE,

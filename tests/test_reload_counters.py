@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from supervisor import lifecycle as lc
-from supervisor.control import execute
+from supervisor.control.server import execute
+from supervisor.core import lifecycle as lc
 from tests.support import SLEEPER_CODE, running_daemon, service, wait_for, write_config
 
 OPS = st.lists(st.sampled_from(["restart", "change", "remove", "add"]), min_size=1, max_size=4)

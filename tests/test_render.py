@@ -11,9 +11,9 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from supervisor.config import DEFAULT_DENY_METRICS
-from supervisor.denylist import DenyList
-from supervisor.merge import merge_families, parse_exposition, relabel
-from supervisor.render import CachingRenderer, Source, Ticker
+from supervisor.observe.denylist import DenyList
+from supervisor.observe.families import merge_families, parse_exposition, relabel
+from supervisor.observe.render import CachingRenderer, Source, Ticker
 from tests.support import promtool_ok
 
 TEXT = "text/plain;version=0.0.4"

@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from supervisor.config import DEFAULT_DENY_METRICS
-from supervisor.denylist import DenyList
-from supervisor.instrument import HttpMetrics
-from supervisor.merge import merge_families, relabel
-from supervisor.scraper import Scraper, ScrapeResult, Target, scrape_families
+from supervisor.observe.denylist import DenyList
+from supervisor.observe.families import merge_families, relabel
+from supervisor.observe.instrument import HttpMetrics
+from supervisor.observe.scraper import Scraper, ScrapeResult, Target, scrape_families
 from tests.support import promtool_ok
 
 pytestmark = pytest.mark.anyio
@@ -443,11 +443,11 @@ async def test_scrape_state_changes_are_logged_once_each(
     """Going down is logged at WARNING with the reason, coming back at INFO, and nothing is
     logged for the scrapes in between; the very first scrape failing (a service not
     listening yet) is only INFO, a second failure in a row the WARNING."""
-    caplog.set_level(logging.DEBUG, logger="supervisor.scraper")
+    caplog.set_level(logging.DEBUG, logger="supervisor.observe.scraper")
 
     def logged() -> list[tuple[int, str]]:
         return [(r.levelno, r.getMessage()) for r in caplog.records
-                if r.name == "supervisor.scraper" and r.levelno >= logging.INFO]
+                if r.name == "supervisor.observe.scraper" and r.levelno >= logging.INFO]
 
     with children("error") as (child,):
         scraper = Scraper({"svc": (child.url, 2.0)}, 60.0)  # scrapes driven by poke() only

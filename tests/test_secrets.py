@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from supervisor.config import CheckSpec, load_config
+from supervisor.core.redact import LogRedactor, Redactor, redact_text, url_problem, url_secrets
 from supervisor.daemon import Daemon
-from supervisor.logsetup import configure_logging
-from supervisor.redact import LogRedactor, Redactor, redact_text, url_problem, url_secrets
+from supervisor.logs.setup import configure_logging
 from tests.support import SLEEPER_CODE, base_url, get, service, write_config
 
 MARK = "CANARY"
@@ -239,7 +239,7 @@ def test_check_config_never_prints_a_password_it_rejects(tmp_path: Path, passwor
                                                          via_env: bool, where: str) -> None:
     """Whatever its shape, a password (written in the file or interpolated from the
     environment) is either accepted and parsed as meant, or rejected by key, unprinted."""
-    from supervisor.errors import ConfigError
+    from supervisor.core.errors import ConfigError
 
     written = "${DB_PASS}" if via_env else password
     url = {"dsn": f"postgresql://app:{written}@127.0.0.1:1/db",

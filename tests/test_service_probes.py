@@ -13,11 +13,11 @@ from pathlib import Path
 import anyio
 import pytest
 
+from supervisor.checks.probes import probe_service
 from supervisor.config import ProbeSpec
-from supervisor.lifecycle import State
-from supervisor.probes import probe_service
-from supervisor.spawn import spawn
-from supervisor.statuscli import render
+from supervisor.control.client import render
+from supervisor.core.lifecycle import State
+from supervisor.process.spawn import spawn
 from tests.dbservers import BlackHole, black_hole  # noqa: F401 (fixture)
 from tests.support import (
     PY,
@@ -363,7 +363,7 @@ def test_bad_probe_values_are_refused_with_their_key_path(
 
 def test_ready_includes_services_must_be_a_boolean(tmp_path: Path) -> None:
     from supervisor.config import load_config
-    from supervisor.errors import ConfigError
+    from supervisor.core.errors import ConfigError
 
     path = write_config(tmp_path, service("api", "pass"),
                         supervisor='ready_includes_services = "yes"')
@@ -397,7 +397,7 @@ def test_generated_probe_tables_are_refused_cleanly_or_bounded(tmp_path: Path) -
     from hypothesis import strategies as st
 
     from supervisor.config import MAX_PROBE_THRESHOLD, MAX_PROBE_TIMEOUT, MAX_SECONDS, load_config
-    from supervisor.errors import ConfigError
+    from supervisor.core.errors import ConfigError
     from tests.test_config_hostile import config_text
 
     kinds = st.sampled_from(["liveness", "readiness", "startup"])
@@ -430,8 +430,8 @@ def test_generated_probe_tables_are_refused_cleanly_or_bounded(tmp_path: Path) -
 # -- the lifecycle (pure) ---------------------------------------------------------------------
 
 def _machine(restart: str = "always"):  # type: ignore[no-untyped-def]
-    from supervisor import lifecycle as lc
     from supervisor.config import Backoff, ServiceSpec
+    from supervisor.core import lifecycle as lc
 
     spec = ServiceSpec(name="svc", command=("true",), env={}, cwd="/", restart=restart,
                        start_seconds=1.0, stop_timeout=7.0, stop_signal=2,
@@ -440,8 +440,7 @@ def _machine(restart: str = "always"):  # type: ignore[no-untyped-def]
 
 
 def test_liveness_failure_takes_the_normal_stop_path_then_restarts() -> None:
-    from supervisor import lifecycle as lc
-
+    from supervisor.core import lifecycle as lc
     m = _machine()
     m.handle(lc.StartRequested(0.0))
     m.handle(lc.Spawned(10, 0.0, 0.0))
@@ -465,8 +464,7 @@ def test_liveness_failure_takes_the_normal_stop_path_then_restarts() -> None:
 
 
 def test_operator_stop_during_a_liveness_restart_wins_and_never_restarts_policy() -> None:
-    from supervisor import lifecycle as lc
-
+    from supervisor.core import lifecycle as lc
     m = _machine()
     m.handle(lc.StartRequested(0.0))
     m.handle(lc.Spawned(10, 0.0, 0.0))

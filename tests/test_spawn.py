@@ -13,10 +13,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor import spawn as spawn_module
-from supervisor.errors import SpawnError
-from supervisor.guard import OrphanGuard
-from supervisor.output import drain
+from supervisor.core.errors import SpawnError
+from supervisor.process import spawn as spawn_module
+from supervisor.process.guard import OrphanGuard
+from supervisor.process.output import drain
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.statuscli import HttpAuth, show_status
+from supervisor.control.client import HttpAuth, show_status
 from tests.support import SLEEPER_CODE, running_daemon, service, wait_for, write_config
 from tests.test_status_cli import documents, fake_daemon, hostile_env, run_cli, url_of
 from tests.test_web_config import PASSWORD, PKI, basic, make_pki, url, web_config

@@ -21,11 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor import rundir
 from supervisor.config import load_config
+from supervisor.control import rundir
+from supervisor.control.client import show_status
+from supervisor.core.lifecycle import State
 from supervisor.daemon import Daemon
-from supervisor.lifecycle import State
-from supervisor.statuscli import show_status
 from tests.support import SLEEPER_CODE, base_url, free_port, service, wait_for
 
 
@@ -210,7 +210,7 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
 
 
 def test_a_service_without_a_process_shows_no_scrape_verdict() -> None:
-    from supervisor.statuscli import render
+    from supervisor.control.client import render
 
     document = {"version": 1, "time": 1.0, "services": [
         {"name": "api", "state": "waiting", "pid": None, "waiting_for": "dependency db",

@@ -168,7 +168,7 @@ def test_python_stack_survives_memory_deny_write_execute() -> None:
         libc.qsort(arr, 5, ctypes.sizeof(ctypes.c_int), cmp(lambda a, b: a[0] - b[0]))
         assert list(arr) == [1, 2, 3, 4, 5]
         import anyio, asyncpg, httpx, prometheus_client, psutil, redis, trio  # noqa
-        import supervisor.config, supervisor.logsetup, supervisor.notify  # noqa
+        import supervisor.config, supervisor.logs.setup, supervisor.control.notify  # noqa
         p = psutil.Process()
         with p.oneshot():
             p.cpu_times(); p.memory_info(); p.num_threads(); p.num_fds()

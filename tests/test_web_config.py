@@ -24,8 +24,8 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.statuscli import render
-from supervisor.webconfig import WebConfigError, load_web_config
+from supervisor.control.client import render
+from supervisor.web.webconfig import WebConfigError, load_web_config
 from tests.support import SLEEPER_CODE, free_port, running_daemon, service, write_config
 from tests.test_prometheus_e2e import PROMETHEUS
 
@@ -519,8 +519,8 @@ def test_inline_pem_encrypted_keys_and_version_order(pki: PKI) -> None:
 
 def test_bcrypt_runs_once_per_credentials_and_unknown_users_cost_the_same(
         pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
-    from supervisor.heads import header
-    from supervisor.webauth import WebGate
+    from supervisor.web.heads import header
+    from supervisor.web.webauth import WebGate
 
     (pki.directory / "auth.yml").write_text(f"basic_auth_users:\n  prometheus: '{HASH}'\n")
     config = load_web_config(str(pki.directory / "auth.yml"))
@@ -564,7 +564,7 @@ _DOCS = st.recursive(_SCALARS, lambda inner: st.one_of(
 def test_any_document_is_a_config_or_a_clear_error(pki: PKI, document: object) -> None:
     import yaml
 
-    from supervisor.webconfig import parse_web_config
+    from supervisor.web.webconfig import parse_web_config
 
     text = yaml.safe_dump(document)
     try:

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.lowlevel import RunVar
 
+from supervisor.checks.probes import CheckResult, ExecSpawner, make_http_client, probe_service
 from supervisor.config import ProbeSpec
-from supervisor.probes import CheckResult, ExecSpawner, make_http_client, probe_service
 
 if TYPE_CHECKING:
     import httpx

@@ -3,7 +3,7 @@
 `screen` runs once per scraped payload (in the scraper's worker thread, right after parsing),
 never per render. A family is dropped whole, with one reason:
 
-- `denied`: the FR52 guard matches it (supervisor/denylist.py);
+- `denied`: the FR52 guard matches it (supervisor/observe/denylist.py);
 - `reserved`: it would impersonate a series of Prometheus (`up`, `scrape_*`, `ALERTS`) or of
   the daemon (`service_*`, `dependency_*`, `config_*`, and every name the daemon's own family
   builders expose, derived from those builders rather than listed twice);
@@ -31,8 +31,8 @@ from typing import NamedTuple
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from supervisor.denylist import DenyList, exposed_names
-from supervisor.lint import lint_problem
+from supervisor.observe.denylist import DenyList, exposed_names
+from supervisor.observe.lint import lint_problem
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +66,15 @@ def _stored(name: str) -> str:
 @functools.cache
 def daemon_names() -> frozenset[str]:
     """Every series name the daemon's own families expose, from the builders themselves."""
-    from supervisor.metrics import (
+    from supervisor.checks.readiness import ReadinessSnapshot, collect_families
+    from supervisor.observe.metrics import (
         MetricsView,
         config_families,
         live_service_families,
         resource_families,
         service_families,
     )
-    from supervisor.readiness import ReadinessSnapshot, collect_families
-    from supervisor.scraper import scrape_families
+    from supervisor.observe.scraper import scrape_families
 
     view = MetricsView("environment", {})
     families = [*service_families(view), *resource_families(view),

@@ -25,9 +25,9 @@ import anyio
 from anyio.abc import TaskStatus
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from supervisor.aioloop import AsyncioThread
+from supervisor.checks.aioloop import AsyncioThread
+from supervisor.checks.probes import CheckResult, make_http_client, probe
 from supervisor.config import CheckSpec
-from supervisor.probes import CheckResult, make_http_client, probe
 
 if TYPE_CHECKING:
     import httpx

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from supervisor.errors import SpawnError
-from supervisor.guard import OrphanGuard
+from supervisor.core.errors import SpawnError
+from supervisor.process.guard import OrphanGuard
 
 log = logging.getLogger(__name__)
 

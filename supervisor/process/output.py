@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import anyio
 
-from supervisor.logsetup import level_of_priority
+from supervisor.logs.setup import level_of_priority
 
 MAX_LINE = 16 * 1024
 READ_SIZE = 64 * 1024

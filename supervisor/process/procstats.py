@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from supervisor import cgroup
+from supervisor.process import cgroup
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.denylist import DenyList, exposed_names
+from supervisor.observe.denylist import DenyList, exposed_names
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
 
-from supervisor.denylist import DenyList, exposed_names
-from supervisor.merge import NO_HELP
+from supervisor.observe.denylist import DenyList, exposed_names
+from supervisor.observe.families import NO_HELP
 
 Encoder = Callable[["_Families"], bytes]
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]

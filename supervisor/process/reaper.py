@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 
 import anyio
 
-from supervisor.descendants import children
+from supervisor.process.descendants import children
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import anyio
 from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from supervisor import lifecycle as lc
-from supervisor import rundir
-from supervisor.errors import SupervisorError
+from supervisor.control import rundir
+from supervisor.core import lifecycle as lc
+from supervisor.core.errors import SupervisorError
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon
@@ -57,7 +57,7 @@ def socket_path_for(config_path: str) -> str:
     """Where the daemon run with `config_path` listens for control. Reads only that one key, so
     that `supervisor reload` still reaches the daemon when the edited file is invalid."""
     from supervisor.config import load_toml_file
-    from supervisor.datatypes import interpolate
+    from supervisor.core.datatypes import interpolate
 
     try:
         configured = load_toml_file(config_path).get("supervisor", {}).get("control_socket")

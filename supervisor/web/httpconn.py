@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler
 
-from supervisor.heads import origin_form
+from supervisor.web.heads import origin_form
 
 log = logging.getLogger("supervisor.http")
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from supervisor.errors import SupervisorError
+from supervisor.core.errors import SupervisorError
 
 STATUS_FILE = "daemon.json"
 # Group members may traverse (control_socket_group), nobody else may even look.

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs
 
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from supervisor.render import same_objects
+from supervisor.observe.render import same_objects
 
 Key = tuple[str, bool, tuple[str, ...]]
 # (encoder, content type, ?name[] filter) -> body; see render.CachingRenderer.render

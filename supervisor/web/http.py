@@ -44,9 +44,9 @@ from wsgiref.simple_server import make_server
 
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from supervisor import listen
-from supervisor.heads import Head, head_state, request_path, simple_response, skip_empty_lines
-from supervisor.httpconn import HANDLER_TIMEOUT, Accepted, Handler, raise_fd_limit
+from supervisor.web import listen
+from supervisor.web.heads import Head, head_state, request_path, simple_response, skip_empty_lines
+from supervisor.web.httpconn import HANDLER_TIMEOUT, Accepted, Handler, raise_fd_limit
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from supervisor.heads import header
-from supervisor.webconfig import WebConfig, WebConfigError, file_stamp, load_web_config
+from supervisor.web.heads import header
+from supervisor.web.webconfig import WebConfig, WebConfigError, file_stamp, load_web_config
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL = 1.0  # seconds between checks of the web config's files

@@ -10,7 +10,7 @@ ISO 8601 timestamp. Both line formats keep one record per line (a service's outp
 per line it wrote). Only the CLI calls `configure_logging`; modules just log.
 
 Records of a service's output carry `child_tag`, `child_lines`, `syslog_priority` and
-`journal_fields` (see supervisor.output).
+`journal_fields` (see supervisor.process.output).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import TextIO
 
-from supervisor.journal import DEFAULT_SOCKET, SOCKET_ENV, JournalSocket
+from supervisor.logs.journal import DEFAULT_SOCKET, SOCKET_ENV, JournalSocket
 
 # Handlers we install carry this attribute, so reconfiguring replaces them (and only them).
 _OWNED = "_supervisor_logsetup"

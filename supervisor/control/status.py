@@ -7,7 +7,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from supervisor.datatypes import signal_name
+from supervisor.core.datatypes import signal_name
 
 if TYPE_CHECKING:
     from supervisor.daemon import Daemon

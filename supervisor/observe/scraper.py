@@ -38,14 +38,14 @@ from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from supervisor.integrity import Drop, DropLedger, Policy, screen
-from supervisor.merge import (
+from supervisor.observe.families import (
     DEFAULT_MAX_SERIES,
     ExpositionError,
     SeriesLimitExceeded,
     parse_exposition,
     sample_count,
 )
+from supervisor.observe.integrity import Drop, DropLedger, Policy, screen
 
 # httpx is imported where it is used: importing it (and, through httpcore, trio) costs about
 # 0.1 s, which the daemon would otherwise spend before spawning its services.

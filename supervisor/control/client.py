@@ -59,8 +59,7 @@ def _through_socket(socket_path: str | None, config_path: str | None, env: Mappi
                     as_json: bool) -> tuple[int | None, str]:
     """(exit code, "") when the control socket answered; (None, why not) to fall back to HTTP.
     An explicit --socket has no fallback."""
-    from supervisor import control
-
+    from supervisor.control import server as control
     if socket_path:
         path = socket_path
     elif config_path is not None:
@@ -92,7 +91,7 @@ def _through_http(url: str, as_json: bool, env: Mapping[str, str], auth: HttpAut
                   socket_note: str) -> int:
     import httpx
 
-    from supervisor.redact import Redactor, url_secrets
+    from supervisor.core.redact import Redactor, url_secrets
 
     redactor = Redactor(url_secrets(url))  # a URL may carry basic-auth credentials
     shown = redactor.redact(url)
@@ -221,8 +220,8 @@ def _tls_hint(exc: BaseException, url: str, auth: HttpAuth, env: Mapping[str, st
 def find_url(url: str | None, config_path: str | None, environ: Mapping[str, str]) -> str:
     """`--url`, then `$SUPERVISOR_URL`, then the status file the daemon keeps in its runtime
     directory (the control socket's), and only then the config file's `listen`."""
-    from supervisor import rundir
-    from supervisor.control import socket_path_for
+    from supervisor.control import rundir
+    from supervisor.control.server import socket_path_for
 
     if url:
         return url
@@ -247,7 +246,7 @@ def _listen_url(path: str, environ: Mapping[str, str]) -> str:
     """The `[supervisor] listen` of `path`; reads only that key, so a file being edited
     elsewhere (invalid as a whole) still tells where the daemon is."""
     from supervisor.config import load_toml_file
-    from supervisor.datatypes import interpolate, parse_listen
+    from supervisor.core.datatypes import interpolate, parse_listen
 
     listen = load_toml_file(path).get("supervisor", {}).get("listen", "127.0.0.1:9464")
     if not isinstance(listen, str):

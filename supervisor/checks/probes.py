@@ -32,17 +32,17 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from supervisor.aioloop import AsyncioThread
+from supervisor.checks.aioloop import AsyncioThread
 from supervisor.config import CheckSpec, ProbeSpec
-from supervisor.datatypes import parse_listen
-from supervisor.redact import redact_text, url_secrets
+from supervisor.core.datatypes import parse_listen
+from supervisor.core.redact import redact_text, url_secrets
 
 # httpx is imported where it is used: importing it (and, through httpcore, trio) costs about
 # 0.1 s, which the daemon would otherwise spend before spawning its services.
 if TYPE_CHECKING:
     import httpx
 
-    from supervisor.spawn import Child
+    from supervisor.process.spawn import Child
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ async def probe_exec(name: str, command: tuple[str, ...], time_limit: float,
                      clock: Clock = time.monotonic) -> CheckResult:
     """Run `command` in a new session; exit 0 within `time_limit` passes. Whatever happens, the
     process group is killed and the leader reaped before this returns."""
-    from supervisor.errors import SpawnError
+    from supervisor.core.errors import SpawnError
 
     started = clock()
     try:

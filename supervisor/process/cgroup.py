@@ -36,7 +36,7 @@ from pathlib import Path
 
 import anyio
 
-from supervisor.descendants import invocation_of
+from supervisor.process.descendants import invocation_of
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Health checks: probe implementations, per-service probe scheduling, dependency readiness."""

@@ -1,0 +1,1 @@
+"""Operators' control plane: the Unix control socket, its client, status documents, sd_notify."""

@@ -1,0 +1,1 @@
+"""The daemon's own log output: journald-native entries or timestamped lines."""

@@ -1,0 +1,3 @@
+"""Child processes: spawning, reaping, containment (cgroups, descendants, the orphan guard),
+statistics, output.
+"""

@@ -1,0 +1,1 @@
+"""The HTTP stack: hardened request heads, the WSGI server, the exporter-toolkit web config."""
