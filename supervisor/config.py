@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from supervisor.core.datatypes import (
     interpolate,
@@ -24,6 +24,7 @@ from supervisor.core.datatypes import (
     signal_number,
 )
 from supervisor.core.errors import ConfigError
+from supervisor.core.policy import RESTART_POLICIES, Backoff, Policy, RestartPolicy
 from supervisor.core.redact import config_secrets, interpolated_values, url_problem
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-RESTART_POLICIES = ("always", "on-failure", "never")
+_S = TypeVar("_S", bound=str)  # one of a fixed set of strings (Parser.choice)
 # Bounds on every number, so that what check-config accepts, run and reload can run: NaN and
 # infinities are refused everywhere (TOML accepts them); durations are at most a week, loops
 # (scrape, stats and check intervals) at least 10 ms apart, backoff_factor at most 100.
@@ -72,18 +73,6 @@ DEFAULT_DENY_METRICS = (
 
 
 @dataclass(frozen=True)
-class Backoff:
-    """Restart delays: immediate after a stable run, then initial * factor**n, capped, jittered."""
-
-    initial: float = 1.0
-    max: float = 60.0
-    factor: float = 2.0
-    jitter: float = 0.2
-    reset_after: float = 10.0
-    max_retries: int | None = None  # consecutive quick failures before `fatal`; None: never
-
-
-@dataclass(frozen=True)
 class ProbeSpec:
     """One probe of a service (liveness, readiness or startup), as in Kubernetes."""
 
@@ -105,7 +94,7 @@ class ServiceSpec:
     # env_file values overlaid by `env`; the daemon's environ is added at spawn
     env: Mapping[str, str]
     cwd: str
-    restart: str = "always"
+    restart: RestartPolicy = "always"
     stop_signal: int = 15
     stop_timeout: float = 10.0
     start_seconds: float = 1.0
@@ -128,6 +117,12 @@ class ServiceSpec:
     liveness: ProbeSpec | None = None
     readiness: ProbeSpec | None = None
     startup: ProbeSpec | None = None
+
+    def policy(self) -> Policy:
+        """What the service's lifecycle decides with (core/policy.py)."""
+        return Policy(name=self.name, restart=self.restart, stop_signal=self.stop_signal,
+                      stop_timeout=self.stop_timeout, start_seconds=self.start_seconds,
+                      success_exit_codes=self.success_exit_codes, backoff=self.backoff)
 
     def probes(self) -> dict[str, ProbeSpec]:
         """The configured probes by kind, startup first."""
@@ -328,13 +323,13 @@ class _Parser:
                              "digits, '_', ':' and the wildcards * ? [...]")
         return tuple(value)
 
-    def choice(self, data: Mapping[str, Any], key: str, where: str, options: tuple[str, ...],
-               default: str) -> str:
+    def choice(self, data: Mapping[str, Any], key: str, where: str, options: tuple[_S, ...],
+               default: _S) -> _S:
         value = self.string(data, key, where, default, interpolated=False)
         if value not in options:
             self.problem(f"{where}.{key}", f"expected one of {', '.join(options)}")
             return default
-        return str(value)
+        return options[options.index(value)]  # typed as the options are
 
     def priority(self, data: Mapping[str, Any], key: str, where: str, default: int) -> int:
         if key not in data:

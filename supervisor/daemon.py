@@ -31,11 +31,12 @@ from supervisor.control.status import status_document
 from supervisor.core import lifecycle as lc
 from supervisor.core.errors import ConfigError, SupervisorError
 from supervisor.core.redact import LogRedactor, Redactor, config_secrets
+from supervisor.core.snapshot import ServiceSnapshot
 from supervisor.process import cgroup as cgroups
 from supervisor.process import descendants, reaper
 from supervisor.process.guard import OrphanGuard
 from supervisor.process.spawn import Child, become_subreaper, spawn
-from supervisor.runner import ServiceRunner, ServiceSnapshot, Spawner
+from supervisor.runner import ServiceRunner, Spawner
 from supervisor.web import listen
 
 # The HTTP, metrics, checks and stats stack (prometheus_client, wsgiref, psutil, asyncio for

@@ -18,18 +18,18 @@ import random
 import secrets
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor.checks.probe_runner import ProbeStatus, run_probes
+from supervisor.checks.probe_runner import run_probes
 from supervisor.checks.probes import CheckResult
 from supervisor.config import ServiceSpec, child_environment
 from supervisor.core import lifecycle as lc
 from supervisor.core.datatypes import signal_name
 from supervisor.core.errors import SpawnError
+from supervisor.core.snapshot import ProbeStatus, ServiceSnapshot
 from supervisor.process import descendants
 from supervisor.process.output import drain
 from supervisor.process.spawn import Child, monotonic_and_wall, spawn
@@ -43,39 +43,6 @@ if TYPE_CHECKING:
 Spawner = Callable[[Sequence[str], Mapping[str, str], str], Child]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServiceSnapshot:
-    """What the HTTP threads may read about a service: immutable, swapped whole."""
-
-    name: str
-    state: lc.State
-    pid: int | None
-    started_at: float | None  # monotonic
-    started_wall: float | None
-    starts: int
-    exits: Mapping[str, int]
-    last_exit: lc.LastExit | None
-    last_error: str | None
-    next_start_at: float | None  # monotonic
-    quick_failures: int
-    autostart: bool
-    waiting_for: str | None = None  # while `waiting`: which dependency or check, and why
-    cgroup: str | None = None  # the service's cgroup directory, in cgroup mode
-    # None without a readiness probe; else whether the current process's probe says ready
-    ready: bool | None = None
-    probes: Mapping[str, ProbeStatus] = field(default_factory=dict)  # by kind, if configured
-
-    @property
-    def is_ready(self) -> bool:
-        """Ready by its readiness probe, or (without one) running."""
-        return self.state is lc.State.RUNNING if self.ready is None else self.ready
-
-    def uptime(self, now: float) -> float:
-        if self.state not in (lc.State.STARTING, lc.State.RUNNING) or self.started_at is None:
-            return 0.0
-        return max(0.0, now - self.started_at)
 
 
 class ServiceRunner:
@@ -93,7 +60,7 @@ class ServiceRunner:
         self._invocations: dict[int, str] = {}  # leader pid -> its invocation id
         self._placed: dict[int, anyio.Event] = {}  # leader pid -> set once in its cgroup
         self._emptied: Child | None = None  # the last start whose cgroup was seen empty
-        self.machine = lc.Lifecycle(spec, rng)
+        self.machine = lc.Lifecycle(spec.policy(), rng)
         self._environ = environ
         self._publish = publish
         self._spawner = spawner
@@ -424,7 +391,7 @@ class ServiceRunner:
             descendants.signal_pids(strays, lc.SIGKILL)
             await anyio.sleep(pause)
 
-    def _start_timer(self, kind: str, delay: float) -> None:
+    def _start_timer(self, kind: lc.TimerKind, delay: float) -> None:
         assert self._tg is not None
         self._cancel_timer()
         scope = anyio.CancelScope()
@@ -511,15 +478,9 @@ class ServiceRunner:
         return self._child is not None and self._emptied is self._child
 
     def _make_snapshot(self) -> ServiceSnapshot:
-        m = self.machine
-        return ServiceSnapshot(
-            name=self.spec.name, state=m.state, pid=m.pid, started_at=m.started_at,
-            started_wall=m.started_wall, starts=m.starts, exits=dict(m.exits),
-            last_exit=m.last_exit, last_error=m.last_error, next_start_at=m.next_start_at,
-            quick_failures=m.quick_failures, autostart=self.spec.autostart,
-            waiting_for=m.waiting_for, ready=self._ready, probes=dict(self._probe_status),
-            cgroup=self.cgroup.path if self.cgroup is not None else None,
-        )
+        return self.machine.snapshot(
+            autostart=self.spec.autostart, ready=self._ready, probes=self._probe_status,
+            cgroup=self.cgroup.path if self.cgroup is not None else None)
 
 
 def _describe(exc: BaseException) -> str:

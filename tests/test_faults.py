@@ -124,14 +124,14 @@ async def test_unexpected_lifecycle_error_is_contained(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A lifecycle step raising (here: on the exit of one service) kills what that service
     left, makes it fatal, and leaves the daemon and the other services running."""
-    real_exited = lc.Lifecycle._on_Exited
+    real_exited = lc.Lifecycle._exited
 
     def faulty_exited(self: lc.Lifecycle, event: lc.Exited) -> list[lc.Action]:
-        if self.spec.name == "crashy":
+        if self.policy.name == "crashy":
             raise ValueError("injected lifecycle fault")
         return real_exited(self, event)
 
-    monkeypatch.setattr(lc.Lifecycle, "_on_Exited", faulty_exited)
+    monkeypatch.setattr(lc.Lifecycle, "_exited", faulty_exited)
     grandchild = tmp_path / "grandchild.pid"
     code = ("import subprocess, sys, time\n"
             "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"

@@ -93,7 +93,6 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     ("supervisor.config", "supervisor.web.webconfig"),  # the web config is config
     ("supervisor.control.server", "supervisor.daemon"),  # takes the whole Daemon
     ("supervisor.control.status", "supervisor.daemon"),  # takes the whole Daemon
-    ("supervisor.core.lifecycle", "supervisor.config"),  # Backoff, ServiceSpec
 }
 
 

@@ -6,16 +6,16 @@ import dataclasses
 
 import pytest
 
-from supervisor.config import Backoff, ServiceSpec
 from supervisor.core import lifecycle as lc
 from supervisor.core.lifecycle import State
+from supervisor.core.policy import Backoff, Policy, RestartPolicy, restart_delay
 
 
-def make(restart: str = "always", start_seconds: float = 1.0, **backoff: float) -> lc.Lifecycle:
-    spec = ServiceSpec(name="svc", command=("true",), env={}, cwd="/", restart=restart,
-                       start_seconds=start_seconds, stop_timeout=10.0,
-                       backoff=Backoff(**backoff))  # type: ignore[arg-type]
-    return lc.Lifecycle(spec, random=lambda: 0.5)  # 0.5: no jitter
+def make(restart: RestartPolicy = "always", start_seconds: float = 1.0,
+         **backoff: float) -> lc.Lifecycle:
+    policy = Policy(name="svc", restart=restart, start_seconds=start_seconds, stop_timeout=10.0,
+                    backoff=Backoff(**backoff))  # type: ignore[arg-type]
+    return lc.Lifecycle(policy, random=lambda: 0.5)  # 0.5: no jitter
 
 
 def spawned(m: lc.Lifecycle, at: float, pid: int = 100) -> list[lc.Action]:
@@ -72,10 +72,10 @@ def test_stable_run_resets_backoff() -> None:
 
 def test_jitter_stays_within_bounds() -> None:
     policy = Backoff(initial=1.0, factor=2.0, max=60.0, jitter=0.2)
-    assert lc.restart_delay(policy, 0, lambda: 0.9) == 0.0
-    assert lc.restart_delay(policy, 3, lambda: 0.0) == pytest.approx(3.2)
-    assert lc.restart_delay(policy, 3, lambda: 1.0) == pytest.approx(4.8)
-    assert lc.restart_delay(policy, 30, lambda: 1.0) == 60.0  # never beyond the cap
+    assert restart_delay(policy, 0, lambda: 0.9) == 0.0
+    assert restart_delay(policy, 3, lambda: 0.0) == pytest.approx(3.2)
+    assert restart_delay(policy, 3, lambda: 1.0) == pytest.approx(4.8)
+    assert restart_delay(policy, 30, lambda: 1.0) == 60.0  # never beyond the cap
 
 
 def test_max_retries_gives_fatal() -> None:
@@ -97,7 +97,7 @@ def test_max_retries_gives_fatal() -> None:
 @pytest.mark.parametrize(("restart", "code", "expected"), [
     ("never", 1, State.EXITED), ("on-failure", 0, State.EXITED),
     ("on-failure", 2, State.STARTING), ("always", 0, State.STARTING)])
-def test_restart_policies(restart: str, code: int, expected: State) -> None:
+def test_restart_policies(restart: RestartPolicy, code: int, expected: State) -> None:
     m = make(restart=restart)
     spawned(m, 0.0)
     m.handle(lc.TimerFired("started", 1.0))
@@ -151,7 +151,7 @@ def test_spawn_failure_backs_off() -> None:
 def test_late_exit_after_stop_is_ignored() -> None:
     m = make()
     assert m.handle(lc.Exited(0, None, 1.0, 1.0)) == []
-    assert dataclasses.asdict(m.spec)["name"] == "svc"
+    assert dataclasses.asdict(m.policy)["name"] == "svc"
 
 
 # -- backoff arithmetic is total (issue 12, defect 1) --------------------------------------
@@ -169,7 +169,7 @@ def test_restart_delay_never_overflows_and_stays_within_the_cap(
         initial: float, cap: float, factor: float, jitter: float, quick_failures: int,
         draw: float) -> None:
     policy = Backoff(initial=initial, max=cap, factor=factor, jitter=jitter)
-    delay = lc.restart_delay(policy, quick_failures, lambda: draw)
+    delay = restart_delay(policy, quick_failures, lambda: draw)
     assert isinstance(delay, float) and delay >= 0.0
     assert delay == 0.0 or delay <= cap  # finite, and never past backoff_max
 
@@ -181,7 +181,7 @@ def test_restart_delay_is_the_capped_exponential(initial: float, cap: float, fac
                                                  n: int) -> None:
     """For every value config accepts: min(cap, initial * factor**(n-1)), without jitter."""
     policy = Backoff(initial=initial, max=cap, factor=factor, jitter=0.0)
-    delay = lc.restart_delay(policy, n, lambda: 0.5)
+    delay = restart_delay(policy, n, lambda: 0.5)
     try:
         exact = min(cap, initial * factor ** (n - 1))
     except OverflowError:
@@ -190,8 +190,8 @@ def test_restart_delay_is_the_capped_exponential(initial: float, cap: float, fac
 
 
 def test_long_crash_loop_and_huge_factor_stay_at_the_cap() -> None:
-    assert lc.restart_delay(Backoff(jitter=0.0), 1025, lambda: 0.5) == 60.0
-    assert lc.restart_delay(Backoff(factor=1e300, jitter=0.0), 3, lambda: 0.5) == 60.0
+    assert restart_delay(Backoff(jitter=0.0), 1025, lambda: 0.5) == 60.0
+    assert restart_delay(Backoff(factor=1e300, jitter=0.0), 3, lambda: 0.5) == 60.0
     m = make(initial=0.001, max=0.002, factor=2.0, jitter=0.0)
     m.handle(lc.StartRequested(0.0))
     for i in range(1200):  # a real lifecycle through 1,200 quick failures

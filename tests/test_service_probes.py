@@ -436,7 +436,7 @@ def _machine(restart: str = "always"):  # type: ignore[no-untyped-def]
     spec = ServiceSpec(name="svc", command=("true",), env={}, cwd="/", restart=restart,
                        start_seconds=1.0, stop_timeout=7.0, stop_signal=2,
                        backoff=Backoff(initial=1.0, jitter=0.0, reset_after=10.0))
-    return lc.Lifecycle(spec, random=lambda: 0.5)
+    return lc.Lifecycle(spec.policy(), random=lambda: 0.5)
 
 
 def test_liveness_failure_takes_the_normal_stop_path_then_restarts() -> None:

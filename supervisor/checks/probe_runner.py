@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import anyio
@@ -59,15 +58,6 @@ async def shared_http_client() -> httpx.AsyncClient:
                 lambda: make_http_client(max_connections=None))
             _HTTP.set(client)
             return client
-
-
-@dataclass(frozen=True)
-class ProbeStatus:
-    """What status and metrics show about one probe of a service."""
-
-    failures: int = 0  # failed attempts since the daemon started (service_probe_failures_total)
-    passing: bool | None = None  # the latest attempt's verdict; None before the first
-    last_error: str | None = None  # the latest failure's error text (redacted, one line)
 
 
 Report = Callable[[str, CheckResult], None]  # (kind, result): every attempt

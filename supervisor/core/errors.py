@@ -23,3 +23,8 @@ class ConfigError(SupervisorError):
 
 class SpawnError(SupervisorError):
     """A service's process could not be started (missing executable, bad cwd, ...)."""
+
+
+class LifecycleError(SupervisorError):
+    """An event reached a service's lifecycle in a state where it cannot happen (a bug in the
+    runner, or in the table). The runner's fault boundary makes that service `fatal`."""

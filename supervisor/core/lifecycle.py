@@ -1,198 +1,161 @@
-"""The per-service lifecycle as a pure state machine.
+"""The per-service lifecycle as a pure state machine, with every transition in one table.
 
 Events go in (`Exited(code=3, signal=None, at=12.5)`), actions come out (`Spawn()`,
 `SignalGroup(15)`, `StartTimer("kill", 10.0)`). Nothing here reads a clock, forks or sleeps:
 time arrives inside events, randomness through the `random` callable. The runner is the
-imperative shell that performs the actions and feeds back what happened.
+imperative shell that performs the actions and feeds back what happened; what the lifecycle
+decides with is a `Policy` (core/policy.py), what it shows is `snapshot()`.
 
-States follow supervisord's well-known set. Restart policy (after Kubernetes' CrashLoopBackOff,
-never giving up by default): the first exit after a stable run restarts at once; each further
-quick exit waits initial * factor**(n-1) seconds, capped at `max`, jittered by +-jitter.
-The delay is computed in log space, so no count of quick failures and no factor can overflow.
+States follow supervisord's well-known set (core/snapshot.py). A service whose start is held
+back (an unsatisfied `depends_on`, `wait_for` checks) is `waiting`, with the reason; an
+unexpected error in its runner makes it `fatal` (`Faulted`). A failed liveness (or startup)
+probe stops the process through the normal stop path (stop_signal, stop_timeout, SIGKILL); its
+exit is recorded with reason `liveness` and the restart policy and backoff then apply as to
+any other failure.
 
-A service whose start is held back (an unsatisfied `depends_on`, `wait_for` checks) is
-`waiting`, with the reason; an unexpected error in its runner makes it `fatal` (`Faulted`).
+The table
+---------
+Every event in every state (tests/test_lifecycle_table.py parses this table and checks the
+code against it, pair by pair). A row reads `states -> next state(s)  actions  [note]`; a row
+may continue on the next line. `=` keeps the state, `|` separates the outcomes that policy and
+history choose between, `!` cannot happen and raises LifecycleError (the runner's fault
+boundary then makes that service `fatal`), `other` is every state not in the event's other
+rows. `starting/no-pid` and `stopping/no-pid` are those states after a Spawn that failed,
+while its SpawnFailed is still queued; otherwise `starting` and `stopping` have a pid, and
+`running` always has one. Actions: Spawn, Cancel (CancelTimer), Stop (SignalGroup(stop_signal)),
+Kill (SignalGroup(SIGKILL)), Timer:kind (StartTimer(kind, delay)).
 
-A failed liveness (or startup) probe (`ProbeFailed`) stops the process through the normal stop
-path (stop_signal, stop_timeout, SIGKILL); its exit is recorded with reason `liveness` and the
-restart policy and backoff then apply as to any other failure.
+    StartRequested
+      stopped exited fatal waiting      -> starting                Spawn [1]
+      backoff                           -> starting                Cancel Spawn
+      starting starting/no-pid running  -> =
+      stopping stopping/no-pid          -> =                       [2]
+    StopRequested
+      starting starting/no-pid running  -> stopping                Stop Timer:kill
+      backoff                           -> stopped                 Cancel
+      exited fatal waiting              -> stopped
+      stopped stopping stopping/no-pid  -> =                       [3]
+    Spawned
+      starting/no-pid                   -> starting|running        Timer:started [4]
+      other                             -> !
+    SpawnFailed
+      starting/no-pid                   -> starting|backoff|fatal  Spawn Timer:backoff [5]
+      stopping/no-pid                   -> stopped|starting        Cancel Spawn [2]
+      other                             -> =                       [6]
+    Exited
+      starting running                  -> starting|backoff|exited|fatal
+                                           Kill Cancel Spawn Timer:backoff [5]
+      stopping                          -> stopped|starting|backoff|exited|fatal
+                                           Kill Cancel Spawn Timer:backoff [7]
+      other                             -> =                       [8]
+    TimerFired:started
+      starting                          -> running                 [9]
+      other                             -> !
+    TimerFired:backoff
+      backoff                           -> starting                Spawn [9]
+      other                             -> !
+    TimerFired:kill
+      stopping stopping/no-pid          -> =                       Kill [9]
+      other                             -> !
+    TimerFired:stale
+      other                             -> =                       [10]
+    Held
+      stopped exited fatal waiting      -> waiting                 [11]
+      other                             -> =
+    Held:refresh
+      waiting                           -> waiting                 [11]
+      other                             -> =
+    Released
+      waiting                           -> starting                Spawn
+      other                             -> =
+    Faulted
+      other                             -> fatal                   Kill Cancel [12]
+    ProbeFailed
+      starting running                  -> stopping                Stop Timer:kill [13]
+      other                             -> =
+
+[1] An operator's start is a fresh attempt: the count of quick failures starts again at 0.
+[2] Spawns again once stopped if a start came while stopping (a `restart` is stop + start).
+[3] Stopping already: forgets a start asked meanwhile, and a failed probe's restart.
+[4] `running` at once, without the timer, when start_seconds <= 0.
+[5] By the restart policy and the backoff: `starting` when the delay is 0 (the first restart
+    after a stable run), `backoff` with the delay's timer, `fatal` after max_retries quick
+    failures in a row, `exited` when the policy says stay down. A failed spawn is quick.
+[6] No spawn of this service is outstanding: the late failure of one that a fault overtook.
+[7] `stopped` after a stop (`starting` if a start came meanwhile); after a failed probe's
+    stop, as after a failure [5], with reason `liveness`.
+[8] No process: the late exit of one that a fault already let go.
+[9] TimerFired:kind is the live timer (the last started, not cancelled since). Each kind is
+    live only in its state: `started` in starting, `backoff` in backoff, `kill` in stopping.
+[10] A timer that was replaced or cancelled after it had fired (its event already queued).
+[11] `Held(refresh=True)` only updates the reason of a service still waiting, so that an
+    operator's stop is never undone by a later update; `Held` also puts one back to waiting.
+[12] Kill when it has a process, Cancel when a timer is live; an operator's start tries again.
+[13] Stops it as a stop would; without a process, or stopping already, the verdict is moot.
 """
 
 from __future__ import annotations
 
-import enum
-import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from supervisor.config import Backoff, ServiceSpec
+from supervisor.core.errors import LifecycleError
+from supervisor.core.events import (
+    Action,
+    CancelTimer,
+    Event,
+    Exited,
+    Faulted,
+    Held,
+    ProbeFailed,
+    Released,
+    SignalGroup,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    StartRequested,
+    StartTimer,
+    StopRequested,
+    TimerFired,
+    TimerKind,
+)
+from supervisor.core.policy import Policy, restart_delay
+from supervisor.core.snapshot import (
+    ACTIVE_STATES,
+    EXIT_REASONS,
+    SETTLED_STATES,
+    ExitReason,
+    LastExit,
+    ProbeStatus,
+    ServiceSnapshot,
+    State,
+)
 
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:  # pragma: no cover
+    from typing_extensions import assert_never
 
-class State(str, enum.Enum):
-    STOPPED = "stopped"  # not running, and not meant to be
-    STARTING = "starting"  # spawned, not yet up for start_seconds
-    RUNNING = "running"
-    BACKOFF = "backoff"  # exited; waiting out a restart delay
-    STOPPING = "stopping"  # stop signal sent; waiting for the exit
-    EXITED = "exited"  # exited and the restart policy says stay down
-    FATAL = "fatal"  # gave up after max_retries quick failures, or its runner failed
-    WAITING = "waiting"  # held back until its dependencies or checks are satisfied
-
-    def __str__(self) -> str:
-        return self.value
-
-
-ACTIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
-SETTLED_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
-EXIT_REASONS = ("success", "failure", "signal", "stopped", "spawn_error", "liveness")
-
-
-# -- events ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StartRequested:
-    at: float
-
-
-@dataclass(frozen=True)
-class StopRequested:
-    at: float
-
-
-@dataclass(frozen=True)
-class Spawned:
-    pid: int
-    at: float
-    wall: float
-
-
-@dataclass(frozen=True)
-class SpawnFailed:
-    error: str
-    at: float
-    wall: float
-
-
-@dataclass(frozen=True)
-class Exited:
-    code: int | None  # exit status, when the process called exit()
-    signal: int | None  # the signal that killed it, otherwise
-    at: float
-    wall: float
-
-
-@dataclass(frozen=True)
-class TimerFired:
-    kind: str  # "started" | "backoff" | "kill"
-    at: float
-
-
-@dataclass(frozen=True)
-class Held:
-    """The daemon holds an autostart back: `reason` says what it waits for. Enters `waiting`
-    from a settled state; with `refresh`, only updates the reason of a service still waiting
-    (so that an operator's stop is never undone by a later update)."""
-
-    reason: str
-    at: float
-    refresh: bool = False
-
-
-@dataclass(frozen=True)
-class Released:
-    """What a waiting service waited for is there: start it, if it is still waiting."""
-
-    at: float
-
-
-@dataclass(frozen=True)
-class Faulted:
-    """An unexpected error in the service's runner (a spawn, a lifecycle step, a task)."""
-
-    error: str
-    at: float
-    wall: float
-
-
-@dataclass(frozen=True)
-class ProbeFailed:
-    """The service's liveness (or startup) probe failed failure_threshold times in a row:
-    stop the process, then restart it as after a failure."""
-
-    probe: str  # "liveness" | "startup"
-    error: str
-    at: float
-
-
-Event = (StartRequested | StopRequested | Spawned | SpawnFailed | Exited | TimerFired | Held
-         | Released | Faulted | ProbeFailed)
-
-
-# -- actions ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Spawn:
-    pass
-
-
-@dataclass(frozen=True)
-class SignalGroup:
-    signal: int
-
-
-@dataclass(frozen=True)
-class StartTimer:
-    kind: str
-    delay: float
-
-
-@dataclass(frozen=True)
-class CancelTimer:
-    pass
-
-
-Action = Spawn | SignalGroup | StartTimer | CancelTimer
+# The lifecycle's whole vocabulary, for `from supervisor.core import lifecycle as lc`.
+__all__ = [
+    "ACTIVE_STATES", "EXIT_REASONS", "SETTLED_STATES", "SIGKILL", "TIMER_STATE", "Action",
+    "CancelTimer", "Event", "ExitReason", "Exited", "Faulted", "Held", "LastExit", "Lifecycle",
+    "LifecycleError", "Policy", "ProbeFailed", "Released", "SignalGroup", "Spawn", "SpawnFailed",
+    "Spawned", "StartRequested", "StartTimer", "State", "StopRequested", "TimerFired",
+    "TimerKind",
+]
 
 SIGKILL = 9
 
-
-def restart_delay(policy: Backoff, quick_failures: int, random: Callable[[], float]) -> float:
-    """Delay before the next spawn, given how many quick failures came right before this one.
-
-    Total for any input: initial * factor**(n-1) is compared with `max` in log space, so a
-    crash loop of any length (or a huge factor) gives `max`, never an OverflowError; a
-    non-finite or negative policy value gives a finite, non-negative delay."""
-    if quick_failures <= 0:
-        return 0.0
-    cap = _finite(policy.max, 0.0)
-    initial = min(_finite(policy.initial, cap), cap)
-    factor = _finite(policy.factor, 1.0)
-    if initial <= 0.0 or cap <= 0.0:
-        return 0.0
-    base = initial
-    if factor > 1.0:
-        steps = min(quick_failures - 1, 1 << 62)  # an int too big for a float cannot overflow
-        log_base = math.log(initial) + steps * math.log(factor)
-        base = cap if log_base >= math.log(cap) else math.exp(log_base)
-    jitter = min(max(_finite(policy.jitter, 0.0), 0.0), 1.0)
-    draw = _finite(random(), 0.5)
-    jittered = base * (1.0 + jitter * (2.0 * draw - 1.0))
-    return max(0.0, min(cap, jittered))
-
-
-def _finite(value: float, fallback: float) -> float:
-    return max(0.0, value) if math.isfinite(value) else fallback
-
-
-@dataclass
-class LastExit:
-    code: int | None
-    signal: int | None
-    reason: str
-    wall: float
+# The one state in which each timer can be live (note [9]).
+TIMER_STATE: Mapping[TimerKind, State] = {
+    "started": State.STARTING, "backoff": State.BACKOFF, "kill": State.STOPPING}
 
 
 @dataclass
 class Lifecycle:
-    spec: ServiceSpec
+    policy: Policy
     random: Callable[[], float]
     state: State = State.STOPPED
     pid: int | None = None
@@ -204,7 +167,7 @@ class Lifecycle:
     last_exit: LastExit | None = None
     last_error: str | None = None
     exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_REASONS, 0))
-    timer: str | None = None
+    timer: TimerKind | None = None  # the live timer
     start_after_stop: bool = False
     waiting_for: str | None = None  # while WAITING: what the start is held back for
     # While STOPPING because a probe failed: restart after the exit (as after a failure);
@@ -213,63 +176,105 @@ class Lifecycle:
     probe_kill_running: bool = False
 
     def __repr__(self) -> str:
-        return (f"<Lifecycle {self.spec.name} {self.state} pid={self.pid} starts={self.starts} "
-                f"quick_failures={self.quick_failures}>")
+        return (f"<Lifecycle {self.policy.name} {self.state} pid={self.pid} "
+                f"starts={self.starts} quick_failures={self.quick_failures}>")
 
     def handle(self, event: Event) -> list[Action]:
-        handler = getattr(self, "_on_" + type(event).__name__)
-        actions: list[Action] = handler(event)
+        """Apply one event; raises LifecycleError (changing nothing) for a pair marked `!`."""
+        match event:  # the runner's most frequent events first
+            case Spawned():
+                actions = self._spawned(event)
+            case Exited():
+                actions = self._exited(event)
+            case TimerFired():
+                actions = self._timer_fired(event)
+            case StartRequested():
+                actions = self._start_requested()
+            case StopRequested():
+                actions = self._stop_requested()
+            case SpawnFailed():
+                actions = self._spawn_failed(event)
+            case ProbeFailed():
+                actions = self._probe_failed(event)
+            case Held():
+                actions = self._held(event)
+            case Released():
+                actions = self._spawn() if self.state is State.WAITING else []
+            case Faulted():
+                actions = self._faulted(event)
+            case _:
+                assert_never(event)
         if self.state is not State.WAITING:
             self.waiting_for = None
         return actions
 
-    # -- requests ------------------------------------------------------------------------
-    def _on_StartRequested(self, event: StartRequested) -> list[Action]:
-        if self.state in (State.STOPPED, State.EXITED, State.FATAL, State.WAITING):
-            self.quick_failures = 0  # an operator's start is a fresh attempt
-            return self._spawn()
-        if self.state is State.BACKOFF:  # start now rather than after the delay
-            return [CancelTimer(), *self._spawn()]
-        if self.state is State.STOPPING:
-            self.start_after_stop = True
-        return []
+    def snapshot(self, *, autostart: bool, ready: bool | None = None,
+                 probes: Mapping[str, ProbeStatus] | None = None,
+                 cgroup: str | None = None) -> ServiceSnapshot:
+        """The service as it is now, frozen; the runner adds what only it knows."""
+        return ServiceSnapshot(
+            name=self.policy.name, state=self.state, pid=self.pid, started_at=self.started_at,
+            started_wall=self.started_wall, starts=self.starts, exits=dict(self.exits),
+            last_exit=self.last_exit, last_error=self.last_error,
+            next_start_at=self.next_start_at, quick_failures=self.quick_failures,
+            autostart=autostart, waiting_for=self.waiting_for, ready=ready,
+            probes={} if probes is None else dict(probes), cgroup=cgroup,
+        )
 
-    def _on_StopRequested(self, event: StopRequested) -> list[Action]:
+    # -- requests ------------------------------------------------------------------------
+    def _start_requested(self) -> list[Action]:
+        state = self.state
+        match state:
+            case State.STOPPED | State.EXITED | State.FATAL | State.WAITING:
+                self.quick_failures = 0  # an operator's start is a fresh attempt
+                return self._spawn()
+            case State.BACKOFF:  # start now rather than after the delay
+                return [*self._cancel_timer(), *self._spawn()]
+            case State.STOPPING:
+                self.start_after_stop = True
+                return []
+            case State.STARTING | State.RUNNING:
+                return []
+            case _:
+                assert_never(state)
+
+    def _stop_requested(self) -> list[Action]:
         self.start_after_stop = False
         self.probe_kill = None  # an operator's stop wins over a probe's restart
-        if self.state in (State.STARTING, State.RUNNING):
-            self.state = State.STOPPING
-            return [SignalGroup(self.spec.stop_signal), self._timer("kill", self.spec.stop_timeout)]
-        if self.state is State.BACKOFF:
-            self.state = State.STOPPED
-            self.next_start_at = None
-            return self._cancel_timer()
-        if self.state in (State.EXITED, State.FATAL, State.WAITING):
-            self.state = State.STOPPED
-        return []
+        state = self.state
+        match state:
+            case State.STARTING | State.RUNNING:
+                return self._stop(self.policy.stop_signal)
+            case State.BACKOFF:
+                self.state = State.STOPPED
+                self.next_start_at = None
+                return self._cancel_timer()
+            case State.EXITED | State.FATAL | State.WAITING:
+                self.state = State.STOPPED
+                return []
+            case State.STOPPED | State.STOPPING:
+                return []
+            case _:
+                assert_never(state)
 
-    def _on_Held(self, event: Held) -> list[Action]:
+    def _held(self, event: Held) -> list[Action]:
         if self.state is State.WAITING or (
                 not event.refresh and self.state in (State.STOPPED, State.EXITED, State.FATAL)):
             self.state = State.WAITING
             self.waiting_for = event.reason
         return []
 
-    def _on_Released(self, event: Released) -> list[Action]:
-        if self.state is State.WAITING:
-            return self._spawn()
-        return []
-
-    def _on_ProbeFailed(self, event: ProbeFailed) -> list[Action]:
+    def _probe_failed(self, event: ProbeFailed) -> list[Action]:
+        if self.pid is None or self.state is State.STOPPING:
+            return []  # no process, or stopping already: nothing to restart
         if self.state not in (State.STARTING, State.RUNNING):
-            return []  # already stopping, or gone: nothing to restart
+            raise LifecycleError(f"{self.policy.name}: a pid in state {self.state}")
         self.probe_kill = event.probe
         self.probe_kill_running = self.state is State.RUNNING
         self.last_error = f"{event.probe} probe failed: {event.error}"
-        self.state = State.STOPPING
-        return [SignalGroup(self.spec.stop_signal), self._timer("kill", self.spec.stop_timeout)]
+        return self._stop(self.policy.stop_signal)
 
-    def _on_Faulted(self, event: Faulted) -> list[Action]:
+    def _faulted(self, event: Faulted) -> list[Action]:
         """Contain an unexpected error: the service goes to `fatal`, with the error, and what
         is left of its process group is killed. An operator's start tries again."""
         actions: list[Action] = [SignalGroup(SIGKILL)] if self.pid is not None else []
@@ -284,38 +289,55 @@ class Lifecycle:
         return actions + self._cancel_timer()
 
     # -- what the runner reports ---------------------------------------------------------
-    def _on_Spawned(self, event: Spawned) -> list[Action]:
+    def _spawned(self, event: Spawned) -> list[Action]:
+        if self.state is not State.STARTING or self.pid is not None:
+            raise LifecycleError(f"{self.policy.name}: Spawned in state {self.state} "
+                                 f"pid={self.pid}: no spawn was outstanding")
         self.pid = event.pid
         self.started_at = event.at
         self.started_wall = event.wall
         self.starts += 1
         self.last_error = None
-        if self.spec.start_seconds <= 0:
+        if self.policy.start_seconds <= 0:
             self.state = State.RUNNING
             return []
-        return [self._timer("started", self.spec.start_seconds)]
+        return [self._timer("started", self.policy.start_seconds)]
 
-    def _on_SpawnFailed(self, event: SpawnFailed) -> list[Action]:
+    def _spawn_failed(self, event: SpawnFailed) -> list[Action]:
+        if self.pid is not None or self.state not in (State.STARTING, State.STOPPING):
+            return []  # note [6]
         self.last_error = event.error
         self._record_exit(None, None, "spawn_error", event.wall)
-        return self._after_exit(event.at, quick=True)
+        if self.state is State.STARTING:
+            return self._after_exit(event.at, quick=True)
+        return self._stopped()  # a stop came while the spawn was failing
 
-    def _on_TimerFired(self, event: TimerFired) -> list[Action]:
-        if event.kind != self.timer:
+    def _timer_fired(self, event: TimerFired) -> list[Action]:
+        kind = event.kind
+        if kind != self.timer:
             return []  # a timer that was replaced or cancelled
+        if TIMER_STATE[kind] is not self.state:
+            raise LifecycleError(f"{self.policy.name}: the {kind} timer live in state "
+                                 f"{self.state}")
         self.timer = None
-        if event.kind == "started" and self.state is State.STARTING:
-            self.state = State.RUNNING
-        elif event.kind == "backoff" and self.state is State.BACKOFF:
-            self.next_start_at = None
-            return self._spawn()
-        elif event.kind == "kill" and self.state is State.STOPPING:
-            return [SignalGroup(SIGKILL)]
-        return []
+        match kind:
+            case "started":
+                self.state = State.RUNNING
+                return []
+            case "backoff":
+                return self._spawn()
+            case "kill":
+                return [SignalGroup(SIGKILL)]
+            case _:
+                assert_never(kind)
 
-    def _on_Exited(self, event: Exited) -> list[Action]:
-        if self.state not in ACTIVE_STATES:
-            return []
+    def _exited(self, event: Exited) -> list[Action]:
+        if self.pid is None:
+            return []  # note [8]
+        state = self.state
+        if state is not State.STARTING and state is not State.RUNNING \
+                and state is not State.STOPPING:
+            raise LifecycleError(f"{self.policy.name}: a pid in state {state}")
         # Whatever the service left in its process group goes with it, so that a restart
         # never races a half-dead predecessor for its port.
         actions: list[Action] = [SignalGroup(SIGKILL)]
@@ -323,7 +345,7 @@ class Lifecycle:
         self.pid = None
         self.started_at = None
         self.started_wall = None
-        if self.state is State.STOPPING and self.probe_kill is not None:
+        if state is State.STOPPING and self.probe_kill is not None:
             self.probe_kill = None
             self._record_exit(event.code, event.signal, "liveness", event.wall)
             actions += self._cancel_timer()
@@ -331,41 +353,50 @@ class Lifecycle:
                 self.start_after_stop = False
                 self.quick_failures = 0
                 return actions + self._spawn()
-            if self.spec.restart == "never":
+            if self.policy.restart == "never":
                 self.state = State.EXITED
                 return actions
-            stable = self.probe_kill_running and ran_for >= self.spec.backoff.reset_after
+            stable = self.probe_kill_running and ran_for >= self.policy.backoff.reset_after
             return actions + self._after_exit(event.at, quick=not stable)
-        if self.state is State.STOPPING:
+        if state is State.STOPPING:
             self._record_exit(event.code, event.signal, "stopped", event.wall)
-            self.state = State.STOPPED
-            actions += self._cancel_timer()
-            if self.start_after_stop:
-                self.start_after_stop = False
-                self.quick_failures = 0
-                actions += self._spawn()
-            return actions
-        success = event.signal is None and event.code in self.spec.success_exit_codes
-        reason = "success" if success else ("signal" if event.signal is not None else "failure")
+            return actions + self._stopped()
+        success = event.signal is None and event.code in self.policy.success_exit_codes
+        reason: ExitReason = "success" if success else (
+            "signal" if event.signal is not None else "failure")
         self._record_exit(event.code, event.signal, reason, event.wall)
-        stable = self.state is State.RUNNING and ran_for >= self.spec.backoff.reset_after
+        stable = state is State.RUNNING and ran_for >= self.policy.backoff.reset_after
         actions += self._cancel_timer()
-        restart = self.spec.restart == "always" or (
-            self.spec.restart == "on-failure" and not success)
+        restart = self.policy.restart == "always" or (
+            self.policy.restart == "on-failure" and not success)
         if not restart:
             self.state = State.EXITED
             return actions
         return actions + self._after_exit(event.at, quick=not stable)
 
     # -- helpers -------------------------------------------------------------------------
+    def _stop(self, signal: int) -> list[Action]:
+        self.state = State.STOPPING
+        return [SignalGroup(signal), self._timer("kill", self.policy.stop_timeout)]
+
+    def _stopped(self) -> list[Action]:
+        """The end of a stop: `stopped`, or a new start if one was asked meanwhile."""
+        self.state = State.STOPPED
+        actions = self._cancel_timer()
+        if self.start_after_stop:
+            self.start_after_stop = False
+            self.quick_failures = 0
+            actions += self._spawn()
+        return actions
+
     def _after_exit(self, now: float, quick: bool) -> list[Action]:
         if not quick:
             self.quick_failures = 0
-        limit = self.spec.backoff.max_retries
+        limit = self.policy.backoff.max_retries
         if limit is not None and self.quick_failures >= limit and quick:
             self.state = State.FATAL
             return []
-        delay = restart_delay(self.spec.backoff, self.quick_failures, self.random)
+        delay = restart_delay(self.policy.backoff, self.quick_failures, self.random)
         # Counts restarts since the last stable run: the first is immediate, later ones wait.
         self.quick_failures += 1
         if delay <= 0:
@@ -379,7 +410,7 @@ class Lifecycle:
         self.next_start_at = None
         return [Spawn()]
 
-    def _timer(self, kind: str, delay: float) -> StartTimer:
+    def _timer(self, kind: TimerKind, delay: float) -> StartTimer:
         self.timer = kind
         return StartTimer(kind, delay)
 
@@ -389,6 +420,7 @@ class Lifecycle:
         self.timer = None
         return [CancelTimer()]
 
-    def _record_exit(self, code: int | None, sig: int | None, reason: str, wall: float) -> None:
+    def _record_exit(self, code: int | None, sig: int | None, reason: ExitReason,
+                     wall: float) -> None:
         self.last_exit = LastExit(code, sig, reason, wall)
         self.exits[reason] += 1

@@ -18,9 +18,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from supervisor.core.lifecycle import EXIT_REASONS, State
+from supervisor.core.snapshot import EXIT_REASONS, ServiceSnapshot, State
 from supervisor.process.procstats import TreeStats
-from supervisor.runner import ServiceSnapshot
 
 SELF = "supervisor"
 LABELS = ["service", "environment"]
