@@ -86,7 +86,8 @@ Kill (SignalGroup(SIGKILL)), Timer:kind (StartTimer(kind, delay)).
     stop, as after a failure [5], with reason `liveness`.
 [8] No process: the late exit of one that a fault already let go.
 [9] TimerFired:kind is the live timer (the last started, not cancelled since). Each kind is
-    live only in its state: `started` in starting, `backoff` in backoff, `kill` in stopping.
+    live only in its state: `started` in starting (with a pid), `backoff` in backoff, `kill`
+    in stopping.
 [10] A timer that was replaced or cancelled after it had fired (its event already queued).
 [11] `Held(refresh=True)` only updates the reason of a service still waiting, so that an
     operator's stop is never undone by a later update; `Held` also puts one back to waiting.
@@ -316,7 +317,7 @@ class Lifecycle:
         kind = event.kind
         if kind != self.timer:
             return []  # a timer that was replaced or cancelled
-        if TIMER_STATE[kind] is not self.state:
+        if TIMER_STATE[kind] is not self.state or (kind == "started" and self.pid is None):
             raise LifecycleError(f"{self.policy.name}: the {kind} timer live in state "
                                  f"{self.state}")
         self.timer = None
