@@ -153,6 +153,35 @@ async def test_unexpected_lifecycle_error_is_contained(
         assert daemon.snapshots["good"].state is State.RUNNING
 
 
+async def test_a_stop_that_lands_while_a_spawn_fails_stops_the_service(tmp_path: Path) -> None:
+    """Stop queued ahead of a failed spawn's SpawnFailed (the lifecycle table's
+    `stopping/no-pid`): the service ends `stopped`. It used to restart as after a failure, so
+    a stop (and the daemon's shutdown) could wait on a crash loop."""
+    from supervisor.config import ServiceSpec
+    from supervisor.process.spawn import spawn
+    from supervisor.runner import ServiceRunner
+
+    def stop_then_spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> Child:
+        runner.stop()  # an operator's stop, queued while this spawn is under way
+        return spawn(argv, env, cwd)  # a real failure: there is no such program
+
+    spec = ServiceSpec(name="gone", command=(str(tmp_path / "no-such-program"),), env={},
+                       cwd=str(tmp_path), start_seconds=0.1)
+    runner = ServiceRunner(spec, environ=dict(os.environ), publish=lambda s: None,
+                           spawner=stop_then_spawn)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        runner.start()
+        with anyio.fail_after(10):
+            snap = await runner.wait_until(
+                lambda s: s.last_exit is not None and s.state in lc.SETTLED_STATES)
+        assert snap.state is State.STOPPED, snap
+        assert snap.last_exit is not None and snap.last_exit.reason == "spawn_error"
+        assert snap.exits["spawn_error"] == 1 and snap.starts == 0
+        assert snap.last_error is not None and "no-such-program" in snap.last_error
+        tg.cancel_scope.cancel()
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
