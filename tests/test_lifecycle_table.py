@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from supervisor.core import lifecycle as lc
 from supervisor.core.lifecycle import TIMER_STATE, State
-from supervisor.core.policy import Backoff, Policy
+from supervisor.core.policy import Backoff, Policy, RestartPolicy
 
 VARIANTS = ("stopped", "starting", "starting/no-pid", "running", "backoff", "stopping",
             "stopping/no-pid", "exited", "fatal", "waiting")
@@ -57,22 +57,22 @@ def parse_table(doc: str) -> dict[tuple[str, str], Row]:
         elif line.startswith("       ") and line.strip():
             rows[-1] = (rows[-1][0], rows[-1][1], rows[-1][2] + " " + line.strip())
     table: dict[tuple[str, str], Row] = {}
-    for label in LABELS:
-        mine = [(states.split(), rest) for ev, states, rest in rows if ev == label]
-        named = [v for states, _ in mine for v in states if v != "other"]
-        assert len(named) == len(set(named)), f"{label}: a state in two rows"
-        assert set(named) <= set(VARIANTS), f"{label}: {set(named) - set(VARIANTS)}"
-        for states, rest in mine:
+    for event in LABELS:
+        mine = [(states.split(), rest) for ev, states, rest in rows if ev == event]
+        named = [v for group, _ in mine for v in group if v != "other"]
+        assert len(named) == len(set(named)), f"{event}: a state in two rows"
+        assert set(named) <= set(VARIANTS), f"{event}: {set(named) - set(VARIANTS)}"
+        for group, rest in mine:
             words = re.sub(r"\[\d+\]", "", rest).split()
             nxt, actions = words[0], frozenset(words[1:])
-            assert actions <= set(ACTIONS), f"{label}: {actions - set(ACTIONS)}"
+            assert actions <= set(ACTIONS), f"{event}: {actions - set(ACTIONS)}"
             row = Row(None if nxt in ("=", "!") else frozenset(nxt.split("|")), actions,
                       raises=nxt == "!")
             assert row.next is None or row.next <= set(VARIANTS), rest
-            covered = [v for v in VARIANTS if v not in named] if states == ["other"] else states
-            for variant in covered:
-                table[label, variant] = row
-        assert {v for lab, v in table if lab == label} == set(VARIANTS), f"{label}: not covered"
+            covered = [v for v in VARIANTS if v not in named] if group == ["other"] else group
+            for v in covered:
+                table[event, v] = row
+        assert {v for e, v in table if e == event} == set(VARIANTS), f"{event}: not covered"
     return table
 
 
@@ -153,11 +153,12 @@ def apply(m: lc.Lifecycle, event: lc.Event) -> tuple[Row, list[lc.Action] | None
 
 
 # -- every pair, from every reachable configuration ------------------------------------------
+RESTARTS: tuple[RestartPolicy, ...] = ("always", "on-failure", "never")
 POLICIES = [
     Policy("svc", restart=restart, start_seconds=start_seconds, stop_signal=15,
            backoff=Backoff(initial=1.0, jitter=0.0, reset_after=10.0, max_retries=retries))
     for restart, start_seconds, retries in itertools.product(
-        ("always", "on-failure", "never"), (1.0, 0.0), (None, 1))
+        RESTARTS, (1.0, 0.0), (None, 1))
 ]
 
 
@@ -170,8 +171,8 @@ def events_for(m: lc.Lifecycle, now: float) -> Iterator[lc.Event]:
     started = m.started_at if m.started_at is not None else now
     for ran, code, sig in ((0.1, 0, None), (0.1, 1, None), (100.0, 1, None), (100.0, None, 9)):
         yield lc.Exited(code, sig, started + ran, started + ran)
-    for kind in ("started", "backoff", "kill"):
-        yield lc.TimerFired(kind, now)  # type: ignore[arg-type]
+    for kind in TIMER_STATE:
+        yield lc.TimerFired(kind, now)
     yield lc.Held("dependency db is fatal", now)
     yield lc.Held("dependency db is stopped", now, refresh=True)
     yield lc.Released(now)
@@ -236,15 +237,15 @@ def test_every_pair_from_every_reachable_configuration_follows_the_table() -> No
             seen_next.setdefault(by_row, set()).add(str(machine.state))
             seen_actions.setdefault(by_row, set()).update(
                 action_name(a, machine.policy) for a in actions)
-    for (event, state), row in TABLE.items():
+    for (name, state), row in TABLE.items():
         if row.raises:
-            assert (event, state) in refused, f"{event} in {state}: `!`, never refused"
+            assert (name, state) in refused, f"{name} in {state}: `!`, never refused"
             continue
-        by_row = (event, id(row))
-        assert by_row in seen_next, f"{event} in {state}: never walked"
+        by_row = (name, id(row))
+        assert by_row in seen_next, f"{name} in {state}: never walked"
         if row.next is not None:
-            assert seen_next[by_row] == row.next, (event, state, seen_next[by_row], row)
-        assert seen_actions[by_row] == row.actions, (event, state, seen_actions[by_row], row)
+            assert seen_next[by_row] == row.next, (name, state, seen_next[by_row], row)
+        assert seen_actions[by_row] == row.actions, (name, state, seen_actions[by_row], row)
 
 
 def test_an_impossible_pair_raises_and_changes_nothing() -> None:
@@ -328,19 +329,20 @@ def test_what_the_runner_can_produce_is_never_refused(policy: Policy, rnd: rando
             perform(m.handle(queue.popleft()))
             check_invariants(m)
         elif step == "exit" and alive:
-            alive.remove(pid := rnd.choice(alive))
+            alive.remove(rnd.choice(alive))  # this one, or one a fault let go
             queue.append(lc.Exited(rnd.choice([0, 1]), None, now, now))
         elif step == "fire" and timer:
             queue.append(lc.TimerFired(timer.pop(), now))
         elif step == "probe":
             queue.append(lc.ProbeFailed("liveness", "HTTP 500", now))
         elif step in ("start", "stop", "hold", "refresh", "release", "fault"):
-            queue.append({
+            external: dict[str, lc.Event] = {
                 "start": lc.StartRequested(now), "stop": lc.StopRequested(now),
                 "hold": lc.Held("dependency db", now),
                 "refresh": lc.Held("dependency db", now, refresh=True),
                 "release": lc.Released(now), "fault": lc.Faulted("boom", now, now),
-            }[step])
+            }
+            queue.append(external[step])
     while queue:  # drain: every event queued is applied, none refused
         perform(m.handle(queue.popleft()))
         check_invariants(m)
