@@ -1,8 +1,10 @@
-"""Parse services.toml once, at the edge, into frozen values.
+"""Parse services.toml once, at the edge, into the frozen values of schema.py.
 
 Every problem is collected with its TOML key path (`services.api.restart: ...`) and raised
 together as one ConfigError; unknown keys are errors, never silently ignored. Values of
-environment variables and DSNs never appear in error text.
+environment variables and DSNs never appear in error text. A key that is absent takes the
+schema's default, read from the dataclasses (never written here a second time); checks and
+probes are validated from the table of check kinds (kinds.py).
 """
 
 from __future__ import annotations
@@ -12,10 +14,32 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from supervisor.config.deny import DenyPatterns, denies_everything
+from supervisor.config.kinds import CHECK_TYPES, KIND, KINDS, PROBE_TYPES
+from supervisor.config.schema import (
+    CGROUP_MODES,
+    LOG_LEVELS,
+    MAX_BACKOFF_FACTOR,
+    MAX_CONNECTIONS,
+    MAX_PROBE_THRESHOLD,
+    MAX_PROBE_TIMEOUT,
+    MAX_RETRIES,
+    MAX_SECONDS,
+    MAX_SOCKET_PATH,
+    MIN_INTERVAL,
+    PRIVATE_ENV,
+    PROBE_KINDS,
+    RESTART_POLICIES,
+    Backoff,
+    CheckSpec,
+    Config,
+    ProbeSpec,
+    ServiceSpec,
+    Settings,
+)
 from supervisor.core.datatypes import (
     interpolate,
     parse_env_file,
@@ -26,158 +50,18 @@ from supervisor.core.datatypes import (
 from supervisor.core.errors import ConfigError
 from supervisor.core.redact import config_secrets, interpolated_values, url_problem
 
-if TYPE_CHECKING:
-    from supervisor.web.webconfig import WebConfig
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-RESTART_POLICIES = ("always", "on-failure", "never")
-# Bounds on every number, so that what check-config accepts, run and reload can run: NaN and
-# infinities are refused everywhere (TOML accepts them); durations are at most a week, loops
-# (scrape, stats and check intervals) at least 10 ms apart, backoff_factor at most 100.
-MAX_SECONDS = 7 * 24 * 3600.0
-MIN_INTERVAL = 0.01
-MAX_BACKOFF_FACTOR = 100.0
-MAX_RETRIES = 1_000_000_000
-MAX_CONNECTIONS = 65_536
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, with the terminating NUL
-CHECK_TYPES = ("postgres", "redis", "http", "tcp")
-# Service probes ([services.NAME.liveness|readiness|startup]), named as in Kubernetes.
-PROBE_KINDS = ("startup", "liveness", "readiness")
-PROBE_TYPES = ("http", "tcp", "exec")
-MAX_PROBE_THRESHOLD = 10_000
-MAX_PROBE_TIMEOUT = 3600.0
-# Variables that belong to the daemon's own relation with systemd; a child must never see them.
-PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-               "LISTEN_FDNAMES")
-# Seed story's constitutional metrics (FR52): never exposed, in any disguise. Globs over the
-# normalised names, labels and HELP of a family (see supervisor/observe/denylist.py): the exact
-# names, then the same words (and `constitutional`) anywhere.
-DEFAULT_DENY_METRICS = (
-    "constitutional_breach_count",
-    "halt_state",
-    "dissent_health_ratio",
-    "witness_coverage_percent",
-    "override_frequency",
-    "*constitutional*",
-    "*breach_count*",
-    "*halt_state*",
-    "*dissent_health*",
-    "*witness_coverage*",
-    "*override_frequency*",
-)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Restart delays: immediate after a stable run, then initial * factor**n, capped, jittered."""
-
-    initial: float = 1.0
-    max: float = 60.0
-    factor: float = 2.0
-    jitter: float = 0.2
-    reset_after: float = 10.0
-    max_retries: int | None = None  # consecutive quick failures before `fatal`; None: never
-
-
-@dataclass(frozen=True)
-class ProbeSpec:
-    """One probe of a service (liveness, readiness or startup), as in Kubernetes."""
-
-    kind: str  # "liveness" | "readiness" | "startup"
-    type: str  # "http" | "tcp" | "exec"
-    target: str = field(default="", repr=False)  # URL (http) or host:port (tcp); may hold a secret
-    command: tuple[str, ...] = field(default=(), repr=False)  # exec
-    period: float = 10.0
-    timeout: float = 1.0
-    failure_threshold: int = 3
-    success_threshold: int = 1
-    initial_delay: float = 0.0
-
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    name: str
-    command: tuple[str, ...]
-    # env_file values overlaid by `env`; the daemon's environ is added at spawn
-    env: Mapping[str, str]
-    cwd: str
-    restart: str = "always"
-    stop_signal: int = 15
-    stop_timeout: float = 10.0
-    start_seconds: float = 1.0
-    autostart: bool = True
-    depends_on: tuple[str, ...] = ()
-    wait_for: tuple[str, ...] = ()
-    wait_timeout: float = 60.0
-    success_exit_codes: frozenset[int] = frozenset({0})
-    backoff: Backoff = field(default_factory=Backoff)
-    metrics_url: str | None = None
-    scrape_timeout: float = 2.0
-    inherit_env: bool = True
-    env_files: tuple[str, ...] = ()
-    stdout_priority: int = 6  # syslog priority of an output line without a <N> prefix: info
-    stderr_priority: int = 4  # warning
-    # Globs of the metric families this service may expose; None: the [supervisor] list.
-    # Not compared: a reload that changes only what passes re-screens the service's metrics
-    # (daemon._scrape_targets) without restarting its process.
-    allow_metrics: tuple[str, ...] | None = field(default=None, compare=False)
-    liveness: ProbeSpec | None = None
-    readiness: ProbeSpec | None = None
-    startup: ProbeSpec | None = None
-
-    def probes(self) -> dict[str, ProbeSpec]:
-        """The configured probes by kind, startup first."""
-        found = {"startup": self.startup, "liveness": self.liveness, "readiness": self.readiness}
-        return {kind: probe for kind, probe in found.items() if probe is not None}
-
-
-@dataclass(frozen=True)
-class CheckSpec:
-    name: str
-    type: str
-    target: str = field(repr=False)  # DSN / URL / host:port; may hold a password: never print
-    query: str = "SELECT 1"
-    timeout: float = 1.0
-    interval: float = 5.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 9464
-    environment: str = "development"
-    scrape_interval: float = 5.0
-    stats_interval: float = 15.0
-    control_socket: str | None = None
-    control_socket_group: str | None = None
-    log_level: str = "info"
-    deny_metrics: tuple[str, ...] = DEFAULT_DENY_METRICS
-    max_connections: int = 128
-    stdout_priority: int = 6  # the services' default (see ServiceSpec)
-    stderr_priority: int = 4
-    web_config_file: str | None = None
-    # TLS and basic auth, read from web_config_file at load (and reload)
-    web_config: WebConfig | None = field(default=None, compare=False, repr=False)
-    # Globs of the metric families services may expose (strict mode); None: any family.
-    allow_metrics: tuple[str, ...] | None = None
-    cgroups: str = "auto"  # "auto": a cgroup per service where possible; "off": never
-    # /v1/ready also requires every service with a readiness probe to be ready.
-    ready_includes_services: bool = False
-
-
-@dataclass(frozen=True)
-class Config:
-    path: str
-    settings: Settings
-    services: Mapping[str, ServiceSpec]  # in start order: dependencies first
-    checks: Mapping[str, CheckSpec] = field(default_factory=dict)
-    # Every form of every credential above (see redact.config_secrets): masked by value in
-    # whatever leaves the daemon. Never printed, never compared.
-    secrets: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+# The schema's defaults, read from its dataclasses. The required fields of the last three
+# are placeholders: only the defaults of these instances are ever read.
+_SETTINGS = Settings()
+_BACKOFF = Backoff()
+_SERVICE = ServiceSpec(name="", command=(), env={}, cwd="")
+_PROBE = ProbeSpec(kind="", type="")
+_CHECK = CheckSpec(name="", type="", target="")
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
@@ -202,7 +86,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
 
 class _Parser:
     def __init__(self, path: str, environ: dict[str, str]) -> None:
-        self.defaults = Settings()
+        self.defaults = _SETTINGS  # then the [supervisor] table's, for the services
         self.path = path
         self.base = Path(path).resolve().parent
         self.environ = environ
@@ -304,11 +188,9 @@ class _Parser:
         return texts
 
     def deny_entries(self, data: Mapping[str, Any], where: str) -> tuple[str, ...]:
-        from supervisor.observe.denylist import normalise
-
         entries = self.strings(data, "deny_metrics", where, False)
         for index, entry in enumerate(entries):
-            if not normalise(entry.replace("*", "").replace("?", "")):
+            if denies_everything(entry):
                 self.problem(f"{where}.deny_metrics[{index}]", "an entry needs at least one "
                              "letter or digit (it would deny every metric)")
         return entries
@@ -419,9 +301,7 @@ class _Parser:
         """The names the daemon writes as label values on its own series (`service`, `check`,
         `environment`) must pass the FR52 guard too: only scraped families are judged label by
         label at run time."""
-        from supervisor.observe.denylist import DenyList
-
-        deny = DenyList(settings.deny_metrics)
+        deny = DenyPatterns(settings.deny_metrics)
         for kind, names in (("services", services), ("checks", checks)):
             for name in names:
                 if deny.denies(name):
@@ -452,7 +332,7 @@ class _Parser:
                           "stdout_priority", "stderr_priority", "web_config_file", "cgroups",
                           "ready_includes_services"},
                    where)
-        defaults = Settings()
+        defaults = _SETTINGS
         host, port = defaults.listen_host, defaults.listen_port
         listen = self.string(data, "listen", where)
         if listen is not None:
@@ -466,7 +346,7 @@ class _Parser:
         web_config_file = self.string(data, "web_config_file", where)
         web_config = None
         if web_config_file:
-            from supervisor.web.webconfig import WebConfigError, load_web_config
+            from supervisor.config.webconfig import WebConfigError, load_web_config
 
             web_config_file = self.resolve(web_config_file)
             try:
@@ -478,22 +358,27 @@ class _Parser:
             listen_host=host,
             listen_port=port,
             environment=environment,
-            scrape_interval=self.number(data, "scrape_interval", where, 5.0, MIN_INTERVAL),
-            stats_interval=self.number(data, "stats_interval", where, 15.0, MIN_INTERVAL),
+            scrape_interval=self.number(data, "scrape_interval", where,
+                                        defaults.scrape_interval, MIN_INTERVAL),
+            stats_interval=self.number(data, "stats_interval", where, defaults.stats_interval,
+                                       MIN_INTERVAL),
             control_socket=self.socket_path(control_socket, f"{where}.control_socket"),
             control_socket_group=self.string(data, "control_socket_group", where),
-            log_level=self.choice(data, "log_level", where,
-                                  ("debug", "info", "warning", "error"), "info"),
-            deny_metrics=DEFAULT_DENY_METRICS + self.deny_entries(data, where),
+            log_level=self.choice(data, "log_level", where, LOG_LEVELS, defaults.log_level),
+            deny_metrics=defaults.deny_metrics + self.deny_entries(data, where),
             allow_metrics=self.globs(data, "allow_metrics", where),
-            max_connections=self.integer(data, "max_connections", where, 128, minimum=1,
+            max_connections=self.integer(data, "max_connections", where,
+                                         defaults.max_connections, minimum=1,
                                          maximum=MAX_CONNECTIONS),
-            stdout_priority=self.priority(data, "stdout_priority", where, 6),
-            stderr_priority=self.priority(data, "stderr_priority", where, 4),
+            stdout_priority=self.priority(data, "stdout_priority", where,
+                                          defaults.stdout_priority),
+            stderr_priority=self.priority(data, "stderr_priority", where,
+                                          defaults.stderr_priority),
             web_config_file=web_config_file or None,
             web_config=web_config,
-            cgroups=self.choice(data, "cgroups", where, ("auto", "off"), "auto"),
-            ready_includes_services=self.boolean(data, "ready_includes_services", where, False),
+            cgroups=self.choice(data, "cgroups", where, CGROUP_MODES, defaults.cgroups),
+            ready_includes_services=self.boolean(data, "ready_includes_services", where,
+                                                 defaults.ready_includes_services),
         )
 
     def service(self, name: str, data: Mapping[str, Any]) -> ServiceSpec:
@@ -538,26 +423,29 @@ class _Parser:
                 self.problem(f"{where}.command", f"executable "
                              f"{_as_written(data, 'command', command[0])!r} not found or not "
                              "executable")
-        stop_signal = 15
+        stop_signal = _SERVICE.stop_signal
         stop_signal_text = self.string(data, "stop_signal", where, interpolated=False)
         if stop_signal_text is not None:
             try:
                 stop_signal = signal_number(stop_signal_text)
             except ValueError as exc:
                 self.problem(f"{where}.stop_signal", str(exc))
-        codes = data.get("success_exit_codes", [0])
-        if not isinstance(codes, list) or not all(
-                isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in codes):
-            self.problem(f"{where}.success_exit_codes", "expected a list of integers 0..255")
-            codes = [0]
+        codes = _SERVICE.success_exit_codes
+        if "success_exit_codes" in data:
+            given = data["success_exit_codes"]
+            if isinstance(given, list) and all(isinstance(c, int) and not isinstance(c, bool)
+                                               and 0 <= c <= 255 for c in given):
+                codes = frozenset(given)
+            else:
+                self.problem(f"{where}.success_exit_codes", "expected a list of integers 0..255")
         backoff = Backoff(
-            initial=self.number(data, "backoff_initial", where, 1.0),
-            max=self.number(data, "backoff_max", where, 60.0),
-            factor=self.number(data, "backoff_factor", where, 2.0, 1.0,
+            initial=self.number(data, "backoff_initial", where, _BACKOFF.initial),
+            max=self.number(data, "backoff_max", where, _BACKOFF.max),
+            factor=self.number(data, "backoff_factor", where, _BACKOFF.factor, 1.0,
                                maximum=MAX_BACKOFF_FACTOR),
-            jitter=self.number(data, "backoff_jitter", where, 0.2, maximum=1.0),
-            reset_after=self.number(data, "backoff_reset_after", where, 10.0),
-            max_retries=self.integer(data, "max_retries", where, None),
+            jitter=self.number(data, "backoff_jitter", where, _BACKOFF.jitter, maximum=1.0),
+            reset_after=self.number(data, "backoff_reset_after", where, _BACKOFF.reset_after),
+            max_retries=self.integer(data, "max_retries", where, _BACKOFF.max_retries),
         )
         if backoff.max < backoff.initial:
             self.problem(f"{where}.backoff_max", "must be >= backoff_initial")
@@ -572,19 +460,20 @@ class _Parser:
             command=command,
             env=env,
             cwd=cwd,
-            restart=self.choice(data, "restart", where, RESTART_POLICIES, "always"),
+            restart=self.choice(data, "restart", where, RESTART_POLICIES, _SERVICE.restart),
             stop_signal=stop_signal,
-            stop_timeout=self.number(data, "stop_timeout", where, 10.0),
-            start_seconds=self.number(data, "start_seconds", where, 1.0),
-            autostart=self.boolean(data, "autostart", where, True),
+            stop_timeout=self.number(data, "stop_timeout", where, _SERVICE.stop_timeout),
+            start_seconds=self.number(data, "start_seconds", where, _SERVICE.start_seconds),
+            autostart=self.boolean(data, "autostart", where, _SERVICE.autostart),
             depends_on=self.strings(data, "depends_on", where, False),
             wait_for=self.strings(data, "wait_for", where, False),
-            wait_timeout=self.number(data, "wait_timeout", where, 60.0),
-            success_exit_codes=frozenset(codes),
+            wait_timeout=self.number(data, "wait_timeout", where, _SERVICE.wait_timeout),
+            success_exit_codes=codes,
             backoff=backoff,
             metrics_url=metrics_url,
-            scrape_timeout=self.number(data, "scrape_timeout", where, 2.0, 0.0, strictly=True),
-            inherit_env=self.boolean(data, "inherit_env", where, True),
+            scrape_timeout=self.number(data, "scrape_timeout", where, _SERVICE.scrape_timeout,
+                                       0.0, strictly=True),
+            inherit_env=self.boolean(data, "inherit_env", where, _SERVICE.inherit_env),
             env_files=env_files,
             stdout_priority=self.priority(data, "stdout_priority", where,
                                           self.defaults.stdout_priority),
@@ -621,53 +510,57 @@ class _Parser:
         where = f"{where}.{kind}"
         if not self.is_table(data, where):
             return None
-        self.table(data, {"type", "url", "address", "command", "period", "timeout",
-                          "failure_threshold", "success_threshold", "initial_delay"}, where)
-        kind_type = self.choice(data, "type", where, PROBE_TYPES, "tcp")
+        probe_kinds = [k for k in KINDS if k.service_probe]
+        target_keys = tuple(dict.fromkeys(k.key for k in probe_kinds))  # url, address, command
+        self.table(data, {"type", *target_keys, "period", "timeout", "failure_threshold",
+                          "success_threshold", "initial_delay"}, where)
+        check = KIND[self.choice(data, "type", where, PROBE_TYPES, "tcp")]
         if "type" not in data:
             self.problem(f"{where}.type", f"required (one of {', '.join(PROBE_TYPES)})")
-        key = {"http": "url", "tcp": "address", "exec": "command"}[kind_type]
-        for other in ("url", "address", "command"):
+        key = check.key
+        for other in target_keys:
             if other != key and other in data:
-                self.problem(f"{where}.{other}", f"not used by type {kind_type!r} (use {key})")
-        target = ""
-        command: tuple[str, ...] = ()
-        if kind_type == "exec":
-            command = self.strings(data, "command", where)
-            if "command" in data and (not command or not command[0]) and not any(
-                    p.startswith(f"{where}.command") for p in self.problems):
-                self.problem(f"{where}.command", "must be a non-empty list of strings")
+                self.problem(f"{where}.{other}", f"not used by type {check.name!r} (use {key})")
+        target = _PROBE.target
+        command = _PROBE.command
+        if check.form == "argv":
+            command = self.strings(data, key, where)
+            if key in data and (not command or not command[0]) and not any(
+                    p.startswith(f"{where}.{key}") for p in self.problems):
+                self.problem(f"{where}.{key}", "must be a non-empty list of strings")
         else:
             target = self.string(data, key, where, "")
             if key in data and not target and not any(
                     p.startswith(f"{where}.{key}") for p in self.problems):
                 self.problem(f"{where}.{key}", "must not be empty")
-            elif target and kind_type == "tcp":
+            elif target and check.form == "address":
                 try:
                     parse_listen(target)
                 except ValueError as exc:
-                    self.problem(f"{where}.address", str(exc))
-            elif target and not target.startswith(("http://", "https://")):
-                self.problem(f"{where}.url", "expected an http:// or https:// URL")
+                    self.problem(f"{where}.{key}", str(exc))
+            elif target and not target.startswith(check.schemes):
+                self.problem(f"{where}.{key}", check.scheme_hint)
             elif target:  # like metrics_url: its credentials are masked wherever they show
-                self.secret_url(data, "url", target)
-                self.url_ok(f"{where}.url", target, path_at_ok=True)
+                self.secret_url(data, key, target)
+                self.url_ok(f"{where}.{key}", target, path_at_ok=check.path_at_ok)
         if key not in data and "type" in data:
             self.problem(f"{where}.{key}", "required")
-        success_threshold = self.integer(data, "success_threshold", where, 1, minimum=1,
+        success_threshold = self.integer(data, "success_threshold", where,
+                                         _PROBE.success_threshold, minimum=1,
                                          maximum=MAX_PROBE_THRESHOLD)
         if kind != "readiness" and success_threshold != 1:
             self.problem(f"{where}.success_threshold", "must be 1 for a liveness or startup "
                          "probe (as in Kubernetes)")
         return ProbeSpec(
-            kind=kind, type=kind_type, target=target, command=command,
-            period=self.number(data, "period", where, 10.0, MIN_INTERVAL),
-            timeout=self.number(data, "timeout", where, 1.0, 0.0, strictly=True,
+            kind=kind, type=check.name, target=target, command=command,
+            period=self.number(data, "period", where, _PROBE.period, MIN_INTERVAL),
+            timeout=self.number(data, "timeout", where, _PROBE.timeout, 0.0, strictly=True,
                                 maximum=MAX_PROBE_TIMEOUT),
-            failure_threshold=self.integer(data, "failure_threshold", where, 3, minimum=1,
+            failure_threshold=self.integer(data, "failure_threshold", where,
+                                           _PROBE.failure_threshold, minimum=1,
                                            maximum=MAX_PROBE_THRESHOLD),
             success_threshold=success_threshold,
-            initial_delay=self.number(data, "initial_delay", where, 0.0),
+            initial_delay=self.number(data, "initial_delay", where, _PROBE.initial_delay),
         )
 
     def environment(self, data: Mapping[str, Any], where: str,
@@ -719,57 +612,60 @@ class _Parser:
 
     def check(self, name: str, data: Mapping[str, Any]) -> CheckSpec:
         where = f"checks.{name}"
-        self.table(data, {"type", "dsn", "dsn_file", "url", "address", "query", "timeout",
-                          "interval"}, where)
-        kind = self.choice(data, "type", where, CHECK_TYPES, "tcp")
+        dependency_kinds = [k for k in KINDS if k.dependency]
+        target_keys = tuple(dict.fromkeys(k.key for k in dependency_kinds))  # dsn, url, address
+        self.table(data, {"type", *target_keys, "timeout", "interval",
+                          *(f"{k.key}_file" for k in dependency_kinds if k.target_file),
+                          *(["query"] if any(k.query for k in dependency_kinds) else [])}, where)
+        check = KIND[self.choice(data, "type", where, CHECK_TYPES, "tcp")]
         if "type" not in data:
             self.problem(f"{where}.type", f"required (one of {', '.join(CHECK_TYPES)})")
-        key = {"postgres": "dsn", "redis": "url", "http": "url", "tcp": "address"}[kind]
+        key = check.key
+        file_key = f"{key}_file"
+        from_file = check.target_file and file_key in data
         target = self.string(data, key, where)
-        if kind == "postgres" and "dsn_file" in data:
+        if from_file:
             if target is not None:
-                self.problem(f"{where}.dsn_file", "give either dsn or dsn_file, not both")
-            dsn_file = self.resolve(self.string(data, "dsn_file", where, ""))
+                self.problem(f"{where}.{file_key}", f"give either {key} or {file_key}, not both")
+            target_file = self.resolve(self.string(data, file_key, where, ""))
             try:
-                target = Path(dsn_file).read_text(encoding="utf-8").strip()
+                target = Path(target_file).read_text(encoding="utf-8").strip()
                 self.secret_whole.append(target)
             except OSError as exc:
-                self.problem(f"{where}.dsn_file", f"cannot read "
-                             f"{_as_written(data, 'dsn_file', dsn_file)}: {exc.strerror or exc}")
+                self.problem(f"{where}.{file_key}", f"cannot read "
+                             f"{_as_written(data, file_key, target_file)}: "
+                             f"{exc.strerror or exc}")
             except UnicodeDecodeError:
-                self.problem(f"{where}.dsn_file", "is not valid UTF-8")
-        for other in ("dsn", "url", "address"):
+                self.problem(f"{where}.{file_key}", "is not valid UTF-8")
+        for other in target_keys:
             if other != key and other in data:
-                self.problem(f"{where}.{other}", f"not used by type {kind!r} (use {key})")
-        if target is not None and kind != "tcp":
+                self.problem(f"{where}.{other}", f"not used by type {check.name!r} (use {key})")
+        if target is not None and check.form == "url":
             self.secret_url(data, key, target)
         if target is None:
             if "type" in data:
                 self.problem(f"{where}.{key}", "required")
             target = ""
-        elif kind == "tcp":
+        elif check.form == "address":
             try:
                 parse_listen(target)
             except ValueError as exc:
-                self.problem(f"{where}.address", str(exc))
-        elif kind == "postgres" and not target.startswith(("postgres://", "postgresql://")):
-            self.problem(f"{where}.dsn", "expected a postgresql:// URL")
-        elif kind == "redis" and not target.startswith(("redis://", "rediss://", "unix://")):
-            self.problem(f"{where}.url", "expected a redis:// URL")
-        elif kind == "http" and not target.startswith(("http://", "https://")):
-            self.problem(f"{where}.url", "expected an http:// or https:// URL")
+                self.problem(f"{where}.{key}", str(exc))
+        elif not target.startswith(check.schemes):
+            self.problem(f"{where}.{key}", check.scheme_hint)
         else:
-            source = "dsn_file" if kind == "postgres" and "dsn_file" in data else key
-            self.url_ok(f"{where}.{source}", target, path_at_ok=kind == "http")
-        if "query" in data and kind != "postgres":
-            self.problem(f"{where}.query", "only postgres checks take a query")
+            source = file_key if from_file else key
+            self.url_ok(f"{where}.{source}", target, path_at_ok=check.path_at_ok)
+        if "query" in data and not check.query:
+            takers = " and ".join(k.name for k in dependency_kinds if k.query)
+            self.problem(f"{where}.query", f"only {takers} checks take a query")
         return CheckSpec(
             name=name,
-            type=kind,
+            type=check.name,
             target=target,
-            query=self.string(data, "query", where, "SELECT 1", interpolated=False),
-            timeout=self.number(data, "timeout", where, 1.0, 0.0, strictly=True),
-            interval=self.number(data, "interval", where, 5.0, MIN_INTERVAL),
+            query=self.string(data, "query", where, _CHECK.query, interpolated=False),
+            timeout=self.number(data, "timeout", where, _CHECK.timeout, 0.0, strictly=True),
+            interval=self.number(data, "interval", where, _CHECK.interval, MIN_INTERVAL),
         )
 
     def start_order(self, services: dict[str, ServiceSpec],
@@ -843,12 +739,4 @@ def load_toml_file(path: str) -> dict[str, Any]:
     """Raw TOML, for callers that need one key of a file that may be otherwise invalid."""
     with open(path, "rb") as f:
         return tomllib.load(f)
-
-
-def child_environment(spec: ServiceSpec, daemon_environ: Mapping[str, str]) -> dict[str, str]:
-    """The complete environment a service's process starts with."""
-    env = ({k: v for k, v in daemon_environ.items() if k not in PRIVATE_ENV}
-           if spec.inherit_env else {})
-    env.update(spec.env)
-    return env
 
