@@ -9,16 +9,16 @@ probes are validated from the table of check kinds (kinds.py).
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from supervisor.config.deny import DenyPatterns, denies_everything
 from supervisor.config.kinds import CHECK_TYPES, KIND, KINDS, PROBE_TYPES
+from supervisor.config.reader import Reader, as_written, path_is, type_name
 from supervisor.config.schema import (
     CGROUP_MODES,
     LOG_LEVELS,
@@ -26,8 +26,6 @@ from supervisor.config.schema import (
     MAX_CONNECTIONS,
     MAX_PROBE_THRESHOLD,
     MAX_PROBE_TIMEOUT,
-    MAX_RETRIES,
-    MAX_SECONDS,
     MAX_SOCKET_PATH,
     MIN_INTERVAL,
     PRIVATE_ENV,
@@ -40,13 +38,7 @@ from supervisor.config.schema import (
     ServiceSpec,
     Settings,
 )
-from supervisor.core.datatypes import (
-    interpolate,
-    parse_env_file,
-    parse_listen,
-    priority_number,
-    signal_number,
-)
+from supervisor.core.datatypes import parse_env_file, parse_listen, signal_number
 from supervisor.core.errors import ConfigError
 from supervisor.core.redact import config_secrets, interpolated_values, url_problem
 
@@ -84,108 +76,15 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
     return _Parser(path_text, env).parse(data)
 
 
-class _Parser:
+class _Parser(Reader):
     def __init__(self, path: str, environ: dict[str, str]) -> None:
+        super().__init__(path, environ)
         self.defaults = _SETTINGS  # then the [supervisor] table's, for the services
-        self.path = path
-        self.base = Path(path).resolve().parent
-        self.environ = environ
         # What redact.config_secrets needs: targets holding credentials, environment values
         # interpolated into them, and dsn_file contents.
         self.secret_targets: list[str] = []
         self.secret_env: set[str] = set()
         self.secret_whole: list[str] = []
-        self.problems: list[str] = []
-
-    def problem(self, where: str, message: str) -> None:
-        self.problems.append(f"{where}: {message}")
-
-    # -- generic typed getters -------------------------------------------------
-    def table(self, data: Mapping[str, Any], allowed: set[str], where: str) -> None:
-        for key in data:
-            if key not in allowed:
-                hint = ", ".join(sorted(allowed))
-                self.problem(f"{where}.{key}" if where else key,
-                             f"unknown key (expected one of {hint})")
-
-    def string(self, data: Mapping[str, Any], key: str, where: str, default: Any = None,
-               interpolated: bool = True) -> Any:
-        if key not in data:
-            return default
-        value = data[key]
-        if not isinstance(value, str):
-            self.problem(f"{where}.{key}", f"expected a string, got {_kind(value)}")
-            return default
-        text = self.expand(value, f"{where}.{key}") if interpolated else value
-        return text if self.no_nul(text, f"{where}.{key}") else default
-
-    def no_nul(self, text: str, where: str, what: str = "") -> bool:
-        """Strings reach the OS (argv, environ, paths): a NUL byte cannot. Never echoes."""
-        if "\0" in text:
-            self.problem(where, f"{what or 'value'} contains a NUL byte")
-            return False
-        return True
-
-    def number(self, data: Mapping[str, Any], key: str, where: str, default: float,
-               minimum: float = 0.0, strictly: bool = False,
-               maximum: float = MAX_SECONDS) -> float:
-        if key not in data:
-            return default
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.problem(f"{where}.{key}", f"expected a number of seconds, got {_kind(value)}")
-            return default
-        if isinstance(value, float) and not math.isfinite(value):
-            self.problem(f"{where}.{key}", f"must be a finite number, got {value}")
-            return default
-        if value < minimum or (strictly and value == minimum):
-            relation = ">" if strictly else ">="
-            self.problem(f"{where}.{key}",
-                         f"must be {relation} {minimum:g}, got {_number_text(value)}")
-            return default
-        if value > maximum:
-            self.problem(f"{where}.{key}", f"must be <= {maximum:g}, got {_number_text(value)}")
-            return default
-        return float(value)
-
-    def integer(self, data: Mapping[str, Any], key: str, where: str, default: Any,
-                minimum: int = 0, maximum: int = MAX_RETRIES) -> Any:
-        if key not in data:
-            return default
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.problem(f"{where}.{key}", f"expected an integer, got {_kind(value)}")
-            return default
-        if value < minimum or value > maximum:
-            self.problem(f"{where}.{key}",
-                         f"must be {minimum}..{maximum}, got {_number_text(value)}")
-            return default
-        return value
-
-    def boolean(self, data: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
-        if key not in data:
-            return default
-        value = data[key]
-        if not isinstance(value, bool):
-            self.problem(f"{where}.{key}", f"expected true or false, got {_kind(value)}")
-            return default
-        return value
-
-    def strings(self, data: Mapping[str, Any], key: str, where: str,
-                interpolated: bool = True) -> tuple[str, ...]:
-        if key not in data:
-            return ()
-        value = data[key]
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.problem(f"{where}.{key}", "expected a list of strings")
-            return ()
-        texts = tuple(self.expand(v, f"{where}.{key}[{i}]") if interpolated else v
-                      for i, v in enumerate(value))
-        if not all([self.no_nul(v, f"{where}.{key}[{i}]") for i, v in enumerate(texts)]):
-            return ()
-        return texts
 
     def deny_entries(self, data: Mapping[str, Any], where: str) -> tuple[str, ...]:
         entries = self.strings(data, "deny_metrics", where, False)
@@ -195,54 +94,6 @@ class _Parser:
                              "letter or digit (it would deny every metric)")
         return entries
 
-    def globs(self, data: Mapping[str, Any], key: str, where: str) -> tuple[str, ...] | None:
-        """A list of metric-name globs, or None when the key is absent."""
-        if key not in data:
-            return None
-        value = data[key]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.problem(f"{where}.{key}", "expected a list of metric-name globs (strings)")
-            return None
-        for index, glob in enumerate(value):
-            if not glob or not all(c.isascii() and (c.isalnum() or c in "_:*?[]!")
-                                   for c in glob):
-                self.problem(f"{where}.{key}[{index}]", "expected a metric-name glob: letters, "
-                             "digits, '_', ':' and the wildcards * ? [...]")
-        return tuple(value)
-
-    def choice(self, data: Mapping[str, Any], key: str, where: str, options: tuple[str, ...],
-               default: str) -> str:
-        value = self.string(data, key, where, default, interpolated=False)
-        if value not in options:
-            self.problem(f"{where}.{key}", f"expected one of {', '.join(options)}")
-            return default
-        return str(value)
-
-    def priority(self, data: Mapping[str, Any], key: str, where: str, default: int) -> int:
-        if key not in data:
-            return default
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            self.problem(f"{where}.{key}", f"expected a syslog priority name, got {_kind(value)}")
-            return default
-        try:
-            return priority_number(str(value))
-        except ValueError as exc:
-            self.problem(f"{where}.{key}", str(exc))
-            return default
-
-    def expand(self, text: str, where: str, secret: bool = False) -> str:
-        try:
-            return interpolate(text, self.environ)
-        except KeyError as exc:
-            self.problem(where, f"environment variable {exc.args[0]} is not set "
-                                f"(use ${{{exc.args[0]}:-default}} for a fallback)")
-        except ValueError as exc:
-            # The malformed reference is part of the value: not shown for a secret.
-            self.problem(where, "malformed variable reference (use ${NAME} or $$)" if secret
-                         else str(exc))
-        return text
-
     def socket_path(self, text: str | None, where: str) -> str | None:
         if not text:
             return None
@@ -251,13 +102,6 @@ class _Parser:
             self.problem(where, f"path {path} is longer than a Unix socket allows "
                                 f"({MAX_SOCKET_PATH} bytes)")
         return path
-
-    def resolve(self, text: str) -> str:
-        try:
-            path = Path(text).expanduser()
-        except RuntimeError:  # ~user of an unknown user: left as written, reported as missing
-            path = Path(text)
-        return str(path if path.is_absolute() else self.base / path)
 
     # -- sections --------------------------------------------------------------
     def parse(self, data: Mapping[str, Any]) -> Config:
@@ -310,19 +154,6 @@ class _Parser:
         if deny.denies(settings.environment):
             self.problem("supervisor.environment", "the value (or $ENVIRONMENT) matches the "
                          "FR52 deny list (deny_metrics); it is a label on every series")
-
-    def section(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-        value = data.get(key, {})
-        if not isinstance(value, dict):
-            self.problem(key, f"expected a table, got {_kind(value)}")
-            return {}
-        return value
-
-    def is_table(self, value: Any, where: str) -> bool:
-        if isinstance(value, dict):
-            return True
-        self.problem(where, f"expected a table, got {_kind(value)}")
-        return False
 
     def settings(self, data: Mapping[str, Any]) -> Settings:
         where = "supervisor"
@@ -407,22 +238,12 @@ class _Parser:
                           for p in self.strings(data, "env_file", where))
         env = self.environment(data, where, env_files)
         cwd = self.resolve(self.string(data, "cwd", where, "."))
-        if not _is(Path.is_dir, cwd):
+        if not path_is(Path.is_dir, cwd):
             # As written: an interpolated environment value is a secret (name it, not its value).
-            self.problem(f"{where}.cwd", f"directory {_as_written(data, 'cwd', cwd)} does not "
+            self.problem(f"{where}.cwd", f"directory {as_written(data, 'cwd', cwd)} does not "
                                          "exist")
         if command and command[0]:
-            search_path = env.get("PATH") or self.environ.get("PATH", os.defpath)
-            exe = command[0]
-            if "/" in exe:
-                exe = str(Path(cwd) / exe) if not Path(exe).is_absolute() else exe
-                found = os.access(exe, os.X_OK) and _is(Path.is_file, exe)
-            else:
-                found = shutil.which(exe, path=search_path) is not None
-            if not found:
-                self.problem(f"{where}.command", f"executable "
-                             f"{_as_written(data, 'command', command[0])!r} not found or not "
-                             "executable")
+            self.executable(command[0], data, f"{where}.command", env, cwd)
         stop_signal = _SERVICE.stop_signal
         stop_signal_text = self.string(data, "stop_signal", where, interpolated=False)
         if stop_signal_text is not None:
@@ -492,18 +313,23 @@ class _Parser:
         for kind, probe in probes.items():
             if probe is None or probe.type != "exec" or not probe.command:
                 continue
-            exe = probe.command[0]
-            if "/" in exe:
-                exe = str(Path(cwd) / exe) if not Path(exe).is_absolute() else exe
-                found = os.access(exe, os.X_OK) and _is(Path.is_file, exe)
-            else:
-                search_path = env.get("PATH") or self.environ.get("PATH", os.defpath)
-                found = shutil.which(exe, path=search_path) is not None
-            if not found:
-                written = _as_written(data[kind], "command", probe.command[0])
-                self.problem(f"{where}.{kind}.command", f"executable {written!r} not found or "
-                             "not executable")
+            self.executable(probe.command[0], data[kind], f"{where}.{kind}.command", env, cwd)
         return probes
+
+    def executable(self, exe: str, data: Mapping[str, Any], where: str,
+                   env: Mapping[str, str], cwd: str) -> None:
+        """`exe` (data["command"][0] expanded) must exist and be executable where it will run:
+        relative to `cwd` when it holds a `/`, else on the service's PATH."""
+        if "/" in exe:
+            path = str(Path(cwd) / exe) if not Path(exe).is_absolute() else exe
+            found = os.access(path, os.X_OK) and path_is(Path.is_file, path)
+        else:
+            search_path = env.get("PATH") or self.environ.get("PATH", os.defpath)
+            found = shutil.which(exe, path=search_path) is not None
+        if not found:
+            # As written: an interpolated environment value is a secret.
+            written = as_written(data, "command", exe)
+            self.problem(where, f"executable {written!r} not found or not executable")
 
     def probe(self, kind: str, data: Any, where: str) -> ProbeSpec | None:
         """[services.NAME.liveness] and its siblings; every key checked, bounded and typed."""
@@ -588,7 +414,7 @@ class _Parser:
             origin.update(dict.fromkeys(values, f"{where}.env_file[{index}] ({file_path})"))
         table = data.get("env", {})
         if not isinstance(table, dict):
-            self.problem(f"{where}.env", f"expected a table of strings, got {_kind(table)}")
+            self.problem(f"{where}.env", f"expected a table of strings, got {type_name(table)}")
             return env
         for key, value in table.items():
             if not key or "=" in key or "\0" in key:
@@ -596,7 +422,7 @@ class _Parser:
                              "a variable name must be non-empty, without '=' or NUL bytes")
                 continue
             if not isinstance(value, (str, int, float, bool)) or isinstance(value, bool):
-                self.problem(f"{where}.env.{key}", f"expected a string, got {_kind(value)}")
+                self.problem(f"{where}.env.{key}", f"expected a string, got {type_name(value)}")
                 continue
             env[key] = self.expand(str(value), f"{where}.env.{key}", secret=True)
             origin[key] = f"{where}.env.{key}"
@@ -633,7 +459,7 @@ class _Parser:
                 self.secret_whole.append(target)
             except OSError as exc:
                 self.problem(f"{where}.{file_key}", f"cannot read "
-                             f"{_as_written(data, file_key, target_file)}: "
+                             f"{as_written(data, file_key, target_file)}: "
                              f"{exc.strerror or exc}")
             except UnicodeDecodeError:
                 self.problem(f"{where}.{file_key}", "is not valid UTF-8")
@@ -701,38 +527,8 @@ class _Parser:
         return ordered
 
 
-def _is(test: Callable[[Path], bool], path: str) -> bool:
-    """Path.is_dir / is_file, False for a name the OS refuses (too long, ...)."""
-    try:
-        return test(Path(path))
-    except (OSError, ValueError):
-        return False
-
-
-def _number_text(value: float) -> str:
-    """A number for an error message; TOML integers have no size limit, floats' text has."""
-    if isinstance(value, int):
-        return str(value) if abs(value) < 10**30 else "a number of more than 30 digits"
-    return f"{value:g}"
-
-
-def _as_written(data: Mapping[str, Any], key: str, expanded: str) -> str:
-    """The config's own text for `data[key]` (its first item for a list), `${VAR}` references
-    unexpanded; `expanded` when the key holds nothing usable."""
-    raw = data.get(key)
-    if isinstance(raw, list) and raw:
-        raw = raw[0]
-    return raw if isinstance(raw, str) else expanded
-
-
 def _valid_name(name: str) -> bool:
     return bool(name) and all(c.isalnum() or c in "-_." for c in name)
-
-
-def _kind(value: Any) -> str:
-    names: dict[type, str] = {str: "a string", bool: "a boolean", int: "an integer",
-                              float: "a number", list: "a list", dict: "a table"}
-    return names.get(type(value), type(value).__name__)
 
 
 def load_toml_file(path: str) -> dict[str, Any]:
