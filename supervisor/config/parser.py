@@ -396,16 +396,19 @@ class _Parser(Reader):
         for index, entry in enumerate(env_files):
             optional = entry.startswith("-")
             file_path = entry[1:] if optional else entry
+            raw = data.get("env_file")
+            shown = (raw[index] if isinstance(raw, list) and index < len(raw)
+                     and isinstance(raw[index], str) else
+                     raw if isinstance(raw, str) else file_path)
             try:
                 text = Path(file_path).read_text(encoding="utf-8")
             except OSError as exc:
                 if not optional:
-                    raw = data.get("env_file")
-                    shown = (raw[index] if isinstance(raw, list) and index < len(raw)
-                             and isinstance(raw[index], str) else
-                             raw if isinstance(raw, str) else file_path)
                     self.problem(f"{where}.env_file[{index}]",
                                  f"cannot read {shown}: {exc.strerror or exc}")
+                continue
+            except UnicodeDecodeError:  # present, so reported even when optional
+                self.problem(f"{where}.env_file[{index}]", f"cannot read {shown}: not UTF-8")
                 continue
             values, problems = parse_env_file(text)
             for line, message in problems:
