@@ -86,24 +86,6 @@ class _Parser(Reader):
         self.secret_env: set[str] = set()
         self.secret_whole: list[str] = []
 
-    def deny_entries(self, data: Mapping[str, Any], where: str) -> tuple[str, ...]:
-        entries = self.strings(data, "deny_metrics", where, False)
-        for index, entry in enumerate(entries):
-            if denies_everything(entry):
-                self.problem(f"{where}.deny_metrics[{index}]", "an entry needs at least one "
-                             "letter or digit (it would deny every metric)")
-        return entries
-
-    def socket_path(self, text: str | None, where: str) -> str | None:
-        if not text:
-            return None
-        path = self.resolve(text)
-        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-            self.problem(where, f"path {path} is longer than a Unix socket allows "
-                                f"({MAX_SOCKET_PATH} bytes)")
-        return path
-
-    # -- sections --------------------------------------------------------------
     def parse(self, data: Mapping[str, Any]) -> Config:
         self.table(data, {"supervisor", "services", "checks"}, "")
         settings = self.settings(self.section(data, "supervisor"))
@@ -211,6 +193,23 @@ class _Parser(Reader):
             ready_includes_services=self.boolean(data, "ready_includes_services", where,
                                                  defaults.ready_includes_services),
         )
+
+    def deny_entries(self, data: Mapping[str, Any], where: str) -> tuple[str, ...]:
+        entries = self.strings(data, "deny_metrics", where, False)
+        for index, entry in enumerate(entries):
+            if denies_everything(entry):
+                self.problem(f"{where}.deny_metrics[{index}]", "an entry needs at least one "
+                             "letter or digit (it would deny every metric)")
+        return entries
+
+    def socket_path(self, text: str | None, where: str) -> str | None:
+        if not text:
+            return None
+        path = self.resolve(text)
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            self.problem(where, f"path {path} is longer than a Unix socket allows "
+                                f"({MAX_SOCKET_PATH} bytes)")
+        return path
 
     def service(self, name: str, data: Mapping[str, Any]) -> ServiceSpec:
         where = f"services.{name}"
