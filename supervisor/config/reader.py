@@ -2,8 +2,9 @@
 
 A getter returns the value at `data[key]`, or `default` when the key is absent or its value
 is wrong (the problem is then recorded: `services.api.stop_timeout: must be >= 0, got -1`).
-Strings are `${VAR}`-interpolated from the given environment; no getter ever echoes a value
-that could be a secret.
+Strings are `${VAR}`-interpolated from the given environment. A problem names the key path
+and what was expected; it never quotes a string that came from the environment (a
+malformed reference is quoted only where the value is not secret: `expand(secret=False)`).
 """
 
 from __future__ import annotations
