@@ -24,8 +24,8 @@ import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from supervisor.config.webconfig import WebConfigError, load_web_config
 from supervisor.control.client import render
-from supervisor.web.webconfig import WebConfigError, load_web_config
 from tests.support import SLEEPER_CODE, free_port, running_daemon, service, write_config
 from tests.test_prometheus_e2e import PROMETHEUS
 
@@ -564,7 +564,7 @@ _DOCS = st.recursive(_SCALARS, lambda inner: st.one_of(
 def test_any_document_is_a_config_or_a_clear_error(pki: PKI, document: object) -> None:
     import yaml
 
-    from supervisor.web.webconfig import parse_web_config
+    from supervisor.config.webconfig import parse_web_config
 
     text = yaml.safe_dump(document)
     try:

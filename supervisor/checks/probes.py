@@ -1,5 +1,8 @@
 """One probe per check kind; a failed check is a `CheckResult` value, never an exception.
 
+`PROBES` maps each kind of config's table (supervisor/config/kinds.py) to its probe; `probe`
+(dependency checks) and `probe_service` (services' probes) both dispatch through it.
+
 Every probe is hard-bounded by `spec.timeout`: the client libraries' own defaults (asyncpg
 waits 60 s to connect, redis-py 5 s and retries) are overridden, and the whole probe also runs
 under a deadline enforced outside the client, so a black-holed server (accepts TCP, never
@@ -26,7 +29,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -54,6 +57,7 @@ CLOSE_TIMEOUT = 0.5
 NATIVE_GRACE = 0.02
 
 Clock = Callable[[], float]
+ExecSpawner = Callable[[tuple[str, ...], "dict[str, str]", str], "Child"]
 
 
 @dataclass(frozen=True)
@@ -74,19 +78,75 @@ class _Phase:
         self.name = name
 
 
+@dataclass(frozen=True)
+class ProbeTools:
+    """What a probe may need besides its spec; each kind's probe takes what it uses."""
+
+    bridge: AsyncioThread | None = None  # postgres, redis
+    http_client: httpx.AsyncClient | None = None  # http (None: one client per call)
+    spawner: ExecSpawner | None = None  # exec, with env and cwd
+    env: dict[str, str] | None = None
+    cwd: str = "."
+    clock: Clock = time.monotonic
+
+
+ProbeFunction = Callable[[CheckSpec, ProbeTools], Awaitable[CheckResult]]
+
+
 async def probe(spec: CheckSpec, bridge: AsyncioThread, *,
                 http_client: httpx.AsyncClient | None = None,
                 clock: Clock = time.monotonic) -> CheckResult:
     """Run the probe for `spec.type`; never raises (except cancellation)."""
-    if spec.type == "postgres":
-        return await probe_postgres(spec, bridge, clock=clock)
-    if spec.type == "redis":
-        return await probe_redis(spec, bridge, clock=clock)
-    if spec.type == "http":
-        return await probe_http(spec, client=http_client, clock=clock)
-    if spec.type == "tcp":
-        return await probe_tcp(spec, clock=clock)
-    return CheckResult(spec.name, False, 0.0, f"unknown check type {spec.type!r}", clock())
+    return await _dispatch(spec, ProbeTools(bridge=bridge, http_client=http_client, clock=clock))
+
+
+async def _dispatch(spec: CheckSpec, tools: ProbeTools) -> CheckResult:
+    run = PROBES.get(spec.type)
+    if run is None:
+        return _failed(spec.name, f"unknown check type {spec.type!r}", tools.clock)
+    return await run(spec, tools)
+
+
+def _failed(name: str, error: str, clock: Clock) -> CheckResult:
+    return CheckResult(name, False, 0.0, error, clock())
+
+
+# One probe per kind of check, keyed as config's table of kinds (supervisor/config/kinds.py);
+# tests/test_check_kinds.py fails when a kind has no probe here or a probe has no kind there.
+async def _run_postgres(spec: CheckSpec, tools: ProbeTools) -> CheckResult:
+    if tools.bridge is None:
+        return _failed(spec.name, "no asyncio bridge for a postgres check", tools.clock)
+    return await probe_postgres(spec, tools.bridge, clock=tools.clock)
+
+
+async def _run_redis(spec: CheckSpec, tools: ProbeTools) -> CheckResult:
+    if tools.bridge is None:
+        return _failed(spec.name, "no asyncio bridge for a redis check", tools.clock)
+    return await probe_redis(spec, tools.bridge, clock=tools.clock)
+
+
+async def _run_http(spec: CheckSpec, tools: ProbeTools) -> CheckResult:
+    return await probe_http(spec, client=tools.http_client, clock=tools.clock)
+
+
+async def _run_tcp(spec: CheckSpec, tools: ProbeTools) -> CheckResult:
+    return await probe_tcp(spec, clock=tools.clock)
+
+
+async def _run_exec(spec: CheckSpec, tools: ProbeTools) -> CheckResult:
+    if tools.spawner is None:
+        return _failed(spec.name, "no spawner for an exec probe", tools.clock)
+    return await probe_exec(spec.name, spec.command, spec.timeout, tools.spawner,
+                            tools.env or {}, tools.cwd, clock=tools.clock)
+
+
+PROBES: Mapping[str, ProbeFunction] = {
+    "postgres": _run_postgres,
+    "redis": _run_redis,
+    "http": _run_http,
+    "tcp": _run_tcp,
+    "exec": _run_exec,
+}
 
 
 async def probe_postgres(spec: CheckSpec, bridge: AsyncioThread, *,
@@ -257,7 +317,6 @@ def _clean(text: str, target: str) -> str:
     return text if len(text) <= MAX_ERROR else text[:MAX_ERROR - 3] + "..."
 
 
-ExecSpawner = Callable[[tuple[str, ...], "dict[str, str]", str], "Child"]
 # Read from an exec probe's stdout/stderr per wakeup; what it prints is discarded (it could
 # hold anything), but must be read so that a chatty command never blocks on a full pipe.
 _DRAIN_CHUNK = 65536
@@ -268,16 +327,10 @@ async def probe_service(service: str, spec: ProbeSpec, *, spawner: ExecSpawner |
                         http_client: httpx.AsyncClient | None = None,
                         clock: Clock = time.monotonic) -> CheckResult:
     """Run one service probe (liveness, readiness or startup); never raises (but cancels)."""
-    name = f"{service}.{spec.kind}"
-    if spec.type == "exec":
-        if spawner is None:
-            return CheckResult(name, False, 0.0, "no spawner for an exec probe", clock())
-        return await probe_exec(name, spec.command, spec.timeout, spawner, env or {}, cwd,
-                                clock=clock)
-    check = CheckSpec(name, spec.type, spec.target, timeout=spec.timeout, interval=spec.period)
-    if spec.type == "http":
-        return await probe_http(check, client=http_client, clock=clock)
-    return await probe_tcp(check, clock=clock)
+    check = CheckSpec(f"{service}.{spec.kind}", spec.type, spec.target, timeout=spec.timeout,
+                      interval=spec.period, command=spec.command)
+    return await _dispatch(check, ProbeTools(http_client=http_client, spawner=spawner, env=env,
+                                             cwd=cwd, clock=clock))
 
 
 async def probe_exec(name: str, command: tuple[str, ...], time_limit: float,

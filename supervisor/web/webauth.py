@@ -1,4 +1,4 @@
-"""TLS and basic authentication on the listener, from the current web config (webconfig.py).
+"""TLS and basic authentication on the listener, from the current web config (config/webconfig.py).
 
 Everything on the port is behind basic auth when users are configured, /v1/health included,
 as with the exporter-toolkit (see docs/operator-guide.md for probes). As in the toolkit:
@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from supervisor.config.webconfig import WebConfig, WebConfigError, file_stamp, load_web_config
 from supervisor.web.heads import header
-from supervisor.web.webconfig import WebConfig, WebConfigError, file_stamp, load_web_config
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL = 1.0  # seconds between checks of the web config's files
