@@ -381,3 +381,67 @@ async def test_a_service_is_scraped_as_soon_as_it_runs(tmp_path: Path) -> None:
         with anyio.fail_after(5):
             while daemon.obs.scraper.snapshot()["web"].fetched_at <= before.fetched_at:
                 await anyio.sleep(0.05)
+
+
+async def test_time_dependent_metrics_move_between_scrapes(tmp_path: Path) -> None:
+    """Uptimes are a clocked source: a later scrape shows a later value, although nothing the
+    kept-body or per-source caches are keyed by (snapshots, config) changed meanwhile."""
+    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "api", running)
+        labels = {"service": "api", "environment": "development"}
+        snapshots = daemon.snapshots
+        async with httpx.AsyncClient(base_url=base_url(daemon), timeout=10) as client:
+            first = sample((await client.get("/v1/metrics")).text, "uptime_seconds", **labels)
+            assert first is not None
+            later = first
+            with anyio.fail_after(5):
+                while later <= first:
+                    await anyio.sleep(0.05)
+                    text = (await client.get("/v1/metrics")).text
+                    later = sample(text, "uptime_seconds", **labels) or 0.0
+        assert daemon.snapshots is snapshots  # no lifecycle change made it move
+        assert later > first
+
+
+async def test_running_a_daemon_leaves_interpreter_settings_alone(tmp_path: Path) -> None:
+    """Collector thresholds, frozen objects and the switch interval are the CLI's to set
+    (cli._tune_collector): a daemon embedded in a process (tests, tools) changes none."""
+    import gc
+    import sys
+
+    before = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled(),
+              sys.getswitchinterval())
+    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "api", running)
+        assert (await get(daemon, "/v1/metrics")).status_code == 200
+        during = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled(),
+                  sys.getswitchinterval())
+    after = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled(),
+             sys.getswitchinterval())
+    assert during == before and after == before
+
+
+async def test_the_cli_tunes_the_collector_once_the_daemon_is_up(tmp_path: Path) -> None:
+    import gc
+
+    from supervisor import cli
+    from supervisor.config import load_config
+    from supervisor.daemon import Daemon
+
+    thresholds = gc.get_threshold()
+    daemon = Daemon(load_config(write_config(tmp_path, service("api", SLEEPER))),
+                    handle_signals=False)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cli._serve, daemon)
+            with anyio.fail_after(10):
+                while gc.get_threshold()[0] != cli.GC_YOUNG_THRESHOLD:
+                    await anyio.sleep(0.02)
+            assert gc.get_freeze_count() > 0
+            assert daemon.listen_address is not None  # tuned after the daemon was up
+            daemon.request_shutdown()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

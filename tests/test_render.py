@@ -1,5 +1,6 @@
-"""The caching renderer writes exactly what merging every family and encoding the result would,
-in both exposition formats, and reuses a source's text only while its key objects are the same."""
+"""The caching renderer writes exactly what merging every family and encoding the result would
+(tests/merge_oracle.py, a plain uncached merge), in both exposition formats, and reuses a
+source's text only as its cache policy allows."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from prometheus_client.metrics_core import Metric
 
 from supervisor.config import DEFAULT_DENY_METRICS
 from supervisor.observe.denylist import DenyList
-from supervisor.observe.families import merge_families, parse_exposition, relabel
+from supervisor.observe.families import parse_exposition, relabel
 from supervisor.observe.render import CachingRenderer, Source, Ticker, always, clocked, keyed
+from tests.merge_oracle import merge_families
 from tests.support import promtool_ok
 
 TEXT = "text/plain;version=0.0.4"
