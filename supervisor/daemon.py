@@ -14,14 +14,14 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from supervisor.config import Config, ServiceSpec, load_config
 from supervisor.control import rundir
-from supervisor.control.notify import watchdog_interval, watchdog_loop
+from supervisor.control.notify import Notifications, watchdog_interval, watchdog_loop
 from supervisor.control.server import (
     ControlSocket,
     ReloadResult,
@@ -48,23 +48,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 1.0  # /v1/health calls the loop wedged after health_stale_after (5 s)
 # sd_notify STATUS= follows state changes, at most once per this many seconds (1000 services
 # flapping send 5 datagrams a second, not thousands).
 STATUS_MIN_INTERVAL = 0.2
 
 
-class Notifier(Protocol):
-    def ready(self) -> object: ...
-    def status(self, text: str) -> object: ...
-    def reloading(self) -> object: ...
-    def stopping(self) -> object: ...
-    def watchdog(self) -> object: ...
-
-
 class Daemon:
     def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None,
-                 notifier: Notifier | None = None, handle_signals: bool = True,
+                 notifier: Notifications | None = None, handle_signals: bool = True,
                  subreaper: bool = False, health_stale_after: float = 5.0,
                  spawner: Spawner | None = None,
                  log_redactor: LogRedactor | None = None) -> None:
@@ -82,7 +73,6 @@ class Daemon:
         self.health_stale_after = health_stale_after
         self.spawner = spawner  # (argv, env, cwd) -> Child; default: spawn() with the guard
         self.started_at = time.monotonic()
-        self.heartbeat = time.monotonic()
         self.snapshots: Mapping[str, ServiceSnapshot] = {}  # swapped whole, read by HTTP threads
         self.stats: Mapping[str, TreeStats] = {}
         self.reloads = {"success": 0, "failure": 0}
@@ -186,7 +176,6 @@ class Daemon:
                 server = obs.serve(listener)
                 self._observing.set()
                 await obs.start(tg)
-                tg.start_soon(self._heartbeat)
                 tg.start_soon(self._sample_stats)
                 await tg.start(serve_control, self, control)
                 interval = watchdog_interval(self.environ)
@@ -546,11 +535,6 @@ class Daemon:
             self._states_changed = anyio.Event()
             self._notify_status()
             await anyio.sleep(STATUS_MIN_INTERVAL)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            self.heartbeat = time.monotonic()
-            await anyio.sleep(HEARTBEAT_INTERVAL)
 
     async def _sample_stats(self) -> None:
         while True:

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # Answered by the listener's accepting thread itself (see http.BoundedWSGIServer).
 INLINE_PATHS = ("/v1/health", "/v1/ready")
+HEARTBEAT_INTERVAL = 1.0  # /v1/health calls the loop wedged after health_stale_after (5 s)
 
 
 class DaemonState(PublishedState, Protocol):
@@ -51,8 +52,6 @@ class DaemonState(PublishedState, Protocol):
 
     @property
     def started_at(self) -> float: ...
-    @property
-    def heartbeat(self) -> float: ...  # time.monotonic() of the loop's last beat
     @property
     def health_stale_after(self) -> float: ...
     @property
@@ -65,6 +64,7 @@ class Observability:
     def __init__(self, daemon: DaemonState) -> None:
         config = daemon.config
         self.daemon = daemon
+        self.heartbeat = time.monotonic()  # the event loop's last beat (see beat())
         self.sampler = ProcStatsSampler()
         self.bridge = AsyncioThread()
         self.monitor = ReadinessMonitor(config.checks, self.bridge)
@@ -114,10 +114,17 @@ class Observability:
         return self.http_server
 
     async def start(self, tg: TaskGroup) -> None:
-        """The checks' asyncio thread, the readiness checks and the scrapes."""
+        """The checks' asyncio thread, the readiness checks, the scrapes, the heartbeat."""
         await anyio.to_thread.run_sync(self.bridge.start)
         await self.restart_monitor(tg)
         await tg.start(self.scraper.run)
+        tg.start_soon(self.beat)
+
+    async def beat(self) -> None:
+        """/v1/health is answered on an HTTP thread; this shows the event loop still runs."""
+        while True:
+            self.heartbeat = time.monotonic()
+            await anyio.sleep(HEARTBEAT_INTERVAL)
 
     async def restart_monitor(self, tg: TaskGroup) -> None:
         """(Re)start the readiness checks; a reload with other checks replaces the monitor."""
@@ -172,7 +179,7 @@ class Observability:
 
     # -- views read from HTTP threads (and the control socket) ----------------------------
     def health(self) -> tuple[int, dict[str, Any]]:
-        lag = time.monotonic() - self.daemon.heartbeat
+        lag = time.monotonic() - self.heartbeat
         healthy = lag < self.daemon.health_stale_after
         body = {"status": "healthy" if healthy else "unhealthy",
                 "uptime_seconds": round(time.monotonic() - self.daemon.started_at, 3),
