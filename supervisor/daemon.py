@@ -1,4 +1,5 @@
-"""The composition root: owns the top task group and wires runners, HTTP, stats and signals.
+"""The composition root: owns the top task group and wires runners, signals, reload and the
+observability half (observability.py, imported once the services are spawned).
 
 Start order follows `depends_on` (a service starts once its dependencies run -- or, for one
 with a readiness probe, are ready -- or exited successfully; until then it is `waiting`, with

@@ -445,3 +445,29 @@ async def test_the_cli_tunes_the_collector_once_the_daemon_is_up(tmp_path: Path)
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+def test_every_daemon_attribute_is_first_assigned_in_init() -> None:
+    """A reader finds the whole state of a Daemon in __init__ (the observability half is one
+    attribute, `_obs`, built in run())."""
+    import ast
+    import inspect
+
+    from supervisor import daemon as module
+
+    tree = ast.parse(inspect.getsource(module))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Daemon")
+
+    def assigned(node: ast.AST) -> set[str]:
+        return {t.attr for n in ast.walk(node)
+                for t in (n.targets if isinstance(n, ast.Assign) else
+                          [n.target] if isinstance(n, (ast.AnnAssign, ast.AugAssign)) else [])
+                for t in ast.walk(t)
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                and t.value.id == "self"}
+
+    methods = [n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    init = next(m for m in methods if m.name == "__init__")
+    elsewhere = set().union(*(assigned(m) for m in methods if m is not init))
+    assert elsewhere, "the walk finds assignments"
+    assert elsewhere - assigned(init) == set()
