@@ -88,7 +88,7 @@ def sources(own: CollectorRegistry, children: dict[str, str]) -> list[Source]:
 def reference(srcs: list[Source], accept: str, deny: DenyList,
               names: tuple[str, ...] = ()) -> bytes:
     encoder, _ = choose_encoder(accept)
-    merged = merge_families([list(s.build(0.0)) for s in srcs], deny)
+    merged = merge_families([list(s.families()) for s in srcs], deny)
     if names:
         merged = [f for f in merged
                   if f.name in names or any(s.name in names for s in f.samples)]

@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from prometheus_client.metrics_core import Metric
 
@@ -62,12 +63,12 @@ class Cache(enum.Enum):
 Builder = Callable[[], Iterable[Metric]]
 
 
-@dataclass(frozen=True)
-class Source:
-    """One contributor to /v1/metrics. Build it with `keyed`, `clocked` or `always`."""
+class Source(NamedTuple):
+    """One contributor to /v1/metrics. Build it with `keyed`, `clocked` or `always`, which
+    type `families` by the policy (a tuple: a render builds one per source per scrape)."""
 
     name: str
-    build: Callable[[float], Iterable[Metric]]  # called with the render's clock reading
+    families: Callable[..., Iterable[Metric]]  # given the render's `now` only if CLOCKED
     cache: Cache
     key: tuple[object, ...] = ()
     service: str | None = None  # a scraped service's name: its clashes are reported as drops
@@ -75,7 +76,7 @@ class Source:
 
 def keyed(name: str, families: Builder, *key: object, service: str | None = None) -> Source:
     """Rebuilt only when an object of `key` is replaced; `families` must read nothing else."""
-    return Source(name, lambda _now: families(), Cache.KEYED, key, service)
+    return Source(name, families, Cache.KEYED, key, service)
 
 
 def clocked(name: str, families: Callable[[float], Iterable[Metric]], *key: object) -> Source:
@@ -85,7 +86,7 @@ def clocked(name: str, families: Callable[[float], Iterable[Metric]], *key: obje
 
 def always(name: str, families: Builder, *, service: str | None = None) -> Source:
     """Rebuilt on every render."""
-    return Source(name, lambda _now: families(), Cache.ALWAYS, (), service)
+    return Source(name, families, Cache.ALWAYS, (), service)
 
 
 class _Families:
@@ -140,7 +141,8 @@ def _keys_of(metric: Metric) -> set[SeriesKey]:
 
 def _prepare(source: Source, key: tuple[object, ...] | None, now: float) -> _Prepared:
     prepared = []
-    for metric in source.build(now):
+    clocked = source.cache is Cache.CLOCKED
+    for metric in source.families(now) if clocked else source.families():
         keys = _sample_keys(metric)
         unique = frozenset(keys)
         split_names = {metric.name + suffix for suffix in _SPLIT_SUFFIXES}
@@ -166,15 +168,6 @@ class Ticker:
         if token[0] != index:  # a race between renders only costs one extra rebuild
             token = self._token = (index,)
         return token
-
-
-def _effective_key(source: Source, tick: object) -> tuple[object, ...] | None:
-    """The caching rule, once: what must stay the very same objects for a reuse."""
-    if source.cache is Cache.KEYED:
-        return source.key
-    if source.cache is Cache.CLOCKED:
-        return (*source.key, tick)
-    return None
 
 
 def same_objects(a: tuple[object, ...] | None, b: tuple[object, ...] | None) -> bool:
@@ -291,7 +284,13 @@ class CachingRenderer:
         now = self.monotonic()
         tick = self.clock.token(now)
         for source in self._sources():
-            key = _effective_key(source, tick)
+            # The caching rule, once: what must stay the very same objects for a reuse.
+            if source.cache is Cache.KEYED:
+                key: tuple[object, ...] | None = source.key
+            elif source.cache is Cache.CLOCKED:
+                key = (*source.key, tick)
+            else:
+                key = None
             cached = cache.get(source.name)
             if cached is None or not same_objects(cached.key, key):
                 cached = _prepare(source, key, now)
