@@ -1,4 +1,5 @@
-"""The composition root: owns the top task group and wires runners, HTTP, stats and signals.
+"""The composition root: owns the top task group and wires runners, signals, reload and the
+observability half (observability.py, imported once the services are spawned).
 
 Start order follows `depends_on` (a service starts once its dependencies run -- or, for one
 with a readiness probe, are ready -- or exited successfully; until then it is `waiting`, with
@@ -9,25 +10,25 @@ start and stop concurrently.
 
 from __future__ import annotations
 
-import functools
-import gc
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from supervisor.config import Config, ServiceSpec, load_config
 from supervisor.control import rundir
-from supervisor.control.notify import watchdog_interval, watchdog_loop
-from supervisor.control.server import ControlSocket, default_socket_path, serve_control
-from supervisor.control.status import status_document
+from supervisor.control.notify import Notifications, watchdog_interval, watchdog_loop
+from supervisor.control.server import (
+    ControlSocket,
+    ReloadResult,
+    default_socket_path,
+    serve_control,
+)
 from supervisor.core import lifecycle as lc
 from supervisor.core.errors import ConfigError, SupervisorError
 from supervisor.core.redact import LogRedactor, Redactor, config_secrets
@@ -39,60 +40,26 @@ from supervisor.process.spawn import Child, become_subreaper, spawn
 from supervisor.runner import ServiceRunner, Spawner
 from supervisor.web import listen
 
-# The HTTP, metrics, checks and stats stack (prometheus_client, wsgiref, psutil, asyncio for
-# the bridge: about 80 ms of imports) is imported by Daemon._observe, once the services are
+# The observability half (HTTP, metrics, checks, stats: prometheus_client, wsgiref, psutil,
+# asyncio for the bridge, about 80 ms of imports) is imported by run(), once the services are
 # spawned, so that they start that much sooner.
 if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
-
-    from supervisor.checks.aioloop import AsyncioThread
     from supervisor.checks.readiness import ReadinessMonitor
-    from supervisor.observe.denylist import DenyList
-    from supervisor.observe.instrument import HttpMetrics
-    from supervisor.observe.integrity import DropLedger
-    from supervisor.observe.metrics import MetricsView
-    from supervisor.observe.metrics_endpoint import SharedRenderMetricsApp
-    from supervisor.observe.render import CachingRenderer, Source, Ticker
-    from supervisor.observe.scraper import Scraper, ScrapeResult, Target
-    from supervisor.process.procstats import ProcStatsSampler, TreeStats
-    from supervisor.web.http import BoundedWSGIServer, WSGIApp
-    from supervisor.web.webauth import WebGate
+    from supervisor.observability import Observability
+    from supervisor.process.procstats import TreeStats
 
 log = logging.getLogger(__name__)
 
-GC_YOUNG_THRESHOLD = 10_000  # see run(): gc.set_threshold under `supervisor run`
-HEARTBEAT_INTERVAL = 1.0  # /v1/health calls the loop wedged after health_stale_after (5 s)
-CLOCK_RESOLUTION = 0.1  # s; /v1/metrics' uptimes and own process figures are at most this old
-# Answered by the listener's accepting thread itself (see http.BoundedWSGIServer).
-INLINE_PATHS = ("/v1/health", "/v1/ready")
 # sd_notify STATUS= follows state changes, at most once per this many seconds (1000 services
 # flapping send 5 datagrams a second, not thousands).
 STATUS_MIN_INTERVAL = 0.2
 
 
-class Notifier(Protocol):
-    def ready(self) -> object: ...
-    def status(self, text: str) -> object: ...
-    def reloading(self) -> object: ...
-    def stopping(self) -> object: ...
-    def watchdog(self) -> object: ...
-
-
-@dataclass(frozen=True)
-class ReloadResult:
-    ok: bool
-    problems: tuple[str, ...] = ()
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    changed: tuple[str, ...] = ()
-    error: str | None = None  # refused without reading the file (the daemon is stopping)
-
-
 class Daemon:
     def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None,
-                 notifier: Notifier | None = None, handle_signals: bool = True,
+                 notifier: Notifications | None = None, handle_signals: bool = True,
                  subreaper: bool = False, health_stale_after: float = 5.0,
-                 freeze_gc: bool = False, spawner: Spawner | None = None,
+                 spawner: Spawner | None = None,
                  log_redactor: LogRedactor | None = None) -> None:
         self.config = config
         # Masks the config's secrets in every string that leaves: HTTP bodies, control replies
@@ -106,10 +73,8 @@ class Daemon:
         self.handle_signals = handle_signals
         self.subreaper = subreaper
         self.health_stale_after = health_stale_after
-        self.freeze_gc = freeze_gc  # the process is ours alone (not a test's, not embedded)
         self.spawner = spawner  # (argv, env, cwd) -> Child; default: spawn() with the guard
         self.started_at = time.monotonic()
-        self.heartbeat = time.monotonic()
         self.snapshots: Mapping[str, ServiceSnapshot] = {}  # swapped whole, read by HTTP threads
         self.stats: Mapping[str, TreeStats] = {}
         self.reloads = {"success": 0, "failure": 0}
@@ -121,13 +86,11 @@ class Daemon:
         # A cgroup per service (cgroup.py), made in run(); None: fallback containment.
         self.cgroups: cgroups.CgroupTree | None = None
         self._empty_watcher: cgroups.EmptyWatcher | None = None
-        # Built once per deny_metrics tuple; the render caches each family's answer per list.
-        self._deny: tuple[tuple[str, ...], DenyList] | None = None
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
-        self._observing: anyio.Event | None = None  # set once _observe() has built the stack
+        self._observing: anyio.Event | None = None  # set once the observability half serves
+        self._obs: Observability | None = None  # built once the services are spawned
         self._tg: TaskGroup | None = None
         self._start_scopes: set[anyio.CancelScope] = set()  # pending starts, cancelled at shutdown
-        self._monitor_scope: anyio.CancelScope | None = None
         self._states_changed: anyio.Event | None = None  # set when a service's state changes
         self._last_status: str | None = None  # the last STATUS= sent
         self._reload_lock: anyio.Lock | None = None  # one reload at a time (SIGHUP, socket)
@@ -138,168 +101,21 @@ class Daemon:
         self._replacing: frozenset[str] = frozenset()  # runners a reload is stopping for good
         self.listen_address: tuple[str, int] | None = None
         self.warnings: tuple[str, ...] = ()  # shown in /v1/status and `supervisor status`
-        self.http_server: BoundedWSGIServer | None = None
         self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
 
-    def _observe(self) -> None:
-        """Build the HTTP, metrics, readiness, scrape and stats stack (and import it)."""
-        from prometheus_client import CollectorRegistry
+    @property
+    def obs(self) -> Observability:
+        """HTTP, metrics, readiness checks, scrapes and stats (see observability.py)."""
+        assert self._obs is not None, "the daemon is not observing yet"
+        return self._obs
 
-        from supervisor.checks.aioloop import AsyncioThread
-        from supervisor.checks.readiness import ReadinessMonitor
-        from supervisor.observe.instrument import HttpMetrics
-        from supervisor.observe.integrity import Drop, DropLedger
-        from supervisor.observe.metrics import own_process_collector
-        from supervisor.observe.render import CachingRenderer, Ticker
-        from supervisor.observe.scraper import Scraper
-        from supervisor.process.procstats import ProcStatsSampler
-        from supervisor.web.webauth import WebGate
-
-        config = self.config
-        self._sampler: ProcStatsSampler = ProcStatsSampler()
-        self.bridge: AsyncioThread = AsyncioThread()
-        self.monitor: ReadinessMonitor = ReadinessMonitor(config.checks, self.bridge)
-        # Families dropped from services' payloads (screening, limits, clashes), counted.
-        self.drops: DropLedger = DropLedger()
-        self.scraper: Scraper = Scraper(self._scrape_targets(config),
-                                        config.settings.scrape_interval, ledger=self.drops)
-        # The daemon's own endpoints are instrumented like any service (service="supervisor").
-        self._http_registry = CollectorRegistry(auto_describe=False)
-        self.http_metrics: HttpMetrics = HttpMetrics(self._http_registry)
-        self._own_process = own_process_collector()
-        self._clock_tick: Ticker = Ticker(CLOCK_RESOLUTION)
-        self.renderer: CachingRenderer = CachingRenderer(
-            self._metric_sources, self._deny_list,
-            lambda service, family: self.drops.record(service, [Drop(family, "type_clash")]))
-        # Read per connection and per request: a reload's web config applies to the next one.
-        self.gate: WebGate = WebGate(lambda: self.config.settings.web_config)
-        self.router: WSGIApp = self._build_router()
-
-    # -- views read from HTTP threads -----------------------------------------------------
-    def metrics_view(self) -> MetricsView:
-        from supervisor.observe.metrics import MetricsView
-
-        return MetricsView(self.config.settings.environment, self.snapshots, self.stats,
-                           dict(self.reloads), self.last_reload_ok)
-
-    def health(self) -> tuple[int, dict[str, Any]]:
-        lag = time.monotonic() - self.heartbeat
-        healthy = lag < self.health_stale_after
-        body = {"status": "healthy" if healthy else "unhealthy",
-                "uptime_seconds": round(time.monotonic() - self.started_at, 3),
-                "loop_heartbeat_age_seconds": round(lag, 3)}
-        return (200 if healthy else 503), body
+    @property
+    def monitor(self) -> ReadinessMonitor:
+        return self.obs.monitor
 
     def status(self) -> tuple[int, dict[str, Any]]:
-        return 200, self.redactor.redact_obj(status_document(self))
-
-    def ready(self) -> tuple[int, dict[str, Any]]:
-        body = self.monitor.snapshot().body()
-        if self.config.settings.ready_includes_services:
-            # Every service with a readiness probe must be ready too (one snapshot read).
-            services = {name: s.is_ready for name, s in self.snapshots.items()
-                        if s.ready is not None}
-            body["services"] = services
-            if not all(services.values()):
-                body["status"] = "not_ready"
-        if self.redactor.secrets:
-            body = self.redactor.redact_obj(body)
-        return (200 if body["status"] == "ready" else 503), body
-
-    def _deny_list(self) -> DenyList:
-        from supervisor.observe.denylist import DenyList
-
-        patterns = self.config.settings.deny_metrics
-        if self._deny is None or self._deny[0] is not patterns:  # a reload made new settings
-            self._deny = (patterns, DenyList(patterns))
-        return self._deny[1]
-
-    def _scrape_targets(self, config: Config) -> dict[str, Target]:
-        from supervisor.observe.denylist import DenyList
-        from supervisor.observe.integrity import Policy
-        from supervisor.observe.scraper import Target
-
-        deny = DenyList(config.settings.deny_metrics)
-        return {name: Target(spec.metrics_url, spec.scrape_timeout, Policy(
-                    deny, spec.allow_metrics if spec.allow_metrics is not None
-                    else config.settings.allow_metrics))
-                for name, spec in config.services.items() if spec.metrics_url}
-
-    def _metric_sources(self) -> list[Source]:
-        """What /v1/metrics merges, in precedence order. Keyed sources are re-rendered only
-        when their key objects change (the loop swaps snapshots and stats whole)."""
-        from supervisor.checks.readiness import collect_families
-        from supervisor.observe.families import relabel
-        from supervisor.observe.integrity import drop_families
-        from supervisor.observe.metrics import (
-            SELF,
-            config_families,
-            live_service_families,
-            resource_families,
-            service_families,
-        )
-        from supervisor.observe.render import Source
-
-        env = self.config.settings.environment
-        view = self.metrics_view()
-        now = time.monotonic()
-        tick = self._clock_tick.token(now)
-        scrapes = self.scraper.snapshot()
-        readiness = self.monitor.snapshot()
-        drop_token = self.drops.token
-        dropped = self.drops.counts()
-        sources = [
-            Source("services", lambda: service_families(view), (view.services, env)),
-            Source("resources", lambda: resource_families(view),
-                   (view.services, view.stats, env)),
-            # Uptimes and the daemon's own process figures move with the clock; they are
-            # rebuilt at most once per CLOCK_RESOLUTION (0.1 s), not on every scrape: with 200
-            # services that was ~2.5 ms of each render.
-            Source("services-live", lambda: live_service_families(view, now),
-                   (view.services, env, tick)),
-            Source("config", lambda: config_families(view)),
-            Source("process", lambda: relabel(self._own_process.collect(), SELF, env),
-                   (env, tick)),
-            Source("http", lambda: relabel(self._http_registry.collect(), SELF, env)),
-            Source("readiness", lambda: collect_families(readiness, env)),
-            # The token first: the ledger swaps its counts before its token.
-            Source("scrape-drops", functools.partial(drop_families, dropped, env),
-                   (drop_token, env)),
-        ]
-        # One source per scraped service, keyed by its latest result: its scrape health
-        # first (so the daemon's series win over a child's same-named ones), then its own
-        # families relabelled. Re-rendered once per scrape of that service.
-        for name in sorted(scrapes):
-            result = scrapes[name]
-            sources.append(Source("service:" + name,
-                                  functools.partial(_scraped_service, result, env),
-                                  (result, env), service=name))
-        return sources
-
-    def _metrics_version(self) -> tuple[object, ...]:
-        """What a kept /v1/metrics body must match to be served again: the clock tick, and
-        every object the loop swaps whole when something an operator acts on changes."""
-        return (self._clock_tick.token(time.monotonic()), self.snapshots, self.stats,
-                self.monitor.snapshot(), self.config, self.last_reload_ok)
-
-    def _build_router(self) -> WSGIApp:
-        # INLINE_PATHS are answered on the accepting thread: their handlers must stay
-        # non-blocking with small bodies (health reads a clock, ready one snapshot attribute).
-        from supervisor.observe.instrument import instrument_wsgi
-        from supervisor.observe.metrics_endpoint import SharedRenderMetricsApp
-        from supervisor.web.http import Router
-
-        router = Router()
-        self.metrics_app: SharedRenderMetricsApp = SharedRenderMetricsApp(
-            self.renderer.render, self._metrics_version)
-        router.add_app("/v1/metrics", self.metrics_app)
-        router.add_json("/v1/health", self.health)
-        router.add_json("/v1/ready", self.ready)
-        router.add_json("/v1/status", self.status)
-        known = set(router.paths())
-        return instrument_wsgi(self.gate.wsgi(router), self.http_metrics,
-                               lambda environ: environ.get("PATH_INFO") if environ.get(
-                                   "PATH_INFO") in known else "other")
+        """The /v1/status document (also the control socket's `status`)."""
+        return self.obs.status()
 
     # -- lifecycle ------------------------------------------------------------------------
     def request_shutdown(self) -> None:
@@ -316,7 +132,7 @@ class Daemon:
         settings = self.config.settings
         # Both sockets are taken before anything is spawned: a second daemon with the same
         # control socket or port is refused before it has started a single service. (Binding
-        # is cheap; the heavy imports are what _observe defers.)
+        # is cheap; the heavy imports are what observability.py defers.)
         control = ControlSocket(self.control_socket, settings.control_socket_group)
         try:
             listener = listen.bind(settings.listen_host, settings.listen_port)
@@ -356,18 +172,12 @@ class Daemon:
                     await self._add_runner(spec)
                 await self._spawn_independent()
                 # Requests that arrived meanwhile wait in the listen backlog.
-                self._observe()
-                from supervisor.web.http import serve
+                from supervisor.observability import Observability
 
-                server, _ = serve(settings.listen_host, settings.listen_port, self.router,
-                                  settings.max_connections, INLINE_PATHS, sock=listener,
-                                  gate=self.gate)
-                self.http_server = server
+                obs = self._obs = Observability(self)
+                server = obs.serve(listener)
                 self._observing.set()
-                await anyio.to_thread.run_sync(self.bridge.start)
-                await self._start_monitor()
-                await tg.start(self.scraper.run)
-                tg.start_soon(self._heartbeat)
+                await obs.start(tg)
                 tg.start_soon(self._sample_stats)
                 await tg.start(serve_control, self, control)
                 interval = watchdog_interval(self.environ)
@@ -376,18 +186,6 @@ class Daemon:
                 if self.notifier is not None:
                     tg.start_soon(self._refresh_status)
                 tg.start_soon(self._start_all, self._dependent_autostarts())
-                # Everything that exists now (modules, classes, the loop) lives as long as the
-                # daemon: move it out of the collector's sight, so that full collections, which
-                # the scrapes' churn triggers every second or so at 200 services, scan only
-                # newer objects (a 25 ms pause in every /v1/metrics render it hits -> 8 ms).
-                if self.freeze_gc:
-                    gc.freeze()
-                    # Scrapes keep ~16,000 new long-lived objects a second at 200 services, so
-                    # with the default thresholds (700, 10, 10) a full collection ran every
-                    # second or two, holding the GIL 10-50 ms: the worst /v1/metrics waits.
-                    # Young collections every 10,000 net allocations make full ones rare;
-                    # /v1/metrics p99 with 20 scrapers: 52-139 -> 37-53 ms (asyncio).
-                    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
                 self._notify("ready")
                 self._notify_status()
                 task_status.started()
@@ -395,7 +193,7 @@ class Daemon:
                 log.info("shutting down services=%d", len(self.runners))
                 self._notify("stopping")
                 # While the services stop, not after them (it took up to 0.5 s).
-                tg.start_soon(anyio.to_thread.run_sync, _stop_serving, server)
+                tg.start_soon(anyio.to_thread.run_sync, obs.stop_serving)
                 for scope in self._start_scopes:
                     scope.cancel()
                 # Shielded so that cancellation still stops every child, bounded so that a
@@ -416,7 +214,7 @@ class Daemon:
                 listener.close()
             with anyio.CancelScope(shield=True):
                 if self._observing.is_set():
-                    await anyio.to_thread.run_sync(self.bridge.stop)
+                    await self.obs.stop()
                 if self.cgroups is not None:
                     # Out of our leaf first: the guard kills whatever is left in it.
                     self.cgroups.release()
@@ -443,23 +241,6 @@ class Daemon:
         except OSError as exc:
             log.warning("status file not written directory=%s error=%s", directory,
                         exc.strerror or exc)
-
-    async def _start_monitor(self) -> None:
-        """(Re)start the readiness checks; a reload with other checks replaces the monitor."""
-        from supervisor.checks.readiness import ReadinessMonitor
-
-        assert self._tg is not None
-        if self._monitor_scope is not None:
-            self._monitor_scope.cancel()
-        self.monitor = ReadinessMonitor(self.config.checks, self.bridge)
-        scope = self._monitor_scope = anyio.CancelScope()
-        monitor = self.monitor
-
-        async def run_monitor(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            with scope:
-                await monitor.run(task_status=task_status)
-
-        await self._tg.start(run_monitor)
 
     def _setup_cgroups(self, tg: TaskGroup) -> None:
         tree = cgroups.available(self.config.settings.cgroups)
@@ -512,7 +293,7 @@ class Daemon:
         if (snapshot.state is lc.State.RUNNING and self._observing is not None
                 and self._observing.is_set()
                 and (previous is None or previous.state is not lc.State.RUNNING)):
-            self.scraper.poke(snapshot.name)  # its metrics, now rather than up to 2 intervals on
+            self.obs.poke(snapshot.name)  # its metrics, now rather than up to 2 intervals on
 
     def _autostarts(self) -> list[ServiceSpec]:
         return [s for s in self.config.services.values() if s.autostart]
@@ -688,9 +469,9 @@ class Daemon:
         if self.log_redactor is not None:
             self.log_redactor.redactor = self.redactor
         if new.checks != old.checks:
-            await self._start_monitor()
-        self.scraper.set_targets(self._scrape_targets(new))
-        self.drops.retain(n for n in new.services if new.services[n].metrics_url)
+            assert self._tg is not None
+            await self.obs.restart_monitor(self._tg)
+        self.obs.reconfigure(new)
         self._replacing = frozenset(removed + changed)
         try:
             return await self._replace(new, added, removed, changed)
@@ -757,19 +538,9 @@ class Daemon:
             self._notify_status()
             await anyio.sleep(STATUS_MIN_INTERVAL)
 
-    async def _heartbeat(self) -> None:
-        while True:
-            self.heartbeat = time.monotonic()
-            await anyio.sleep(HEARTBEAT_INTERVAL)
-
     async def _sample_stats(self) -> None:
         while True:
-            leaders = {name: s.pid for name, s in self.snapshots.items() if s.pid is not None}
-            groups = {name: s.cgroup for name, s in self.snapshots.items()
-                      if s.cgroup is not None}
-            sampled = await anyio.to_thread.run_sync(self._sampler.sample, leaders, groups)
-            self.stats = {name: sampled.get(name) or _no_stats(
-                self._sampler.cpu_carried(name)) for name in self.snapshots}
+            self.stats = await self.obs.sample_stats()
             self._notify_status()
             if self.subreaper:  # a backstop: reaper.reap_orphans reaps them on SIGCHLD
                 reaper.reap_unowned(self._owned_pids())
@@ -850,23 +621,6 @@ def _redactor(*configs: Config) -> Redactor:
     return Redactor(secrets)
 
 
-def _stop_serving(server: Any) -> None:
-    """socketserver's loop sees a shutdown request only at its next poll (every 0.5 s):
-    raise the flag it reads, then make its listening socket readable, so it sees it now."""
-    server._BaseServer__shutdown_request = True
-    try:
-        server.socket.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    server.shutdown()
-
-
-def _no_stats(cpu_carried: float) -> TreeStats:
-    from supervisor.process.procstats import TreeStats
-
-    return TreeStats(cpu_carried, 0, 0, 0, 0)
-
-
 def _dependency_satisfied(s: ServiceSnapshot) -> bool:
     if s.state is lc.State.EXITED and s.last_exit is not None and s.last_exit.reason == "success":
         return True
@@ -891,11 +645,3 @@ def _blocked_because(s: ServiceSnapshot) -> str:
 def waiting_reason(blockers: Mapping[str, str]) -> str:
     """`{"db": "fatal"}` -> "dependency db is fatal"."""
     return "; ".join(f"dependency {dep} is {why}" for dep, why in blockers.items())
-
-
-def _scraped_service(result: ScrapeResult, environment: str) -> list[Metric]:
-    from supervisor.observe.families import relabel
-    from supervisor.observe.scraper import scrape_families
-
-    return [*scrape_families({result.service: result}, environment),
-            *relabel(result.served(), result.service, environment)]

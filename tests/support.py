@@ -143,3 +143,20 @@ def metrics_server(port: int, body_file: Path) -> str:
         "    def log_message(self, *a): pass\n"
         f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")
 
+
+def served(sources: list[list[Any]], deny: Any, accept: str = "text/plain;version=0.0.4"
+           ) -> tuple[str, list[tuple[str, str]]]:
+    """What /v1/metrics serves for these families, through the production merge
+    (render.CachingRenderer), source `s<i>` for the i-th list; and the clashes it reported as
+    (source, family name)."""
+    from prometheus_client.exposition import choose_encoder
+
+    from supervisor.observe.render import CachingRenderer, always
+
+    clashes: list[tuple[str, str]] = []
+    srcs = [always(f"s{i}", lambda f=families: f, service=f"s{i}")  # type: ignore[misc]
+            for i, families in enumerate(sources)]
+    renderer = CachingRenderer(lambda: srcs, lambda: deny,
+                               lambda service, family: clashes.append((service, family)))
+    encoder, content_type = choose_encoder(accept)
+    return renderer.render(encoder, content_type).decode(), clashes

@@ -287,14 +287,14 @@ async def test_concurrent_scrapes_share_one_render_and_stay_fresh(tmp_path: Path
     path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1))
     async with running_daemon(path) as daemon:
         await wait_for(daemon, "api", running)
-        render = daemon.metrics_app.render
+        render = daemon.obs.metrics_app.render
 
         def slow(*args: Any) -> bytes:  # as long as a big merge used to take
             time.sleep(0.3)
             return render(*args)
 
-        daemon.metrics_app.render = slow
-        before = daemon.metrics_app.renders
+        daemon.obs.metrics_app.render = slow
+        before = daemon.obs.metrics_app.renders
         bodies: list[str] = []
 
         async def scrape(client: httpx.AsyncClient) -> None:
@@ -306,7 +306,7 @@ async def test_concurrent_scrapes_share_one_render_and_stay_fresh(tmp_path: Path
             async with anyio.create_task_group() as tg:
                 for _ in range(20):
                     tg.start_soon(scrape, client)
-            shared = daemon.metrics_app.renders - before
+            shared = daemon.obs.metrics_app.renders - before
             assert len(bodies) == 20 and shared <= 5  # not one render per scraper
             # A request after a change renders afresh: it never gets an older shared body.
             snap = daemon.snapshots["api"]
@@ -330,7 +330,7 @@ async def test_a_kept_body_is_served_until_something_operators_act_on_changes(
     path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1))
     async with running_daemon(path) as daemon:
         await wait_for(daemon, "api", running)
-        daemon._clock_tick = Ticker(3600.0)  # no tick boundary during the test
+        daemon.obs.renderer.clock = Ticker(3600.0)  # no tick boundary during the test
         async with httpx.AsyncClient(base_url=base_url(daemon), timeout=10) as client:
             bodies = [(await client.get("/v1/metrics")).text for _ in range(5)]
             # Kept: one render (two if the stats sampler swapped its figures meanwhile).
@@ -343,10 +343,10 @@ async def test_a_kept_body_is_served_until_something_operators_act_on_changes(
             text = (await client.get("/v1/metrics")).text
             assert sample(text, "service_starts_total", service="api") == 2.0
             # Filtered requests are never kept.
-            before = daemon.metrics_app.renders
+            before = daemon.obs.metrics_app.renders
             for _ in range(3):
                 await client.get("/v1/metrics", params={"name[]": "service_up"})
-            assert daemon.metrics_app.renders - before == 3
+            assert daemon.obs.metrics_app.renders - before == 3
 
 
 async def test_a_service_is_scraped_as_soon_as_it_runs(tmp_path: Path) -> None:
@@ -365,19 +365,109 @@ async def test_a_service_is_scraped_as_soon_as_it_runs(tmp_path: Path) -> None:
                   metrics_url=f"http://127.0.0.1:{port}/metrics"),
         supervisor="scrape_interval = 60.0\n")
     async with running_daemon(path) as daemon:
-        first = daemon.scraper.snapshot().get("web")
+        first = daemon.obs.scraper.snapshot().get("web")
         assert first is None or not first.ok  # scraped before web even existed
         await wait_for(daemon, "web", running)
         with anyio.fail_after(5):
-            while not ((r := daemon.scraper.snapshot().get("web")) and r.ok):
+            while not ((r := daemon.obs.scraper.snapshot().get("web")) and r.ok):
                 await anyio.sleep(0.05)
         text = (await get(daemon, "/v1/metrics")).text
         assert sample(text, "jobs_done_total", service="web") == 7.0
-        before = daemon.scraper.snapshot()["web"]
+        before = daemon.obs.scraper.snapshot()["web"]
         snap = daemon.snapshots["web"]
         assert snap.pid is not None
         os.kill(snap.pid, signal.SIGKILL)
         await wait_for(daemon, "web", lambda s: s.starts == 2 and s.state is State.RUNNING)
         with anyio.fail_after(5):
-            while daemon.scraper.snapshot()["web"].fetched_at <= before.fetched_at:
+            while daemon.obs.scraper.snapshot()["web"].fetched_at <= before.fetched_at:
                 await anyio.sleep(0.05)
+
+
+async def test_time_dependent_metrics_move_between_scrapes(tmp_path: Path) -> None:
+    """Uptimes are a clocked source: a later scrape shows a later value, although nothing the
+    kept-body or per-source caches are keyed by (snapshots, config) changed meanwhile."""
+    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "api", running)
+        labels = {"service": "api", "environment": "development"}
+        snapshots = daemon.snapshots
+        async with httpx.AsyncClient(base_url=base_url(daemon), timeout=10) as client:
+            first = sample((await client.get("/v1/metrics")).text, "uptime_seconds", **labels)
+            assert first is not None
+            later = first
+            with anyio.fail_after(5):
+                while later <= first:
+                    await anyio.sleep(0.05)
+                    text = (await client.get("/v1/metrics")).text
+                    later = sample(text, "uptime_seconds", **labels) or 0.0
+        assert daemon.snapshots is snapshots  # no lifecycle change made it move
+        assert later > first
+
+
+async def test_running_a_daemon_leaves_interpreter_settings_alone(tmp_path: Path) -> None:
+    """Collector thresholds, frozen objects and the switch interval are the CLI's to set
+    (cli._tune_collector): a daemon embedded in a process (tests, tools) changes none."""
+    import gc
+    import sys
+
+    before = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled(),
+              sys.getswitchinterval())
+    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.1))
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "api", running)
+        assert (await get(daemon, "/v1/metrics")).status_code == 200
+        during = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled(),
+                  sys.getswitchinterval())
+    after = (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled(),
+             sys.getswitchinterval())
+    assert during == before and after == before
+
+
+async def test_the_cli_tunes_the_collector_once_the_daemon_is_up(tmp_path: Path) -> None:
+    import gc
+
+    from supervisor import cli
+    from supervisor.config import load_config
+    from supervisor.daemon import Daemon
+
+    thresholds = gc.get_threshold()
+    daemon = Daemon(load_config(write_config(tmp_path, service("api", SLEEPER))),
+                    handle_signals=False)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cli._serve, daemon)
+            with anyio.fail_after(10):
+                while gc.get_threshold()[0] != cli.GC_YOUNG_THRESHOLD:
+                    await anyio.sleep(0.02)
+            assert gc.get_freeze_count() > 0
+            assert daemon.listen_address is not None  # tuned after the daemon was up
+            daemon.request_shutdown()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+def test_every_daemon_attribute_is_first_assigned_in_init() -> None:
+    """A reader finds the whole state of a Daemon in __init__ (the observability half is one
+    attribute, `_obs`, built in run())."""
+    import ast
+    import inspect
+
+    from supervisor import daemon as module
+
+    tree = ast.parse(inspect.getsource(module))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Daemon")
+
+    def assigned(node: ast.AST) -> set[str]:
+        return {t.attr for n in ast.walk(node)
+                for t in (n.targets if isinstance(n, ast.Assign) else
+                          [n.target] if isinstance(n, (ast.AnnAssign, ast.AugAssign)) else [])
+                for t in ast.walk(t)
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)
+                and t.value.id == "self"}
+
+    methods = [n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    init = next(m for m in methods if m.name == "__init__")
+    elsewhere = set().union(*(assigned(m) for m in methods if m is not init))
+    assert elsewhere, "the walk finds assignments"
+    assert elsewhere - assigned(init) == set()

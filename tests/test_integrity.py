@@ -24,7 +24,7 @@ from supervisor.daemon import Daemon
 from supervisor.observe.denylist import DenyList, normalise
 from supervisor.observe.families import parse_exposition, relabel
 from supervisor.observe.integrity import DropLedger, Policy, daemon_names, screen
-from supervisor.observe.render import CachingRenderer, Source
+from supervisor.observe.render import CachingRenderer, always
 from tests.hostile import (
     CONTENT_TYPES,
     cases,
@@ -68,8 +68,8 @@ def served(fmt: str, port: int, body_file: Path) -> str:
 
 
 def render_both(families: list[Metric], service_name: str = "rogue") -> dict[str, bytes]:
-    source = Source("service:" + service_name,
-                    lambda: relabel(families, service_name, "prod"), None, service_name)
+    source = always("service:" + service_name,
+                    lambda: relabel(families, service_name, "prod"), service=service_name)
     renderer = CachingRenderer(lambda: [source], lambda: DenyList(DEFAULT_DENY_METRICS))
     out = {}
     for fmt, accept in FORMATS.items():
@@ -263,8 +263,8 @@ def test_allow_and_deny_lists_are_validated(tmp_path: Path) -> None:
 async def wait_scraped(daemon: Daemon, names: list[str], within: float = 15) -> None:
     with anyio.fail_after(within):
         while True:
-            snap = daemon.scraper.snapshot()
-            counts = daemon.drops.counts()
+            snap = daemon.obs.scraper.snapshot()
+            counts = daemon.obs.drops.counts()
             if all(n in snap and snap[n].ok and n in counts for n in names):
                 return
             await anyio.sleep(0.05)
@@ -289,7 +289,7 @@ async def test_hostile_children_in_both_formats_reach_neither_format(
         denied = len([c for c in cases("text") if c[2] == "denied"])
         with anyio.fail_after(10):  # a few more scrapes: the warnings must not repeat
             while True:
-                if min(daemon.drops.counts()[n]["denied"] for n in names) >= 3 * denied:
+                if min(daemon.obs.drops.counts()[n]["denied"] for n in names) >= 3 * denied:
                     break
                 await anyio.sleep(0.05)
         bodies = {}
@@ -427,7 +427,7 @@ async def test_a_reload_that_tightens_the_allow_list_applies_at_once(tmp_path: P
                 if sample(body, "a_one", service="a") == 1:
                     break
                 await anyio.sleep(0.05)
-        assert daemon.drops.counts()["a"]["not_allowed"] >= 1
+        assert daemon.obs.drops.counts()["a"]["not_allowed"] >= 1
 
 
 # Hypothesis: whatever families a service sends, what passes keeps /v1/metrics promtool-clean.

@@ -22,6 +22,7 @@ LAYERS = (
     "observe",  # everything behind /v1/metrics
     "web",  # the HTTP stack
     "control",  # control socket, its client, status documents, sd_notify
+    "observability",  # the HTTP, metrics, checks and stats half, wired (imported lazily once)
     "daemon",  # the composition root
     "cli",  # the edge: argv, process-wide settings, exit codes
 )
@@ -89,8 +90,6 @@ def violations() -> set[tuple[str, str]]:
 # Upward imports that are known and being removed (issue 16). The list may only shrink: an
 # entry that no longer exists fails the test too, so whoever fixes one deletes its line.
 KNOWN_UPWARD: set[tuple[str, str]] = {
-    ("supervisor.control.server", "supervisor.daemon"),  # takes the whole Daemon
-    ("supervisor.control.status", "supervisor.daemon"),  # takes the whole Daemon
 }
 
 

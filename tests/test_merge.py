@@ -1,4 +1,5 @@
-"""Pure merge: parsing, relabelling, one family per name, conflicts, the deny-list, promtool."""
+"""Parsing, relabelling, and the merge /v1/metrics serves (through render.CachingRenderer, the
+only one): one family per name, conflicts, the deny-list, promtool."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterable
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.config import DEFAULT_DENY_METRICS
 from supervisor.observe.denylist import DenyList
@@ -14,13 +16,11 @@ from supervisor.observe.families import (
     NO_HELP,
     ExpositionError,
     SeriesLimitExceeded,
-    merge,
-    merge_families,
     parse_exposition,
     relabel,
 )
 from supervisor.observe.instrument import HttpMetrics
-from tests.support import promtool_ok
+from tests.support import promtool_ok, served
 
 CONSTITUTIONAL = """\
 # HELP constitutional_breach_count Breaches.
@@ -139,7 +139,8 @@ def test_same_family_from_many_sources_is_one_family_and_histograms_stay_histogr
     api = relabel(parse_exposition(child_text(3, "billing"), 1000), "api", "prod")
     writer = relabel(parse_exposition(child_text(1), 1000), "event-writer", "prod")
     own = relabel(parse_exposition(child_text(2), 1000), "supervisor", "prod")
-    merged = merge_families([own, api, writer], DenyList())
+    text, _ = served([own, api, writer], DenyList())
+    merged = list(text_string_to_metric_families(text))
     names = [f.name for f in merged]
     assert len(names) == len(set(names))
     hist = next(f for f in merged if f.name == "http_request_duration_seconds")
@@ -147,7 +148,6 @@ def test_same_family_from_many_sources_is_one_family_and_histograms_stay_histogr
     services = {s.labels["service"] for s in hist.samples}
     assert services == {"api", "event-writer", "supervisor"}
 
-    text = render(merged)
     assert text.count("# TYPE http_request_duration_seconds histogram") == 1
     assert text.count("# HELP http_request_duration_seconds ") == 1
     assert text.count("# TYPE http_requests_total counter") == 1
@@ -164,26 +164,26 @@ def test_conflicts_first_type_wins_and_clashing_series_names_are_dropped() -> No
     second = parse_exposition("# HELP temp_total T2.\n# TYPE temp_total counter\ntemp_total 5\n"
                               "# HELP lat_count C.\n# TYPE lat_count gauge\nlat_count{x=\"1\"} 9\n"
                               "# TYPE fresh gauge\nfresh 1\n", 100)
-    result = merge([relabel(first, "a", "e"), relabel(second, "b", "e")], DenyList())
-    kinds = {f.name: f.type for f in result.families}
+    text, clashes = served([relabel(first, "a", "e"), relabel(second, "b", "e")], DenyList())
+    families = list(text_string_to_metric_families(text))
+    kinds = {f.name: f.type for f in families}
     assert kinds == {"temp": "gauge", "lat": "histogram", "fresh": "gauge"}
-    assert {(c.name, c.source, c.reason) for c in result.conflicts} == {
-        ("temp", 1, "type"), ("lat_count", 1, "names")}
-    temp = next(f for f in result.families if f.name == "temp")
+    # another type for temp; lat_count would collide with the histogram's series
+    assert sorted(clashes) == [("s1", "lat_count"), ("s1", "temp")]
+    temp = next(f for f in families if f.name == "temp")
     assert [s.labels["service"] for s in temp.samples] == ["a"]
     # A source without HELP gets a placeholder, so promtool's lint stays quiet.
-    fresh = next(f for f in result.families if f.name == "fresh")
+    fresh = next(f for f in families if f.name == "fresh")
     assert fresh.documentation == NO_HELP
-    promtool_ok(render(result.families))
+    promtool_ok(text)
 
 
 def test_duplicate_series_keep_the_first() -> None:
     a = parse_exposition("# TYPE up2 gauge\nup2{x=\"1\"} 1\n", 10)
     b = parse_exposition("# TYPE up2 gauge\nup2{x=\"1\"} 0\nup2{x=\"2\"} 0\n", 10)
-    result = merge([a, b], DenyList())
-    (family,) = result.families
+    text, _ = served([a, b], DenyList())
+    (family,) = text_string_to_metric_families(text)
     assert [(s.labels["x"], s.value) for s in family.samples] == [("1", 1), ("2", 0)]
-    assert result.duplicates == 1
 
 
 def test_fr52_constitutional_metrics_never_leave() -> None:
@@ -193,18 +193,18 @@ def test_fr52_constitutional_metrics_never_leave() -> None:
     Histogram("ok_seconds", "Fine.", registry=registry).observe(1)
     own = [f for f in registry.collect()]
     child = relabel(parse_exposition(CONSTITUTIONAL, 100), "api", "prod")
-    result = merge([own, child], DenyList(DEFAULT_DENY_METRICS))
-    text = render(result.families)
+    text, _ = served([own, child], DenyList(DEFAULT_DENY_METRICS))
     for banned in ("constitutional_breach_count", "halt_state", "dissent_health",
                    "witness_coverage", "override_frequency", "breach_count"):
         assert banned not in text
     assert 'queue_depth{environment="prod",service="api"} 4.0' in text
     assert "ok_seconds_bucket" in text
-    assert result.denied == 8
+    assert {f.name for f in text_string_to_metric_families(text)} == {
+        "queue_depth", "ok_seconds", "ok_seconds_created"}
     promtool_ok(text)
 
 
 def test_operator_patterns_extend_the_defaults() -> None:
     child = parse_exposition(CONSTITUTIONAL, 100)
     deny = DenyList(DEFAULT_DENY_METRICS + ("queue_*",))
-    assert merge_families([child], deny) == []
+    assert served([child], deny)[0] == ""

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from supervisor.core.lifecycle import State
-from supervisor.daemon import CLOCK_RESOLUTION
+from supervisor.observe.render import CLOCK_RESOLUTION
 from tests.dbservers import CANARY, PostgresServer, pg_server  # noqa: F401 (fixture)
 from tests.support import (
     SLEEPER_CODE,

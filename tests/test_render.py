@@ -1,5 +1,6 @@
-"""The caching renderer writes exactly what merging every family and encoding the result would,
-in both exposition formats, and reuses a source's text only while its key objects are the same."""
+"""The caching renderer writes exactly what merging every family and encoding the result would
+(tests/merge_oracle.py, a plain uncached merge), in both exposition formats, and reuses a
+source's text only as its cache policy allows."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from prometheus_client.metrics_core import Metric
 
 from supervisor.config import DEFAULT_DENY_METRICS
 from supervisor.observe.denylist import DenyList
-from supervisor.observe.families import merge_families, parse_exposition, relabel
-from supervisor.observe.render import CachingRenderer, Source, Ticker
+from supervisor.observe.families import parse_exposition, relabel
+from supervisor.observe.render import CachingRenderer, Source, Ticker, always, clocked, keyed
+from tests.merge_oracle import merge_families
 from tests.support import promtool_ok
 
 TEXT = "text/plain;version=0.0.4"
@@ -71,15 +73,15 @@ def own_registry(kind: str = "x") -> CollectorRegistry:
 def sources(own: CollectorRegistry, children: dict[str, str]) -> list[Source]:
     parsed = {name: tuple(parse_exposition(text)) for name, text in children.items()}
     more = own_registry("y")  # the same families, another service: one block of _created
-    out = [Source("own", lambda: relabel(own.collect(), "supervisor", "prod")),
-           Source("more", lambda: relabel(more.collect(), "sidecar", "prod"))]
+    out = [always("own", lambda: relabel(own.collect(), "supervisor", "prod")),
+           always("more", lambda: relabel(more.collect(), "sidecar", "prod"))]
     for name, families in parsed.items():
-        out.append(Source("service:" + name,
-                          lambda f=families, n=name: relabel(f, n, "prod"),  # type: ignore[misc]
-                          (families,)))
+        out.append(keyed("service:" + name,
+                         lambda f=families, n=name: relabel(f, n, "prod"),  # type: ignore[misc]
+                         families))
     # A second, uncached copy of api's families: every series is a duplicate of api's.
     api = parsed["api"]
-    out.append(Source("again", lambda: relabel(api, "api", "prod")))
+    out.append(always("again", lambda: relabel(api, "api", "prod")))
     return out
 
 
@@ -127,8 +129,7 @@ def test_a_source_is_rebuilt_only_when_its_key_changes() -> None:
     # writer scraped again: a new payload object, so its families are rebuilt and re-encoded.
     new_writer = tuple(parse_exposition(CHILD.replace("queue_depth{queue=\"q1\"} 2",
                                                       "queue_depth{queue=\"q1\"} 7")))
-    srcs[3] = Source("service:writer", lambda: relabel(new_writer, "writer", "prod"),
-                     (new_writer,))
+    srcs[3] = keyed("service:writer", lambda: relabel(new_writer, "writer", "prod"), new_writer)
     before = renderer.prepared
     body = renderer.render(encoder, content_type).decode()
     assert renderer.prepared - before == 4
@@ -154,14 +155,14 @@ def test_a_clock_keyed_source_is_rebuilt_once_per_tick() -> None:
     clock = [100.0]
     builds: list[float] = []
 
-    def uptime() -> list[Metric]:
-        builds.append(clock[0])
+    def uptime(now: float) -> list[Metric]:
+        builds.append(now)
         metric = Metric("uptime_seconds", "Uptime.", "gauge")
-        metric.add_sample("uptime_seconds", {"service": "api"}, clock[0] - 40.0)
+        metric.add_sample("uptime_seconds", {"service": "api"}, now - 40.0)
         return [metric]
 
-    renderer = CachingRenderer(
-        lambda: [Source("live", uptime, (ticker.token(clock[0]),))], DenyList)
+    renderer = CachingRenderer(lambda: [clocked("live", uptime)], DenyList, clock=ticker,
+                               monotonic=lambda: clock[0])
     encoder, content_type = choose_encoder(TEXT)
     for now in (100.0, 100.1, 100.2):  # one tick: one build, the first value
         clock[0] = now
@@ -179,7 +180,7 @@ def test_a_changed_help_text_is_written_for_the_family() -> None:
         metric.add_sample("queue_depth", {"service": "api"}, 1.0)
         return [metric]
 
-    renderer = CachingRenderer(lambda: [Source("api", family)], DenyList)
+    renderer = CachingRenderer(lambda: [always("api", family)], DenyList)
     for accept in (TEXT, OPENMETRICS):
         encoder, content_type = choose_encoder(accept)
         docs[0] = "First help."

@@ -19,10 +19,11 @@ from prometheus_client.metrics_core import Metric
 
 from supervisor.config import DEFAULT_DENY_METRICS
 from supervisor.observe.denylist import DenyList
-from supervisor.observe.families import merge_families, relabel
+from supervisor.observe.families import relabel
 from supervisor.observe.instrument import HttpMetrics
 from supervisor.observe.scraper import Scraper, ScrapeResult, Target, scrape_families
 from tests.support import promtool_ok
+from tests.support import served as merged_text
 
 pytestmark = pytest.mark.anyio
 
@@ -317,7 +318,7 @@ async def test_fr52_scrape_merge_render_drops_constitutional_metrics() -> None:
     sources = [relabel(own_registry.collect(), "supervisor", "prod")]
     sources += [relabel(snap[service].families, service, "prod") for service in sorted(snap)]
     sources.append(scrape_families(snap, "prod"))
-    text = render(merge_families(sources, DenyList(DEFAULT_DENY_METRICS)))
+    text, _ = merged_text(sources, DenyList(DEFAULT_DENY_METRICS))
     for banned in ("constitutional_breach_count", "halt_state", "dissent_health_ratio",
                    "witness_coverage_percent", "override_frequency", "breach_count"):
         assert banned not in text, banned

@@ -198,7 +198,8 @@ async def test_a_slow_tls_handshake_does_not_hold_up_probes(tmp_path: Path, pki:
             sock.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
         try:
             with anyio.fail_after(10):  # all of them waiting in the acceptor
-                while daemon.http_server and daemon.http_server.pending_count() < len(stalled):
+                server = daemon.obs.http_server
+                while server and server.pending_count() < len(stalled):
                     await anyio.sleep(0.05)
             context = pki.client_context()
 

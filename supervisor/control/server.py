@@ -22,8 +22,9 @@ import socket
 import stat
 import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import SocketStream
@@ -34,7 +35,8 @@ from supervisor.core import lifecycle as lc
 from supervisor.core.errors import SupervisorError
 
 if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
+    from supervisor.core.redact import Redactor
+    from supervisor.runner import ServiceRunner
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,30 @@ MAX_REQUEST = 64 * 1024
 MAX_REPLY = 16 * 1024 * 1024
 REQUEST_TIMEOUT = 5.0
 BACKLOG = 64
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    ok: bool
+    problems: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    error: str | None = None  # refused without reading the file (the daemon is stopping)
+
+
+class Controlled(Protocol):
+    """What the control socket needs of the daemon (the daemon is one)."""
+
+    @property
+    def redactor(self) -> Redactor: ...
+    @property
+    def runners(self) -> Mapping[str, ServiceRunner]: ...
+    def status(self) -> tuple[int, dict[str, Any]]: ...
+    def shutting_down(self) -> bool: ...
+    async def reload(self) -> ReloadResult: ...
+    def unsatisfied_dependencies(self, name: str, ignore: tuple[str, ...] = ()
+                                 ) -> dict[str, str]: ...
 
 
 def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
@@ -177,7 +203,7 @@ def _share_with_group(path: str, directory: str, group: str) -> None:
         log.error("control socket group=%s not applied: %s", group, exc)
 
 
-async def serve_control(daemon: Daemon, control: ControlSocket, *,
+async def serve_control(daemon: Controlled, control: ControlSocket, *,
                         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                         ) -> None:
     listener = await anyio.abc.SocketListener.from_socket(control.sock)
@@ -196,7 +222,7 @@ def _socket_answers(path: str) -> bool:
             return False
 
 
-async def _handle(daemon: Daemon, stream: SocketStream) -> None:
+async def _handle(daemon: Controlled, stream: SocketStream) -> None:
     async with stream:
         try:
             with anyio.fail_after(REQUEST_TIMEOUT):
@@ -214,7 +240,7 @@ async def _handle(daemon: Daemon, stream: SocketStream) -> None:
             pass
 
 
-async def execute(daemon: Daemon, request: Any) -> dict[str, Any]:
+async def execute(daemon: Controlled, request: Any) -> dict[str, Any]:
     if not isinstance(request, dict) or request.get("command") not in COMMANDS:
         return {"ok": False, "error": f"unknown command (expected one of {', '.join(COMMANDS)})"}
     command = request["command"]
@@ -259,7 +285,7 @@ async def execute(daemon: Daemon, request: Any) -> dict[str, Any]:
     return {"ok": True, "services": results}
 
 
-async def _apply(daemon: Daemon, command: str, name: str, results: dict[str, str],
+async def _apply(daemon: Controlled, command: str, name: str, results: dict[str, str],
                  done: dict[str, anyio.Event]) -> None:
     runner = daemon.runners.get(name)
     if runner is None:  # a reload removed it since the request was checked

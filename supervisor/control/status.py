@@ -5,23 +5,40 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from supervisor.core.datatypes import signal_name
 
 if TYPE_CHECKING:
-    from supervisor.daemon import Daemon
+    from supervisor.core.snapshot import ServiceSnapshot
+    from supervisor.observe.scraper import ScrapeResult
 
 SCHEMA_VERSION = 1
 
+Counts = Mapping[str, Mapping[str, int]]  # service -> reason -> families
 
-def status_document(daemon: Daemon) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class DaemonFacts:
+    """The daemon-wide part of the document, as plain values."""
+
+    environment: str
+    config_path: str
+    started_at: float  # time.monotonic()
+    last_reload_ok: bool
+    warnings: Sequence[str]
+
+
+def status_document(daemon: DaemonFacts, snapshots: Mapping[str, ServiceSnapshot],
+                    scrapes: Mapping[str, ScrapeResult], dropped: Counts, dropping: Counts,
+                    readiness: dict[str, Any]) -> dict[str, Any]:
+    """`dropped`: families kept out since the daemon started; `dropping`: those the latest
+    payloads are losing; `readiness`: the /v1/ready body of the dependency checks."""
     now, wall = time.monotonic(), time.time()
     services = []
-    scrapes = daemon.scraper.snapshot()
-    dropped = daemon.drops.counts()
-    dropping = daemon.drops.current()
-    for snap in daemon.snapshots.values():
+    for snap in snapshots.values():
         scrape = scrapes.get(snap.name)
         last = snap.last_exit
         services.append({
@@ -63,13 +80,13 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
         })
     return {
         "version": SCHEMA_VERSION,
-        "environment": daemon.config.settings.environment,
+        "environment": daemon.environment,
         "time": wall,
         "daemon": {"pid": os.getpid(),
                    "uptime_seconds": round(now - daemon.started_at, 3),
-                   "config": daemon.config.path,
+                   "config": daemon.config_path,
                    "last_reload_ok": daemon.last_reload_ok,
                    "warnings": list(daemon.warnings)},
         "services": services,
-        "readiness": daemon.monitor.snapshot().body(),
+        "readiness": readiness,
     }

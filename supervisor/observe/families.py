@@ -1,4 +1,4 @@
-"""Parse children's expositions and merge families from many sources into one exposition.
+"""Parse children's expositions and relabel their families (render.CachingRenderer merges them).
 
 Pure functions over prometheus_client `Metric` families; no I/O, no clocks, thread-safe.
 
@@ -10,12 +10,7 @@ Pure functions over prometheus_client `Metric` families; no I/O, no clocks, thre
 - `relabel` adds `service` and `environment`; a child's own label of that name is kept as
   `exported_service` / `exported_environment` (more `exported_` prefixes if that is taken too),
   as Prometheus does with honor_labels=false.
-- `merge` combines same-named families from all sources into one family (one HELP, one TYPE),
-  drops families the FR52 guard denies (names, labels, HELP: DenyList.denies_family), and
-  resolves clashes: the first source's type wins and a later family of another type - or one
-  whose exposed names would collide with an earlier family's series, like a gauge `x_count`
-  next to a histogram `x` - is dropped and reported in `MergeResult.conflicts`. Duplicate
-  series (same name and labels) keep the first.
+- `NO_HELP` is the HELP text a merged family gets when no source gave one.
 """
 
 from __future__ import annotations
@@ -23,15 +18,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
-
-from supervisor.observe.denylist import DenyList, exposed_names
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +43,6 @@ class SeriesLimitExceeded(ExpositionError):
         self.limit = limit
         self.seen = seen  # samples parsed when the limit was hit (> limit)
         self.families = families  # families parsed when the limit was hit (>= 1)
-
-
-@dataclass(frozen=True)
-class Conflict:
-    name: str
-    source: int  # index of the source whose family was dropped
-    type: str
-    reason: str  # "type" (kept family has another type) or "names" (series names collide)
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    families: tuple[Metric, ...]
-    conflicts: tuple[Conflict, ...] = ()
-    denied: int = 0  # families dropped by the deny-list
-    duplicates: int = 0  # samples dropped because an earlier source had the same series
 
 
 def parse_exposition(text: str, max_series: int = DEFAULT_MAX_SERIES, *,
@@ -120,61 +96,6 @@ def relabel(families: Iterable[Metric], service: str, environment: str) -> list[
             copy.samples.append(sample._replace(labels=labels))
         out.append(copy)
     return out
-
-
-def merge(sources: Iterable[Iterable[Metric]], deny: DenyList) -> MergeResult:
-    merged: dict[str, Metric] = {}
-    owner: dict[str, str] = {}  # exposed series name -> family name that claimed it
-    seen: dict[str, set[tuple[str, tuple[tuple[str, str], ...]]]] = {}
-    denied_names: dict[str, bool] = {}
-    conflicts: list[Conflict] = []
-    denied = duplicates = 0
-
-    def is_denied(name: str) -> bool:
-        # Cached per call: a large child repeats a few names thousands of times.
-        found = denied_names.get(name)
-        if found is None:
-            found = denied_names[name] = deny.denies(name)
-        return found
-
-    for index, families in enumerate(sources):
-        for family in families:
-            names = exposed_names(family)
-            if any(is_denied(n) for n in names) or deny.denies_family(family):
-                denied += 1
-                continue
-            if any(owner.get(n, family.name) != family.name for n in names):
-                conflicts.append(Conflict(family.name, index, family.type, "names"))
-                continue
-            target = merged.get(family.name)
-            if target is None:
-                target = merged[family.name] = Metric(
-                    family.name, family.documentation or NO_HELP, family.type, family.unit)
-                seen[family.name] = set()
-            elif target.type != family.type:
-                conflicts.append(Conflict(family.name, index, family.type, "type"))
-                continue
-            elif target.documentation == NO_HELP and family.documentation:
-                target.documentation = family.documentation
-            for n in names:
-                owner[n] = family.name
-            keys = seen[family.name]
-            for sample in family.samples:
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                if key in keys:
-                    duplicates += 1
-                    continue
-                keys.add(key)
-                target.samples.append(sample)
-    for conflict in conflicts:
-        logger.debug("metric family dropped name=%s source=%d type=%s reason=%s",
-                     conflict.name, conflict.source, conflict.type, conflict.reason)
-    return MergeResult(tuple(merged.values()), tuple(conflicts), denied, duplicates)
-
-
-def merge_families(sources: Iterable[Iterable[Metric]], deny: DenyList) -> list[Metric]:
-    """The merged families only; see `merge` for what was dropped."""
-    return list(merge(sources, deny).families)
 
 
 def _valid_family(family: Metric) -> bool:

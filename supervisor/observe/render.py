@@ -3,16 +3,24 @@ unchanged.
 
 At 200 services of 50 series each, formatting ten thousand samples with prometheus_client took
 most of a 120 ms render, although almost all of them change only when that child is scraped
-again (every scrape_interval). So each source is named and keyed: a child's source is keyed by
-its last good payload, the services' lifecycle by the snapshots mapping the event loop swaps on
-change. While the key is the same object, the source's families, their series names and keys,
-and their formatted sample lines are reused; a render only merges at family level and joins
-text. Sources without a key (uptime, the daemon's own process, scrape health) render every time.
+again (every scrape_interval). So each source is named and declares how it is cached (`Cache`);
+this module is the one place that rule is applied:
+
+- `keyed(name, families, *key)`: rebuilt only when an object of `key` is replaced (identity,
+  not equality: the event loop swaps snapshots, stats and scrape results whole). Its builder
+  gets no clock, so it cannot show a time-dependent value that would then freeze.
+- `clocked(name, families, *key)`: keyed, and also rebuilt once per clock tick (`Ticker`,
+  CLOCK_RESOLUTION); its builder is handed the render's `now`. Uptimes, the daemon's process.
+- `always(name, families)`: rebuilt on every render (cheap values other threads update in
+  place, or that are time-dependent on their own: request counters, dependency freshness).
+
+While a source's key is the same, its families, their series names and keys, and their
+formatted sample lines are reused; a render only merges at family level and joins text.
 
 The text itself is always prometheus_client's: a family's sample lines are its encoder's output
 for that family alone minus the `# HELP`/`# TYPE`/`# UNIT` header, and each merged family gets
-the header the encoder writes for the merged metadata. The merge rules are `merge.merge`'s
-(deny-list, first type wins, colliding series names dropped, duplicate series keep the first);
+the header the encoder writes for the merged metadata. This is the only merge (`_merge`):
+deny-list, first type wins, colliding series names dropped, duplicate series keep the first;
 a scraped service's family dropped for a clash is reported once per prepared source (once per
 scrape) to `on_drop` (reason `type_clash`). Families that need sample-level surgery
 (duplicates, or `_created`-style samples that the 0.0.4 text format writes as separate gauge
@@ -21,9 +29,12 @@ blocks) are rendered whole, uncached.
 
 from __future__ import annotations
 
+import enum
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from prometheus_client.metrics_core import Metric
 
@@ -38,15 +49,44 @@ _EOF = b"# EOF\n"
 _MAX_HEADERS = 10_000
 
 
-@dataclass(frozen=True)
-class Source:
-    """One contributor. `key` is a tuple of objects whose identity determines the families:
-    while every element `is` the one from the previous render, nothing is recomputed."""
+CLOCK_RESOLUTION = 0.1  # s; a clocked source's values are at most this old
+
+
+class Cache(enum.Enum):
+    """How a source's families are reused between renders (see the module docstring)."""
+
+    KEYED = "keyed"
+    CLOCKED = "clocked"
+    ALWAYS = "always"
+
+
+Builder = Callable[[], Iterable[Metric]]
+
+
+class Source(NamedTuple):
+    """One contributor to /v1/metrics. Build it with `keyed`, `clocked` or `always`, which
+    type `families` by the policy (a tuple: a render builds one per source per scrape)."""
 
     name: str
-    families: Callable[[], Iterable[Metric]]
-    key: tuple[object, ...] | None = None
+    families: Callable[..., Iterable[Metric]]  # given the render's `now` only if CLOCKED
+    cache: Cache
+    key: tuple[object, ...] = ()
     service: str | None = None  # a scraped service's name: its clashes are reported as drops
+
+
+def keyed(name: str, families: Builder, *key: object, service: str | None = None) -> Source:
+    """Rebuilt only when an object of `key` is replaced; `families` must read nothing else."""
+    return Source(name, families, Cache.KEYED, key, service)
+
+
+def clocked(name: str, families: Callable[[float], Iterable[Metric]], *key: object) -> Source:
+    """Rebuilt when an object of `key` is replaced and once per clock tick; gets `now`."""
+    return Source(name, families, Cache.CLOCKED, key)
+
+
+def always(name: str, families: Builder, *, service: str | None = None) -> Source:
+    """Rebuilt on every render."""
+    return Source(name, families, Cache.ALWAYS, (), service)
 
 
 class _Families:
@@ -99,9 +139,10 @@ def _keys_of(metric: Metric) -> set[SeriesKey]:
     return set(_sample_keys(metric))
 
 
-def _prepare(source: Source) -> _Prepared:
+def _prepare(source: Source, key: tuple[object, ...] | None, now: float) -> _Prepared:
     prepared = []
-    for metric in source.families():
+    clocked = source.cache is Cache.CLOCKED
+    for metric in source.families(now) if clocked else source.families():
         keys = _sample_keys(metric)
         unique = frozenset(keys)
         split_names = {metric.name + suffix for suffix in _SPLIT_SUFFIXES}
@@ -109,7 +150,7 @@ def _prepare(source: Source) -> _Prepared:
             metric, tuple(exposed_names(metric)), frozenset(s.name for s in metric.samples),
             unique, frozenset(s.labels.get("service") for s in metric.samples),
             len(unique) == len(keys), any(s.name in split_names for s in metric.samples)))
-    return _Prepared(source.key, prepared, source.service)
+    return _Prepared(key, prepared, source.service)
 
 
 class Ticker:
@@ -161,7 +202,7 @@ class _Merged:
             self._keys = set()
             for part in self.parts:
                 self._keys |= part.keys if isinstance(part, _Family) else _keys_of(part)
-        # Possible duplicate series: keep the first of each, as merge.merge does.
+        # Possible duplicate series: keep the first of each.
         metric = family.metric
         copy = Metric(metric.name, metric.documentation, metric.type, metric.unit)
         for sample, key in zip(metric.samples, _sample_keys(metric), strict=True):
@@ -185,8 +226,13 @@ class CachingRenderer:
 
     def __init__(self, sources: Callable[[], list[Source]],
                  deny: Callable[[], DenyList] = DenyList,
-                 on_drop: Callable[[str, str], None] | None = None) -> None:
+                 on_drop: Callable[[str, str], None] | None = None, *,
+                 clock: Ticker | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._sources = sources
+        # The tick clocked sources are keyed by; the daemon keys kept bodies by it too.
+        self.clock = Ticker(CLOCK_RESOLUTION) if clock is None else clock
+        self.monotonic = monotonic
         self._deny = deny
         self._on_drop = on_drop  # (service, family name): a scraped family lost to a clash
         self._lock = threading.Lock()
@@ -235,12 +281,21 @@ class CachingRenderer:
         cache = self._cache
         fresh: dict[str, _Prepared] = {}
         result = []
+        now = self.monotonic()
+        tick = self.clock.token(now)
         for source in self._sources():
+            # The caching rule, once: what must stay the very same objects for a reuse.
+            if source.cache is Cache.KEYED:
+                key: tuple[object, ...] | None = source.key
+            elif source.cache is Cache.CLOCKED:
+                key = (*source.key, tick)
+            else:
+                key = None
             cached = cache.get(source.name)
-            if cached is None or not same_objects(cached.key, source.key):
-                cached = _prepare(source)
+            if cached is None or not same_objects(cached.key, key):
+                cached = _prepare(source, key, now)
                 self.prepared += 1
-            if source.key is not None:
+            if key is not None:
                 fresh[source.name] = cached
             result.append(cached)
         with self._lock:

@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from wsgiref.simple_server import make_server
 
 from prometheus_client.exposition import ThreadingWSGIServer
 
@@ -149,15 +148,9 @@ class BoundedWSGIServer(ThreadingWSGIServer):
 
     request_queue_size = listen.BACKLOG  # server_activate() listens again with it
     daemon_threads = True
-    max_connections = 128
     min_workers = 8
     worker_idle_timeout = 30.0
-    head_timeout = HEAD_TIMEOUT
     response_timeout = RESPONSE_TIMEOUT
-    max_pending = MAX_PENDING
-    inline_paths: frozenset[str] = frozenset()
-    prebound: socket.socket | None = None  # the listening socket to take over (listen.bind)
-    gate: Gate | None = None
 
     def server_bind(self) -> None:
         # What TCPServer, HTTPServer and WSGIServer.server_bind do, minus the bind: serve()
@@ -175,8 +168,19 @@ class BoundedWSGIServer(ThreadingWSGIServer):
             # accepted anyway and waits in the acceptor like any slow client.
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 2)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_connections)
+    def __init__(self, server_address: Any, handler_class: Any, bind_and_activate: bool = True,
+                 *, sock: socket.socket | None = None, max_connections: int = 128,
+                 inline_paths: Iterable[str] = (), gate: Gate | None = None,
+                 head_timeout: float = HEAD_TIMEOUT, max_pending: int = MAX_PENDING) -> None:
+        self.prebound = sock  # the listening socket to take over (listen.bind)
+        if sock is not None:
+            self.address_family = sock.family
+        self.max_connections = max_connections
+        self.inline_paths = frozenset(inline_paths)
+        self.gate = gate
+        self.head_timeout = head_timeout
+        self.max_pending = max_pending
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._pool_lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         self._idle = 0  # workers waiting on the queue that no queued connection is meant for
@@ -187,7 +191,7 @@ class BoundedWSGIServer(ThreadingWSGIServer):
         self._stopping = False
         self._stopped = threading.Event()
         self._stopped.set()
-        super().__init__(*args, **kwargs)
+        super().__init__(server_address, handler_class, bind_and_activate)
 
     # -- the acceptor ---------------------------------------------------------------------
     def serve_forever(self, poll_interval: float = 0.5) -> None:
@@ -502,12 +506,11 @@ def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128,
     # pipes, checks and scrapes.
     max_pending = MAX_PENDING if soft == resource.RLIM_INFINITY else max(
         16, min(MAX_PENDING, (soft - max_connections) // 2))
-    server_class = type("Server", (BoundedWSGIServer,),
-                        {"max_connections": max_connections, "address_family": sock.family,
-                         "inline_paths": frozenset(inline_paths), "prebound": sock,
-                         "gate": gate, "head_timeout": head_timeout,
-                         "max_pending": max_pending})
-    server: BoundedWSGIServer = make_server(host, port, app, server_class, handler_class=Handler)
+    # What wsgiref's make_server does, with this call's settings as arguments.
+    server = BoundedWSGIServer((host, port), Handler, sock=sock,
+                               max_connections=max_connections, inline_paths=inline_paths,
+                               gate=gate, head_timeout=head_timeout, max_pending=max_pending)
+    server.set_app(app)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
                               name="http", daemon=True)
     thread.start()
