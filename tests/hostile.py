@@ -89,6 +89,29 @@ TEXT_ONLY: list[tuple[str, str, str]] = [
     # The text form of a stateset: a gauge with a label named like itself.
     ("halt_", '# TYPE halt_ gauge\nhalt_{halt_="halted"} 1\nhalt_{halt_="running"} 0\n',
      "denied"),
+    # Shapes the text parser takes but OpenMetrics' refuses: written as they came, they would
+    # make all of /v1/metrics unreadable to an OpenMetrics scraper (Prometheus asks for it).
+    ("rogue_no_inf", '# TYPE rogue_no_inf histogram\nrogue_no_inf_bucket{le="1"} 1\n'
+     "rogue_no_inf_sum 1\nrogue_no_inf_count 1\n", "invalid"),
+    ("rogue_le_count", '# TYPE rogue_le_count histogram\nrogue_le_count_bucket{le="+Inf"} 1\n'
+     'rogue_le_count_sum 1\nrogue_le_count_count{le="1"} 1\n', "invalid"),
+    ("rogue_buckets_down", '# TYPE rogue_buckets_down histogram\n'
+     'rogue_buckets_down_bucket{le="1"} 5\nrogue_buckets_down_bucket{le="+Inf"} 2\n'
+     "rogue_buckets_down_sum 1\nrogue_buckets_down_count 2\n", "invalid"),
+    ("rogue_le_order", '# TYPE rogue_le_order histogram\nrogue_le_order_bucket{le="+Inf"} 2\n'
+     'rogue_le_order_bucket{le="1"} 2\nrogue_le_order_sum 1\nrogue_le_order_count 2\n',
+     "invalid"),
+    ("rogue_count_off", '# TYPE rogue_count_off histogram\nrogue_count_off_bucket{le="+Inf"} 2\n'
+     "rogue_count_off_sum 1\nrogue_count_off_count 7\n", "invalid"),
+    ("rogue_half_bucket", '# TYPE rogue_half_bucket histogram\n'
+     'rogue_half_bucket_bucket{le="+Inf"} 1.5\nrogue_half_bucket_sum 1\n'
+     "rogue_half_bucket_count 1.5\n", "invalid"),
+    ("rogue_negative", "# TYPE rogue_negative counter\nrogue_negative -3\n", "invalid"),
+    ("rogue_nan_counter", "# TYPE rogue_nan_counter counter\nrogue_nan_counter NaN\n",
+     "invalid"),
+    ("rogue_quantile_neg", '# TYPE rogue_quantile_neg summary\n'
+     'rogue_quantile_neg{quantile="0.5"} -1\nrogue_quantile_neg_sum 1\n'
+     "rogue_quantile_neg_count 1\n", "invalid"),
 ]
 OPENMETRICS_ONLY: list[tuple[str, str, str]] = [
     ("constitutional_breaches", "# TYPE constitutional_breaches counter\n"

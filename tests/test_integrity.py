@@ -472,3 +472,41 @@ def test_whatever_passes_the_screen_passes_promtool(families: list[Metric]) -> N
     bodies = render_both(kept)
     promtool_ok(bodies["text"])
     openmetrics_ok(bodies["openmetrics"])
+
+
+@st.composite
+def any_shape(draw: st.DrawFn) -> Metric:
+    """A family of a structured type whose samples are drawn freely: any suffix, any `le` or
+    `quantile`, any order, any value (negative, NaN, fractional), a label set or two. The
+    text parser takes all of these; OpenMetrics' parser refuses most."""
+    kind = draw(st.sampled_from(["histogram", "summary", "counter"]))
+    name = "rogue_" + draw(st.sampled_from(["shape", "jobs", "work"]))
+    family = Metric(name, "Shapes.", kind)
+    suffixes = {"histogram": ["_bucket", "_count", "_sum", "_created"],
+                "summary": ["", "_count", "_sum", "_created"],
+                "counter": ["_total", "_created", ""]}[kind]
+    values = st.sampled_from([0.0, 1.0, 2.0, 3.0, 1.5, -1.0, float("nan"), float("inf")])
+    for _ in range(draw(st.integers(1, 7))):
+        suffix = draw(st.sampled_from(suffixes))
+        labels = {"job": draw(st.sampled_from(["a", "b"]))}
+        if draw(st.booleans()):
+            special = draw(st.sampled_from(["le", "quantile"]))
+            labels[special] = draw(st.sampled_from(["0.5", "1", "+Inf", "-1", "2"]))
+        family.samples.append(Sample(name + suffix, labels, draw(values)))
+    return family
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(any_shape(), min_size=1, max_size=3))
+def test_whatever_shape_passes_the_screen_reads_back_in_both_formats(
+        families: list[Metric]) -> None:
+    """One hostile histogram must not make the whole of /v1/metrics unreadable: an
+    OpenMetrics scraper's parser refuses a document for one bad family."""
+    honest = Metric("rogue_ok", "Fine.", "gauge")
+    honest.samples.append(Sample("rogue_ok", {}, 1.0))
+    kept, _ = screen([*families, honest], Policy())
+    assert any(f.name == "rogue_ok" for f in kept)
+    bodies = render_both(kept)
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse
+    list(parse(bodies["openmetrics"].decode()))
+    promtool_ok(bodies["text"])

@@ -9,7 +9,11 @@ never per render. A family is dropped whole, with one reason:
   builders expose, derived from those builders rather than listed twice);
 - `not_allowed`: strict mode (`allow_metrics`) is on and no glob matches it;
 - `invalid`: names Prometheus 2.x would refuse, names with `:` (reserved for recording rules;
-  OpenMetrics rewrites them), or samples our writers cannot write;
+  OpenMetrics rewrites them), samples our writers cannot write, or a family that, written as
+  OpenMetrics, its strict parser refuses (a histogram without `+Inf`, buckets out of order, a
+  count that disagrees with `+Inf`, `le` on `_count`, a negative or NaN counter, samples of one
+  series split apart...): the text format's parser takes all of that, so only the round trip
+  through prometheus_client's own OpenMetrics writer and parser shows it;
 - `limit` (the scraper: a payload over the series or size limit) and `type_clash` (the
   renderer: another source already owns the name with another type or colliding series).
 
@@ -137,7 +141,17 @@ class Policy:
 
 
 def screen(families: Iterable[Metric], policy: Policy) -> tuple[list[Metric], list[Drop]]:
-    """The families that pass `policy` (children's exemplars removed), and the drops."""
+    """The families that pass `policy` (children's exemplars removed) and that OpenMetrics'
+    parser reads back, and the drops."""
+    kept, drops = _judged(families, policy)
+    unreadable = _unreadable_in_openmetrics(kept)
+    if unreadable:
+        drops.extend(Drop(kept[i].name, "invalid") for i in sorted(unreadable))
+        kept = [f for i, f in enumerate(kept) if i not in unreadable]
+    return kept, drops
+
+
+def _judged(families: Iterable[Metric], policy: Policy) -> tuple[list[Metric], list[Drop]]:
     kept: list[Metric] = []
     drops: list[Drop] = []
     for family in families:
@@ -161,6 +175,46 @@ def screen(families: Iterable[Metric], policy: Policy) -> tuple[list[Metric], li
             family = copy
         kept.append(family)
     return kept, drops
+
+
+class _Fixed:
+    """A registry stand-in for the writer: it collects exactly these families."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def _reads_back(families: list[Metric]) -> bool:
+    from prometheus_client.openmetrics.exposition import generate_latest
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    try:
+        body = generate_latest(_Fixed(families))  # type: ignore[no-untyped-call]
+        for _ in text_string_to_metric_families(body.decode()):  # type: ignore[no-untyped-call]
+            pass
+    except Exception:  # noqa: BLE001 - any refusal, whatever the parser raises, is the answer
+        return False
+    return True
+
+
+# Types whose samples OpenMetrics constrains beyond one line each: bucket order and `+Inf`,
+# `_count` against `+Inf`, integer counts, non-negative and non-NaN counters, info and stateset
+# values. A gauge's lines stand alone (the renderer settles duplicates), so the round trip, which
+# costs about twice the scrape's own parse, is spent only where it can find something.
+_STRUCTURED = frozenset({"counter", "histogram", "gaugehistogram", "summary", "info", "stateset"})
+
+
+def _unreadable_in_openmetrics(families: list[Metric]) -> set[int]:
+    """Indexes of the families that, each written alone as OpenMetrics, its parser refuses.
+    Alone, because what families do to each other (a text scrape's `x_created` gauge beside the
+    counter `x`, two types for one name) is the renderer's to settle (render.py)."""
+    return {i for i, family in enumerate(families)
+            if (family.type in _STRUCTURED
+                or any(s.timestamp is not None for s in family.samples))
+            and not _reads_back([family])}
 
 
 def _retyped(family: Metric, kind: str) -> Metric:
