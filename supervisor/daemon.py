@@ -1,11 +1,7 @@
-"""The composition root: owns the top task group and wires runners, signals, reload and the
-observability half (observability.py, imported once the services are spawned).
-
-Start order follows `depends_on` (a service starts once its dependencies run -- or, for one
-with a readiness probe, are ready -- or exited successfully; until then it is `waiting`, with
-the reason); stop order is the reverse (a
-service is stopped once everything depending on it has stopped); services without a relation
-start and stop concurrently.
+"""The composition root: owns the top task group and wires the services (services.py: their
+runners, start and stop order), signals, reload, the control socket, containment (cgroups, the
+orphan guard, the subreaper's sweep) and the observability half (observability.py, imported once
+the services are spawned).
 """
 
 from __future__ import annotations
@@ -38,6 +34,7 @@ from supervisor.process import descendants, reaper
 from supervisor.process.guard import OrphanGuard
 from supervisor.process.spawn import Child, become_subreaper, spawn
 from supervisor.runner import ServiceRunner, Spawner
+from supervisor.services import Services
 from supervisor.web import listen
 
 # The observability half (HTTP, metrics, checks, stats: prometheus_client, wsgiref, psutil,
@@ -79,8 +76,11 @@ class Daemon:
         self.stats: Mapping[str, TreeStats] = {}
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_ok = True
-        self.runners: dict[str, ServiceRunner] = {}
-        self._runner_scopes: dict[str, anyio.CancelScope] = {}
+        self.services = Services(
+            environ=self.environ, publish=self._publish, spawner=self._spawn,
+            owned=self._owned_by_runners, cgroup_for=self._cgroup_for,
+            wait_healthy=lambda checks, timeout: self.monitor.wait_healthy(checks, timeout),
+            may_start=lambda: not self.shutting_down())
         # Kills every service if this process dies without stopping them (see guard.py).
         self.guard = OrphanGuard()
         # A cgroup per service (cgroup.py), made in run(); None: fallback containment.
@@ -90,15 +90,10 @@ class Daemon:
         self._observing: anyio.Event | None = None  # set once the observability half serves
         self._obs: Observability | None = None  # built once the services are spawned
         self._tg: TaskGroup | None = None
-        self._start_scopes: set[anyio.CancelScope] = set()  # pending starts, cancelled at shutdown
         self._states_changed: anyio.Event | None = None  # set when a service's state changes
         self._last_status: str | None = None  # the last STATUS= sent
         self._reload_lock: anyio.Lock | None = None  # one reload at a time (SIGHUP, socket)
         self._stopping_sent = False  # STOPPING=1 went out: no READY=1 may follow it
-        # Per service name, the counters of runners a reload replaced or removed: starts and
-        # exits count for the daemon's lifetime, so a new runner for the name carries them on.
-        self._retired: dict[str, tuple[int, dict[str, int], dict[str, int]]] = {}
-        self._replacing: frozenset[str] = frozenset()  # runners a reload is stopping for good
         self.listen_address: tuple[str, int] | None = None
         self.warnings: tuple[str, ...] = ()  # shown in /v1/status and `supervisor status`
         self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
@@ -108,6 +103,14 @@ class Daemon:
         """HTTP, metrics, readiness checks, scrapes and stats (see observability.py)."""
         assert self._obs is not None, "the daemon is not observing yet"
         return self._obs
+
+    @property
+    def runners(self) -> Mapping[str, ServiceRunner]:
+        return self.services.runners
+
+    def unsatisfied_dependencies(self, name: str, ignore: tuple[str, ...] = ()
+                                 ) -> dict[str, str]:
+        return self.services.unsatisfied_dependencies(name, ignore)
 
     @property
     def monitor(self) -> ReadinessMonitor:
@@ -168,9 +171,10 @@ class Daemon:
                 self._setup_cgroups(tg)
                 # Services first: checks, scrapes and the control socket are not needed to
                 # spawn them, and starting those (imports, threads) would delay every service.
-                for spec in self.config.services.values():
-                    await self._add_runner(spec)
-                await self._spawn_independent()
+                specs = list(self.config.services.values())
+                for spec in specs:
+                    self.services.add(spec, tg)
+                await self.services.spawn_independent(specs)
                 # Requests that arrived meanwhile wait in the listen backlog.
                 from supervisor.observability import Observability
 
@@ -185,7 +189,7 @@ class Daemon:
                     tg.start_soon(watchdog_loop, self.notifier, interval)
                 if self.notifier is not None:
                     tg.start_soon(self._refresh_status)
-                tg.start_soon(self._start_all, self._dependent_autostarts())
+                tg.start_soon(self.services.start_all, self.services.dependent(specs))
                 self._notify("ready")
                 self._notify_status()
                 task_status.started()
@@ -194,13 +198,12 @@ class Daemon:
                 self._notify("stopping")
                 # While the services stop, not after them (it took up to 0.5 s).
                 tg.start_soon(anyio.to_thread.run_sync, obs.stop_serving)
-                for scope in self._start_scopes:
-                    scope.cancel()
+                self.services.cancel_pending_starts()
                 # Shielded so that cancellation still stops every child, bounded so that a
                 # runner that died cannot hold the daemon forever.
                 bound = max((r.spec.stop_timeout for r in self.runners.values()), default=0) + 10
                 with anyio.move_on_after(bound, shield=True):
-                    await self._stop_services(list(self.runners))
+                    await self.services.stop_in_order(list(self.runners))
                     if self.subreaper:
                         await self._sweep()
                 tg.cancel_scope.cancel()
@@ -257,32 +260,10 @@ class Daemon:
         tg.start_soon(watcher.run)
         log.info("cgroup per service path=%s", tree.instance)
 
-    async def _add_runner(self, spec: ServiceSpec) -> None:
-        assert self._tg is not None
-        cgroup = None
-        if self.cgroups is not None and self._empty_watcher is not None:
-            cgroup = cgroups.ServiceCgroup(self.cgroups, self._empty_watcher, spec.name)
-        runner = ServiceRunner(spec, environ=self.environ, publish=self._publish,
-                               spawner=self._spawn,
-                               cgroup=cgroup, owned=self._owned_by_runners)
-        if spec.name in self._retired:
-            runner.carry_counters(*self._retired.pop(spec.name))
-        scope = anyio.CancelScope()
-        self.runners[spec.name] = runner
-        self._runner_scopes[spec.name] = scope
-        self._publish(runner.snapshot)
-
-        async def run_runner() -> None:
-            with scope:
-                try:
-                    await runner.run()
-                except Exception:  # noqa: BLE001 - last resort: runner.run contains its own
-                    log.exception("runner ended with an error service=%s", spec.name)
-
-        # Not tg.start(): a round trip through the scheduler per service adds up (200 services
-        # on trio: 60 ms), and the runner's event queue is unbounded, so events posted before
-        # its task first runs wait for it.
-        self._tg.start_soon(run_runner)
+    def _cgroup_for(self, spec: ServiceSpec) -> cgroups.ServiceCgroup | None:
+        if self.cgroups is None or self._empty_watcher is None:
+            return None
+        return cgroups.ServiceCgroup(self.cgroups, self._empty_watcher, spec.name)
 
     def _publish(self, snapshot: ServiceSnapshot) -> None:
         previous = self.snapshots.get(snapshot.name)
@@ -294,116 +275,6 @@ class Daemon:
                 and self._observing.is_set()
                 and (previous is None or previous.state is not lc.State.RUNNING)):
             self.obs.poke(snapshot.name)  # its metrics, now rather than up to 2 intervals on
-
-    def _autostarts(self) -> list[ServiceSpec]:
-        return [s for s in self.config.services.values() if s.autostart]
-
-    def _dependent_autostarts(self) -> list[ServiceSpec]:
-        return [s for s in self._autostarts() if s.depends_on or s.wait_for]
-
-    async def _spawn_independent(self) -> None:
-        """Spawn what has nothing to wait for, so READY=1 means "spawned and listening";
-        services with depends_on or wait_for follow in the background."""
-        now = [s for s in self._autostarts() if not s.depends_on and not s.wait_for]
-        for spec in now:
-            self.runners[spec.name].start()
-        with anyio.move_on_after(10):
-            for spec in now:
-                await self.runners[spec.name].wait_until(lambda s: s.state is not lc.State.STOPPED)
-
-    async def _start_all(self, specs: list[ServiceSpec]) -> None:
-        with anyio.CancelScope() as scope:
-            self._start_scopes.add(scope)
-            try:
-                async with anyio.create_task_group() as tg:
-                    for spec in specs:
-                        if spec.autostart:
-                            tg.start_soon(self._start_when_ready, spec)
-            finally:
-                self._start_scopes.discard(scope)
-
-    async def _start_when_ready(self, spec: ServiceSpec) -> None:
-        """Hold an autostart back, as `waiting` with the reason, until its dependencies run
-        (or exited successfully) and its checks pass (or wait_timeout passes); then start it
-        unless an operator stopped it meanwhile."""
-        runner = self.runners.get(spec.name)
-        if runner is None or runner.spec is not spec:
-            return
-        try:
-            held = False
-            while self.runners.get(spec.name) is runner and not runner.finished:
-                blockers = self.unsatisfied_dependencies(spec.name)
-                if not blockers:
-                    break
-                runner.hold(waiting_reason(blockers), refresh=held)
-                held = True
-                await self._wait_dependency_change(blockers)
-            if spec.wait_for:
-                runner.hold(f"checks {','.join(spec.wait_for)} (up to wait_timeout "
-                            f"{spec.wait_timeout:g}s)", refresh=held)
-                held = True
-                log.info("waiting for checks service=%s checks=%s timeout=%g", spec.name,
-                         ",".join(spec.wait_for), spec.wait_timeout)
-                if not await self.monitor.wait_healthy(spec.wait_for, spec.wait_timeout):
-                    log.warning("checks still failing after wait_timeout, starting anyway "
-                                "service=%s checks=%s", spec.name, ",".join(spec.wait_for))
-            # Shutdown cancels pending starts, but one queued just before it began may run
-            # after; a reload replacing this runner ends it before its successor starts.
-            if (self.runners.get(spec.name) is runner and not self.shutting_down()
-                    and spec.name not in self._replacing):
-                if held:
-                    runner.release()  # a no-op if an operator stopped it meanwhile
-                else:
-                    runner.start()
-        except Exception as exc:  # noqa: BLE001 - one service never takes the daemon down
-            log.exception("start failed service=%s", spec.name)
-            runner.fault(f"internal error: {type(exc).__name__}")
-
-    def unsatisfied_dependencies(self, name: str, ignore: tuple[str, ...] = ()
-                                 ) -> dict[str, str]:
-        """`name`'s dependencies that neither run nor exited successfully -> why not."""
-        runner = self.runners.get(name)
-        if runner is None:
-            return {}
-        blockers: dict[str, str] = {}
-        for dep in runner.spec.depends_on:
-            other = self.runners.get(dep)
-            if other is not None and dep not in ignore and not _dependency_satisfied(
-                    other.snapshot):
-                blockers[dep] = _blocked_because(other.snapshot)
-        return blockers
-
-    async def _wait_dependency_change(self, blockers: Mapping[str, str]) -> None:
-        """Return once any of `blockers` is satisfied or blocks for another reason."""
-        watched = [(self.runners.get(dep), why) for dep, why in blockers.items()]
-        async with anyio.create_task_group() as tg:
-
-            async def watch(runner: ServiceRunner | None, why: str) -> None:
-                if runner is not None:  # None: removed by a reload meanwhile
-                    await runner.wait_until(lambda s: _dependency_satisfied(s)
-                                            or _blocked_because(s) != why)
-                tg.cancel_scope.cancel()
-
-            for runner, why in watched:
-                tg.start_soon(watch, runner, why)
-
-    async def _stop_services(self, names: list[str]) -> None:
-        # Who depends on whom, once: a scan of every stopping service per service was
-        # quadratic (0.03 s of a shutdown at 200 services, 0.7 s at 1,000).
-        dependents: dict[str, list[ServiceRunner]] = {}
-        for other in names:
-            runner = self.runners.get(other)
-            if runner is not None:
-                for dep in runner.spec.depends_on:
-                    dependents.setdefault(dep, []).append(runner)
-        async with anyio.create_task_group() as tg:
-            for name in names:
-                tg.start_soon(self._stop_after_dependents, name, dependents.get(name, []))
-
-    async def _stop_after_dependents(self, name: str, dependents: list[ServiceRunner]) -> None:
-        for runner in dependents:
-            await runner.wait_until(lambda s: s.state in lc.SETTLED_STATES)
-        await self.runners[name].stop_and_wait()
 
     async def _sweep(self, rounds: int = 200, pause: float = 0.01) -> None:
         """At shutdown, as subreaper: SIGKILL every descendant left (escapees and theirs),
@@ -425,10 +296,10 @@ class Daemon:
 
     # -- control (used by the control socket and SIGHUP) ----------------------------------
     def start_service(self, name: str) -> None:
-        self.runners[name].start()
+        self.services.start(name)
 
     def stop_service(self, name: str) -> None:
-        self.runners[name].stop()
+        self.services.stop(name)
 
     async def reload(self) -> ReloadResult:
         """Re-read the config file; apply it only if entirely valid. Reloads run one at a time
@@ -472,15 +343,15 @@ class Daemon:
             assert self._tg is not None
             await self.obs.restart_monitor(self._tg)
         self.obs.reconfigure(new)
-        self._replacing = frozenset(removed + changed)
+        self.services.replacing = frozenset(removed + changed)
         try:
             return await self._replace(new, added, removed, changed)
         finally:
-            self._replacing = frozenset()
+            self.services.replacing = frozenset()
 
     async def _replace(self, new: Config, added: list[str], removed: list[str],
                        changed: list[str]) -> ReloadResult:
-        await self._stop_services(removed + changed)
+        await self.services.stop_in_order(removed + changed)
         if self.shutting_down():
             # Shutdown stops every runner still listed, these included; swapping runners now
             # would start services again behind its back.
@@ -490,28 +361,19 @@ class Daemon:
         # End the old runners before any replacement exists: a start queued for one of them
         # (by an earlier reload's pending starts) would otherwise spawn it next to its
         # successor; ending it terminates whatever it spawned, within its stop_timeout.
-        old_runners = [self.runners[name] for name in removed + changed]
-        for name in removed + changed:
-            self._runner_scopes[name].cancel()
-        for runner in old_runners:
-            await runner.wait_until(lambda s: False)  # returns once the runner has finished
+        old_runners = await self.services.end(removed + changed)
         if self.shutting_down():
             log.warning("reload abandoned: the daemon is shutting down")
             return ReloadResult(False, error="the daemon began shutting down during the "
                                              "reload; it was not applied")
-        for runner in old_runners:
-            name = runner.spec.name
-            del self._runner_scopes[name], self.runners[name]
-            self._retired[name] = (runner.machine.starts, dict(runner.machine.exits),
-                                   runner.probe_failures())
+        self.services.retire(old_runners)
         self.snapshots = {n: s for n, s in self.snapshots.items() if n in new.services}
-        for name in new.services:
-            if name in added or name in changed:
-                await self._add_runner(new.services[name])
-        # Start in dependency order; unchanged services keep their processes.
         assert self._tg is not None
-        self._tg.start_soon(self._start_all, [new.services[n] for n in new.services
-                                              if n in added or n in changed])
+        fresh = [spec for name, spec in new.services.items() if name in added or name in changed]
+        for spec in fresh:
+            self.services.add(spec, self._tg)
+        # Start in dependency order; unchanged services keep their processes.
+        self._tg.start_soon(self.services.start_all, fresh)
         self.reloads["success"] += 1
         self.last_reload_ok = True
         log.info("reloaded added=%s removed=%s changed=%s", ",".join(added) or "-",
@@ -619,29 +481,3 @@ def _redactor(*configs: Config) -> Redactor:
             + [p.target for s in config.services.values() for p in s.probes().values()
                if p.type == "http"])
     return Redactor(secrets)
-
-
-def _dependency_satisfied(s: ServiceSnapshot) -> bool:
-    if s.state is lc.State.EXITED and s.last_exit is not None and s.last_exit.reason == "success":
-        return True
-    if s.ready is not None:  # it has a readiness probe: ready, not merely running
-        return s.ready and s.state in (lc.State.STARTING, lc.State.RUNNING)
-    return s.state is lc.State.RUNNING
-
-
-def _blocked_because(s: ServiceSnapshot) -> str:
-    """Why a dependency holds its dependents back, coarse enough that a crash-looping
-    dependency (starting, backoff, starting...) does not change the reason each time."""
-    if s.ready is not None and s.state in (lc.State.STARTING, lc.State.RUNNING,
-                                           lc.State.BACKOFF):
-        return "not ready"
-    if s.state in (lc.State.STARTING, lc.State.BACKOFF):
-        return "not running yet"
-    if s.state is lc.State.EXITED:
-        return "exited with failure"
-    return str(s.state)  # fatal, stopped, stopping, waiting
-
-
-def waiting_reason(blockers: Mapping[str, str]) -> str:
-    """`{"db": "fatal"}` -> "dependency db is fatal"."""
-    return "; ".join(f"dependency {dep} is {why}" for dep, why in blockers.items())

@@ -207,8 +207,8 @@ def test_ready_comment_says_when_ready_is_sent() -> None:
         assert words in comment, words
     daemon = (Path(__file__).resolve().parents[1] / "supervisor" / "daemon.py").read_text()
     run = daemon[daemon.index("async def run("):]
-    order = [run.index(s) for s in ("_spawn_independent()", "obs.serve(listener)",
-                                    "serve_control", "_start_all, self._dependent_autostarts",
+    order = [run.index(s) for s in ("services.spawn_independent(", "obs.serve(listener)",
+                                    "serve_control", "services.start_all, self.services.dependent",
                                     'self._notify("ready")')]
     assert order == sorted(order)
 
