@@ -18,7 +18,12 @@ from anyio.abc import TaskGroup
 
 from supervisor.config import Config, ServiceSpec, load_config
 from supervisor.control import rundir
-from supervisor.control.notify import Notifications, watchdog_interval, watchdog_loop
+from supervisor.control.notify import (
+    Announcer,
+    Notifications,
+    watchdog_interval,
+    watchdog_loop,
+)
 from supervisor.control.server import (
     ControlSocket,
     ReloadResult,
@@ -27,10 +32,10 @@ from supervisor.control.server import (
 )
 from supervisor.core import lifecycle as lc
 from supervisor.core.errors import ConfigError, SupervisorError
-from supervisor.core.redact import LogRedactor, Redactor, config_secrets
+from supervisor.core.redact import LogRedactor, Redactor
 from supervisor.core.snapshot import ServiceSnapshot
 from supervisor.process import cgroup as cgroups
-from supervisor.process import descendants, reaper
+from supervisor.process import reaper
 from supervisor.process.guard import OrphanGuard
 from supervisor.process.spawn import Child, become_subreaper, spawn
 from supervisor.runner import ServiceRunner, Spawner
@@ -47,9 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# sd_notify STATUS= follows state changes, at most once per this many seconds (1000 services
-# flapping send 5 datagrams a second, not thousands).
-STATUS_MIN_INTERVAL = 0.2
 
 
 class Daemon:
@@ -61,12 +63,12 @@ class Daemon:
         self.config = config
         # Masks the config's secrets in every string that leaves: HTTP bodies, control replies
         # and (through `log_redactor`, the CLI's log handler filter) log records.
-        self.redactor = _redactor(config)
+        self.redactor = Redactor(config.all_secrets())
         self.log_redactor = log_redactor
         if log_redactor is not None:
             log_redactor.redactor = self.redactor
         self.environ = dict(os.environ if environ is None else environ)
-        self.notifier = notifier
+        self.announce = Announcer(notifier, self._status_text)
         self.handle_signals = handle_signals
         self.subreaper = subreaper
         self.health_stale_after = health_stale_after
@@ -90,10 +92,7 @@ class Daemon:
         self._observing: anyio.Event | None = None  # set once the observability half serves
         self._obs: Observability | None = None  # built once the services are spawned
         self._tg: TaskGroup | None = None
-        self._states_changed: anyio.Event | None = None  # set when a service's state changes
-        self._last_status: str | None = None  # the last STATUS= sent
         self._reload_lock: anyio.Lock | None = None  # one reload at a time (SIGHUP, socket)
-        self._stopping_sent = False  # STOPPING=1 went out: no READY=1 may follow it
         self.listen_address: tuple[str, int] | None = None
         self.warnings: tuple[str, ...] = ()  # shown in /v1/status and `supervisor status`
         self.control_socket = config.settings.control_socket or default_socket_path(self.environ)
@@ -145,19 +144,13 @@ class Daemon:
                                   f"{settings.listen_port}: {exc.strerror or exc}") from None
         self._shutdown = anyio.Event()
         self._observing = anyio.Event()
-        self._states_changed = anyio.Event()
         self._reload_lock = anyio.Lock()
         bound_host, bound_port = listener.getsockname()[:2]
         self.listen_address = (str(bound_host), int(bound_port))
-        scheme = "https" if settings.web_config and settings.web_config.tls else "http"
-        log.info("listening address=%s://%s/v1/metrics", scheme,
-                 _host_port(*self.listen_address))
-        web = settings.web_config
-        if web is not None:
-            log.info("web config path=%s tls=%s client_auth=%s basic_auth_users=%d",
-                     web.path, "on" if web.tls else "off", web.client_auth_type, len(web.users))
+        listen.log_listening(*self.listen_address, settings.web_config)
         self._check_exposure()
-        self._write_status_file(control.directory)
+        rundir.announce(control.directory, listen.url(*self.listen_address, settings.web_config),
+                        self.config.path)
         if self.subreaper:
             become_subreaper()
         server = None
@@ -185,17 +178,18 @@ class Daemon:
                 tg.start_soon(self._sample_stats)
                 await tg.start(serve_control, self, control)
                 interval = watchdog_interval(self.environ)
-                if self.notifier is not None and interval is not None:
-                    tg.start_soon(watchdog_loop, self.notifier, interval)
-                if self.notifier is not None:
-                    tg.start_soon(self._refresh_status)
+                notifier = self.announce.notifier
+                if notifier is not None and interval is not None:
+                    tg.start_soon(watchdog_loop, notifier, interval)
+                if notifier is not None:
+                    tg.start_soon(self.announce.follow)
                 tg.start_soon(self.services.start_all, self.services.dependent(specs))
-                self._notify("ready")
-                self._notify_status()
+                self.announce.send("ready")
+                self.announce.status()
                 task_status.started()
                 await self._shutdown.wait()
                 log.info("shutting down services=%d", len(self.runners))
-                self._notify("stopping")
+                self.announce.send("stopping")
                 # While the services stop, not after them (it took up to 0.5 s).
                 tg.start_soon(anyio.to_thread.run_sync, obs.stop_serving)
                 self.services.cancel_pending_starts()
@@ -205,7 +199,7 @@ class Daemon:
                 with anyio.move_on_after(bound, shield=True):
                     await self.services.stop_in_order(list(self.runners))
                     if self.subreaper:
-                        await self._sweep()
+                        await reaper.sweep(self._owned_pids, self.guard.pid)
                 tg.cancel_scope.cancel()
         finally:
             control.close()
@@ -231,20 +225,6 @@ class Daemon:
                 reaper.reap_unowned(self._owned_pids())
         log.info("stopped")
 
-    def _write_status_file(self, directory: str) -> None:
-        """Tell `supervisor status`, run from anywhere by this user, where the HTTP port is."""
-        assert self.listen_address is not None
-        host, port = self.listen_address
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
-        web = self.config.settings.web_config
-        scheme = "https" if web is not None and web.tls else "http"
-        try:
-            rundir.write_status_file(directory, {"url": f"{scheme}://{_host_port(host, port)}",
-                                                 "pid": os.getpid(), "config": self.config.path})
-        except OSError as exc:
-            log.warning("status file not written directory=%s error=%s", directory,
-                        exc.strerror or exc)
-
     def _setup_cgroups(self, tg: TaskGroup) -> None:
         tree = cgroups.available(self.config.settings.cgroups)
         if tree is None:
@@ -268,31 +248,12 @@ class Daemon:
     def _publish(self, snapshot: ServiceSnapshot) -> None:
         previous = self.snapshots.get(snapshot.name)
         self.snapshots = {**self.snapshots, snapshot.name: snapshot}
-        if self._states_changed is not None and (
-                previous is None or previous.state is not snapshot.state):
-            self._states_changed.set()
+        if previous is None or previous.state is not snapshot.state:
+            self.announce.state_changed()
         if (snapshot.state is lc.State.RUNNING and self._observing is not None
                 and self._observing.is_set()
                 and (previous is None or previous.state is not lc.State.RUNNING)):
             self.obs.poke(snapshot.name)  # its metrics, now rather than up to 2 intervals on
-
-    async def _sweep(self, rounds: int = 200, pause: float = 0.01) -> None:
-        """At shutdown, as subreaper: SIGKILL every descendant left (escapees and theirs),
-        reap, and repeat until nothing of ours is left but the guard (bounded: ~2 s)."""
-        guard = self.guard.pid
-        killed = 0
-        for _ in range(rounds):
-            reaper.reap_unowned(self._owned_pids())
-            left = descendants.live(
-                p for p in descendants.subtree(descendants.children("self")) if p != guard)
-            if not left:
-                break
-            killed += descendants.signal_pids(left, signal.SIGKILL)
-            await anyio.sleep(pause)
-        else:
-            log.warning("descendants left after the shutdown sweep count=%d", len(left))
-        if killed:
-            log.info("killed leftover descendants at shutdown count=%d", killed)
 
     # -- control (used by the control socket and SIGHUP) ----------------------------------
     def start_service(self, name: str) -> None:
@@ -314,7 +275,7 @@ class Daemon:
             return await self._reload()
 
     async def _reload(self) -> ReloadResult:
-        self._notify("reloading")
+        self.announce.send("reloading")
         try:
             new = load_config(self.config.path, self.environ)
         except ConfigError as exc:
@@ -322,7 +283,7 @@ class Daemon:
             self.last_reload_ok = False
             for problem in exc.problems:
                 log.error("reload rejected path=%s problem=%s", exc.path, problem)
-            self._notify("ready")
+            self.announce.send("ready")
             return ReloadResult(False, tuple(exc.problems))
         old = self.config
         removed = [n for n in old.services if n not in new.services]
@@ -336,7 +297,8 @@ class Daemon:
         if new.settings.web_config_file:
             log.info("reload: web config applied path=%s", new.settings.web_config_file)
         self._check_exposure()
-        self.redactor = _redactor(new, old)  # old secrets may linger in texts for a while
+        # Old secrets may linger in texts for a while.
+        self.redactor = Redactor(new.all_secrets() | old.all_secrets())
         if self.log_redactor is not None:
             self.log_redactor.redactor = self.redactor
         if new.checks != old.checks:
@@ -378,7 +340,7 @@ class Daemon:
         self.last_reload_ok = True
         log.info("reloaded added=%s removed=%s changed=%s", ",".join(added) or "-",
                  ",".join(removed) or "-", ",".join(changed) or "-")
-        self._notify("ready")
+        self.announce.send("ready")
         return ReloadResult(True, (), tuple(added), tuple(removed), tuple(changed))
 
     def _check_exposure(self) -> None:
@@ -392,18 +354,10 @@ class Daemon:
         self.warnings = warnings
 
     # -- background tasks -----------------------------------------------------------------
-    async def _refresh_status(self) -> None:
-        """STATUS= follows state changes within STATUS_MIN_INTERVAL, and no more often."""
-        while self._states_changed is not None:
-            await self._states_changed.wait()
-            self._states_changed = anyio.Event()
-            self._notify_status()
-            await anyio.sleep(STATUS_MIN_INTERVAL)
-
     async def _sample_stats(self) -> None:
         while True:
             self.stats = await self.obs.sample_stats()
-            self._notify_status()
+            self.announce.status()
             if self.subreaper:  # a backstop: reaper.reap_orphans reaps them on SIGCHLD
                 reaper.reap_unowned(self._owned_pids())
             await anyio.sleep(self.config.settings.stats_interval)
@@ -446,38 +400,11 @@ class Daemon:
         return [s.pid for s in self.snapshots.values() if s.pid is not None] + [
             pid for r in self.runners.values() if (pid := r.child_pid()) is not None] + guard
 
-    def _notify(self, what: str) -> None:
-        if what == "stopping":
-            self._stopping_sent = True
-        elif self._stopping_sent:  # READY=1 or RELOADING=1 after STOPPING=1 would be a lie
-            return
-        if self.notifier is not None:
-            getattr(self.notifier, what)()
 
-    def _notify_status(self) -> None:
-        if self.notifier is not None:
-            counts: dict[str, int] = {}
-            for s in self.snapshots.values():
-                counts[s.state.value] = counts.get(s.state.value, 0) + 1
-            text = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-            if text != self._last_status:
-                self._last_status = text
-                self.notifier.status(text)
+    def _status_text(self) -> str:
+        """STATUS=: how many services are in each state."""
+        counts: dict[str, int] = {}
+        for s in self.snapshots.values():
+            counts[s.state.value] = counts.get(s.state.value, 0) + 1
+        return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
 
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _redactor(*configs: Config) -> Redactor:
-    """The secrets load_config found, and (for a Config built another way) those of the
-    targets themselves."""
-    secrets: set[str] = set()
-    for config in configs:
-        secrets |= config.secrets
-        secrets |= config_secrets(
-            [c.target for c in config.checks.values() if c.type != "tcp"]
-            + [s.metrics_url for s in config.services.values() if s.metrics_url]
-            + [p.target for s in config.services.values() for p in s.probes().values()
-               if p.type == "http"])
-    return Redactor(secrets)

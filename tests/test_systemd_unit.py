@@ -209,7 +209,7 @@ def test_ready_comment_says_when_ready_is_sent() -> None:
     run = daemon[daemon.index("async def run("):]
     order = [run.index(s) for s in ("services.spawn_independent(", "obs.serve(listener)",
                                     "serve_control", "services.start_all, self.services.dependent",
-                                    'self._notify("ready")')]
+                                    'self.announce.send("ready")')]
     assert order == sorted(order)
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from supervisor.config.deny import DEFAULT_DENY_METRICS
 from supervisor.core.policy import Backoff, Policy, RestartPolicy
+from supervisor.core.redact import config_secrets
 
 if TYPE_CHECKING:  # webconfig loads ssl; only a web_config_file needs it
     from supervisor.config.webconfig import WebConfig
@@ -141,6 +142,15 @@ class Config:
     # Every form of every credential above (see redact.config_secrets): masked by value in
     # whatever leaves the daemon. Never printed, never compared.
     secrets: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
+
+    def all_secrets(self) -> set[str]:
+        """`secrets`, and (for a Config built another way than load_config) the credentials
+        in the targets themselves."""
+        return set(self.secrets) | config_secrets(
+            [c.target for c in self.checks.values() if c.type != "tcp"]
+            + [s.metrics_url for s in self.services.values() if s.metrics_url]
+            + [p.target for s in self.services.values() for p in s.probes().values()
+               if p.type == "http"])
 
 
 def child_environment(spec: ServiceSpec, daemon_environ: Mapping[str, str]) -> dict[str, str]:

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Literal, Protocol
 
 import anyio
 
@@ -163,3 +163,50 @@ async def watchdog_loop(notifier: WatchdogPinger, interval: float) -> None:
     while True:
         notifier.watchdog()
         await anyio.sleep(interval)
+
+
+# STATUS= follows state changes, at most once per this many seconds (1000 services flapping
+# send 5 datagrams a second, not thousands).
+STATUS_MIN_INTERVAL = 0.2
+
+
+class Announcer:
+    """What the daemon tells its service manager, under two rules: after STOPPING=1 nothing
+    but STOPPING (READY=1 or RELOADING=1 then would be a lie), and STATUS= only when its text
+    changed, at most once per STATUS_MIN_INTERVAL while states change."""
+
+    def __init__(self, notifier: Notifications | None,
+                 status_text: Callable[[], str]) -> None:
+        self.notifier = notifier
+        self._status_text = status_text
+        self._stopping_sent = False
+        self._last_status: str | None = None
+        self._changed: anyio.Event | None = None  # made by follow(): needs the running loop
+
+    def send(self, what: Literal["ready", "reloading", "stopping"]) -> None:
+        if what == "stopping":
+            self._stopping_sent = True
+        elif self._stopping_sent:
+            return
+        if self.notifier is not None:
+            getattr(self.notifier, what)()
+
+    def status(self) -> None:
+        if self.notifier is not None:
+            text = self._status_text()
+            if text != self._last_status:
+                self._last_status = text
+                self.notifier.status(text)
+
+    def state_changed(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def follow(self) -> None:
+        """STATUS= follows state changes within STATUS_MIN_INTERVAL, and no more often."""
+        self._changed = anyio.Event()
+        while True:
+            await self._changed.wait()
+            self._changed = anyio.Event()  # before sending: a change from now on counts again
+            self.status()
+            await anyio.sleep(STATUS_MIN_INTERVAL)

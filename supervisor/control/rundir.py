@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import stat
 from collections.abc import Mapping
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.core.errors import SupervisorError
+
+log = logging.getLogger("supervisor.daemon")  # operators know this warning by that name
 
 STATUS_FILE = "daemon.json"
 # Group members may traverse (control_socket_group), nobody else may even look.
@@ -156,3 +159,13 @@ def read_status_file(directory: str) -> dict[str, Any] | None:
     if not isinstance(document, dict) or not isinstance(document.get("url"), str):
         return None
     return document
+
+
+def announce(directory: str, url: str, config_path: str) -> None:
+    """Tell `supervisor status`, run from anywhere by this user, where the HTTP port is; an
+    unwritable directory costs only a warning."""
+    try:
+        write_status_file(directory, {"url": url, "pid": os.getpid(), "config": config_path})
+    except OSError as exc:
+        log.warning("status file not written directory=%s error=%s", directory,
+                    exc.strerror or exc)

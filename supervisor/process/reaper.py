@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection
 
 import anyio
 
+from supervisor.process import descendants
 from supervisor.process.descendants import children
 
 log = logging.getLogger(__name__)
@@ -91,3 +92,24 @@ def signal_unowned(owned: Collection[int], sig: int = signal.SIGKILL) -> int:
     if count:
         log.warning("signalled orphans count=%d signal=%s", count, signal.Signals(sig).name)
     return count
+
+
+async def sweep(owned: Callable[[], Collection[int]], spare: int | None,
+                rounds: int = 200, pause: float = 0.01) -> None:
+    """At shutdown, as subreaper: SIGKILL every descendant left (escapees and theirs) but
+    `spare` (the orphan guard), reap, and repeat until nothing of ours is left (bounded:
+    `rounds` x `pause`, ~2 s)."""
+    killed = 0
+    left: list[int] = []
+    for _ in range(rounds):
+        reap_unowned(owned())
+        left = descendants.live(
+            p for p in descendants.subtree(descendants.children("self")) if p != spare)
+        if not left:
+            break
+        killed += descendants.signal_pids(left, signal.SIGKILL)
+        await anyio.sleep(pause)
+    else:
+        log.warning("descendants left after the shutdown sweep count=%d", len(left))
+    if killed:
+        log.info("killed leftover descendants at shutdown count=%d", killed)
