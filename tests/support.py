@@ -24,6 +24,12 @@ from supervisor.runner import ServiceSnapshot
 T = TypeVar("T")
 
 PY = sys.executable
+# What a loaded machine (2 cores shared with a CPU hog and other test runs) can add to a time
+# bound that is the point of a test: a process or thread held back from a CPU for a second or
+# more. Such a bound must still tell the behaviour apart from its failure (a timeout that is not
+# honoured takes the whole hang; a missing poke waits a full interval), so choose the failure
+# far away rather than the bound tight.
+LOAD_SLACK = 2.0
 SLEEPER_CODE = "import time\nwhile True: time.sleep(1)"
 
 

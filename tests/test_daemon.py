@@ -23,6 +23,7 @@ from tests.support import (
     running_daemon,
     sample,
     service,
+    until,
     wait_for,
     write_config,
 )
@@ -37,7 +38,10 @@ def running(s) -> bool:  # type: ignore[no-untyped-def]
 
 
 async def test_crash_restarts_service_and_counts_the_start(tmp_path: Path) -> None:
-    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.2))
+    # A backoff of 5 s if the restart were not immediate: the latency bound below can then
+    # leave a loaded machine seconds of margin and still tell the two apart.
+    path = write_config(tmp_path, service("api", SLEEPER, start_seconds=0.2, backoff_initial=5.0,
+                                          backoff_jitter=0.0))
     async with running_daemon(path) as daemon:
         first = await wait_for(daemon, "api", running)
         await anyio.sleep(0.6)
@@ -51,10 +55,11 @@ async def test_crash_restarts_service_and_counts_the_start(tmp_path: Path) -> No
         second = await wait_for(daemon, "api", lambda s: s.starts == 2 and s.pid is not None)
         restart_latency = time.monotonic() - killed_at
         assert second.pid != first.pid
-        assert restart_latency < 1.0  # first restart after a run is immediate
+        assert restart_latency < 3.0  # first restart after a run is immediate (not 5 s on)
         text = (await get(daemon, "/v1/metrics")).text
         assert sample(text, "service_starts_total", **labels) == 2.0
-        assert (sample(text, "uptime_seconds", **labels) or 99) < 0.5
+        # The new process's uptime, not the old one's (which was over 0.5 s when it died).
+        assert (sample(text, "uptime_seconds", **labels) or 99) <= time.monotonic() - killed_at
         assert sample(text, "service_exits_total", reason="signal", **labels) == 1.0
         assert sample(text, "service_last_exit_code", **labels) == 128 + 9
         status = (await get(daemon, "/v1/status")).json()
@@ -73,16 +78,18 @@ backoff_jitter = 0.0
 """)
     async with running_daemon(path) as daemon:
         spawn_times: list[float] = []
-        with anyio.move_on_after(2.2):
-            while True:
+        with anyio.fail_after(30):  # five spawns: 0, 0, +0.2, +0.4, +0.8
+            while len(spawn_times) < 5:
                 snap = await daemon.runners["crasher"].wait_until(
                     lambda s, n=len(spawn_times): s.starts > n)
                 spawn_times.extend([time.monotonic()] * (snap.starts - len(spawn_times)))
-        assert 4 <= len(spawn_times) <= 5  # 0, 0, +0.2, +0.4, +0.8 (then +1.6 after 2.2 s)
         gaps = [b - a for a, b in zip(spawn_times, spawn_times[1:])]
-        assert gaps[0] < 0.15
-        assert 0.18 <= gaps[1] < 0.5 and 0.38 <= gaps[2] < 0.8
-        assert gaps[2] > gaps[1] * 1.5
+        # A backoff timer never fires early, so the lower bounds hold whatever the load (less
+        # 50 ms for when this task sees each spawn): the spawns stay bounded and the wait grows
+        # to 0.8 s. The upper bounds (the first waits were short, so it grew) leave a loaded
+        # machine 0.5 s of margin.
+        assert 0.15 <= gaps[1] and 0.35 <= gaps[2] and 0.75 <= gaps[3]
+        assert gaps[0] < 0.7 and gaps[1] < 0.7
         snap = daemon.snapshots["crasher"]
         assert snap.exits["failure"] >= 4 and snap.last_exit is not None
         assert snap.last_exit.code == 1
@@ -115,7 +122,7 @@ async def test_child_ignoring_sigterm_is_killed_after_stop_timeout(tmp_path: Pat
         took = time.monotonic() - began
         assert snap.last_exit is not None and snap.last_exit.signal == signal.SIGKILL
         assert snap.last_exit.reason == "stopped"
-        assert 0.65 <= took < 3.0
+        assert 0.65 <= took < 5.0  # killed after stop_timeout; the rest is a loaded machine's
         await anyio.sleep(0.3)
         assert daemon.snapshots["stubborn"].state is State.STOPPED  # stays stopped
 
@@ -208,7 +215,11 @@ async def test_metrics_formats_and_promtool(tmp_path: Path) -> None:
                         + service("idle", SLEEPER, autostart=False))
     async with running_daemon(path) as daemon:
         await wait_for(daemon, "api", running)
-        await anyio.sleep(0.7)  # one stats round
+
+        async def sampled() -> bool:  # a stats round (every 0.5 s) has measured api
+            text = (await get(daemon, "/v1/metrics")).text
+            return (sample(text, "service_memory_resident_bytes", service="api") or 0) > 0
+        await until(sampled, 20, "a stats round")
         response = await get(daemon, "/v1/metrics")
         assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         text = response.text
