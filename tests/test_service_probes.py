@@ -76,6 +76,14 @@ def probe_table(service_name: str, kind: str, **keys: object) -> str:
     return "\n".join(lines) + "\n"
 
 
+def listening(service_name: str, port: int) -> str:
+    """A startup probe that passes once the service listens on `port`: liveness is judged
+    from then on, not while the interpreter still starts (seconds on a loaded machine, which
+    a liveness probe alone would punish with a restart loop)."""
+    return probe_table(service_name, "startup", type="tcp", address=f"127.0.0.1:{port}",
+                       period=0.1, timeout=1.0, failure_threshold=600)
+
+
 def snapshot_of(daemon, name: str):  # type: ignore[no-untyped-def]
     return daemon.runners[name].snapshot
 
@@ -88,12 +96,12 @@ async def test_failing_health_restarts_the_service_within_the_bound(
     port = free_port()
     period, threshold, timeout = 0.3, 2, 0.5
     path = write_config(tmp_path, app("api", port, tmp_path, start_seconds=0.2,
-                                      backoff_jitter=0.0) + probe_table(
+                                      backoff_jitter=0.0) + listening("api", port) + probe_table(
         "api", "liveness", type="http", url=f"http://127.0.0.1:{port}/v1/health",
         period=period, timeout=timeout, failure_threshold=threshold))
     async with running_daemon(path) as daemon:
         first = await wait_for(daemon, "api", lambda s: s.state is State.RUNNING
-                               and (s.probes["liveness"].passing is True))
+                               and (s.probes["liveness"].passing is True), timeout=60)
         (tmp_path / "sick").touch()
         sick_at = time.monotonic()
         second = await wait_for(daemon, "api", lambda s: s.starts == 2 and s.pid is not None)
@@ -136,11 +144,12 @@ async def test_black_holed_liveness_probe_is_judged_within_timeout(
     # And through the daemon: a hanging /health restarts the service.
     port = free_port()
     (tmp_path / "hang").touch()
-    path = write_config(tmp_path, app("api", port, tmp_path, start_seconds=0.1) + probe_table(
+    path = write_config(tmp_path, app("api", port, tmp_path, start_seconds=0.1)
+                        + listening("api", port) + probe_table(
         "api", "liveness", type="http", url=f"http://127.0.0.1:{port}/v1/health",
         period=0.2, timeout=timeout, failure_threshold=1, initial_delay=0.2))
     async with running_daemon(path) as daemon:
-        await wait_for(daemon, "api", lambda s: s.pid is not None)
+        await wait_for(daemon, "api", lambda s: s.probes["startup"].passing is True, timeout=60)
         started = time.monotonic()
         snap = await wait_for(daemon, "api", lambda s: s.exits["liveness"] >= 1)
         assert time.monotonic() - started <= 0.2 + 0.2 + timeout + LOAD_SLACK
@@ -518,7 +527,7 @@ async def test_a_standin_toggled_unhealthy_is_restarted_within_the_bound(tmp_pat
 command = ["{PY}", "{root}/standins/watchdog.py", "--listen", "127.0.0.1:{port}"]
 env = {{ STANDIN_UNHEALTHY_FILE = "{flag}" }}
 start_seconds = 0.2
-""" + probe_table("watchdog", "liveness", type="http",
+""" + listening("watchdog", port) + probe_table("watchdog", "liveness", type="http",
                   url=f"http://127.0.0.1:{port}/v1/health", period=period, timeout=timeout,
                   failure_threshold=threshold, initial_delay=0.5))
     async with running_daemon(path) as daemon:
