@@ -131,6 +131,11 @@ class Policy:
             return "invalid"  # neither text 0.0.4 nor OpenMetrics 1.0 can write it
         if family.type == "gaugehistogram":
             return "invalid"  # text 0.0.4 has no such type: promtool and Prometheus differ
+        if family.type == "histogram" and any(
+                "le" in s.labels for s in family.samples if not s.name.endswith("_bucket")):
+            # `le` belongs to the buckets alone. promtool lets a `_count` or `_sum` with one
+            # pass, but our OpenMetrics output of it does not parse ("+Inf bucket missing").
+            return "invalid"
         if lint_problem(family) is not None:
             return "invalid"  # `promtool check metrics` would fail all of /v1/metrics
         return None
