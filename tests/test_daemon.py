@@ -372,7 +372,12 @@ async def test_a_service_is_scraped_as_soon_as_it_runs(tmp_path: Path) -> None:
 
     from tests.support import free_port, metrics_server, poll_until, until
 
-    port, gate = free_port(), free_port()
+    port = free_port()
+    # The gate's port is held bound (refusing connections) until the test listens on it: a
+    # port only found free could be taken by another run on the machine meanwhile.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    gate = listener.getsockname()[1]
     (tmp_path / "metrics.txt").write_text("# TYPE jobs_done_total counter\njobs_done_total 7\n")
     server = metrics_server(port, tmp_path / "metrics.txt")
     path = write_config(
@@ -381,32 +386,31 @@ async def test_a_service_is_scraped_as_soon_as_it_runs(tmp_path: Path) -> None:
         + service("web", server, start_seconds=0.3, wait_for=["gate"], wait_timeout=60,
                   metrics_url=f"http://127.0.0.1:{port}/metrics"),
         supervisor="scrape_interval = 60.0\n")
-    async with running_daemon(path) as daemon:
-        first = await until(lambda: daemon.scraper.snapshot().get("web"), 20,
-                            "the scrape at the daemon's start")
-        assert not first.ok  # web was not even spawned
-        assert daemon.snapshots["web"].starts == 0
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", gate))
+    with listener:
+        async with running_daemon(path) as daemon:
+            first = await until(lambda: daemon.scraper.snapshot().get("web"), 20,
+                                "the scrape at the daemon's start")
+            assert not first.ok  # web was not even spawned
+            assert daemon.snapshots["web"].starts == 0
             listener.listen()
             await wait_for(daemon, "web", running, timeout=30)
-        # The next regular scrape is 60 s away: one within 15 s is the poke at `running`.
-        at_once = await until(lambda: (r := daemon.scraper.snapshot()["web"]).fetched_at
-                              > first.fetched_at and r, 15, "a scrape once web runs")
-        if not at_once.ok:  # not listening yet (a loaded machine): ask again once it listens
-            await anyio.to_thread.run_sync(lambda: poll_until(lambda: _accepts(port), 30))
-            daemon.scraper.poke("web")
-        await until(lambda: daemon.scraper.snapshot()["web"].ok, 15, "a good scrape of web")
-        text = (await get(daemon, "/v1/metrics")).text
-        assert sample(text, "jobs_done_total", service="web") == 7.0
-        before = daemon.scraper.snapshot()["web"]
-        snap = daemon.snapshots["web"]
-        assert snap.pid is not None
-        os.kill(snap.pid, signal.SIGKILL)
-        await wait_for(daemon, "web", lambda s: s.starts == 2 and s.state is State.RUNNING,
-                       timeout=30)
-        await until(lambda: daemon.scraper.snapshot()["web"].fetched_at > before.fetched_at,
-                    15, "a scrape once the restarted web runs")
+            # The next regular scrape is 60 s away: one within 15 s is the poke at `running`.
+            at_once = await until(lambda: (r := daemon.scraper.snapshot()["web"]).fetched_at
+                                  > first.fetched_at and r, 15, "a scrape once web runs")
+            if not at_once.ok:  # not listening yet (a loaded machine): ask again once it listens
+                await anyio.to_thread.run_sync(lambda: poll_until(lambda: _accepts(port), 30))
+                daemon.scraper.poke("web")
+            await until(lambda: daemon.scraper.snapshot()["web"].ok, 15, "a good scrape of web")
+            text = (await get(daemon, "/v1/metrics")).text
+            assert sample(text, "jobs_done_total", service="web") == 7.0
+            before = daemon.scraper.snapshot()["web"]
+            snap = daemon.snapshots["web"]
+            assert snap.pid is not None
+            os.kill(snap.pid, signal.SIGKILL)
+            await wait_for(daemon, "web", lambda s: s.starts == 2 and s.state is State.RUNNING,
+                           timeout=30)
+            await until(lambda: daemon.scraper.snapshot()["web"].fetched_at > before.fetched_at,
+                        15, "a scrape once the restarted web runs")
 
 
 def _accepts(port: int) -> bool:
