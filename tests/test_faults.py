@@ -29,6 +29,7 @@ from supervisor.core import lifecycle as lc
 from supervisor.core.lifecycle import State
 from supervisor.process.spawn import Child
 from tests.support import (
+    PY,
     SLEEPER_CODE,
     free_port,
     get,
@@ -51,6 +52,15 @@ async def cli(*args: str) -> subprocess.CompletedProcess[str]:
                               text=True, timeout=60)
 
     return await anyio.to_thread.run_sync(run)
+
+
+def flagged(flag: Path) -> list[str]:
+    """A command that exits 1 at once while `flag` is missing, and sleeps once it exists. sh
+    decides within milliseconds; a Python interpreter, under a CPU hog, took longer than the
+    service's start_seconds just to start, so the failing service counted as running and its
+    dependents started."""
+    return ["sh", "-c", 'test -f "$1" || exit 1; exec "$2" -c "$3"', "flagged", str(flag), PY,
+            SLEEPER_CODE]
 
 
 def raw_service(name: str, command: list[str], **keys: object) -> str:
@@ -166,9 +176,8 @@ def _alive(pid: int) -> bool:
 async def test_dependency_fatal_shows_waiting_and_start_refuses(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     flag = tmp_path / "db-may-run"
-    db = (f"import os, sys, time\nif not os.path.exists({str(flag)!r}): sys.exit(1)\n"
-          + SLEEPER_CODE)
-    path = write_config(tmp_path, service("db", db, start_seconds=0.2, max_retries=0)
+    path = write_config(tmp_path, raw_service("db", flagged(flag), start_seconds=1.0,
+                                              max_retries=0)
                         + service("api", SLEEPER_CODE, start_seconds=0.1, depends_on=["db"]))
     with caplog.at_level(logging.INFO, logger="supervisor"):
         async with running_daemon(path) as daemon:
@@ -212,10 +221,8 @@ async def test_dependency_fatal_shows_waiting_and_start_refuses(
 
 async def test_waiting_service_starts_by_itself_unless_stopped(tmp_path: Path) -> None:
     flag = tmp_path / "db-may-run"
-    db = (f"import os, sys, time\nif not os.path.exists({str(flag)!r}): sys.exit(1)\n"
-          + SLEEPER_CODE)
-    path = write_config(tmp_path, service("db", db, start_seconds=0.2, backoff_initial=0.05,
-                                          backoff_max=0.1)
+    path = write_config(tmp_path, raw_service("db", flagged(flag), start_seconds=1.0,
+                                              backoff_initial=0.05, backoff_max=0.1)
                         + service("api", SLEEPER_CODE, start_seconds=0.1, depends_on=["db"])
                         + service("web", SLEEPER_CODE, start_seconds=0.1, depends_on=["db"]))
     async with running_daemon(path) as daemon:
