@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import socket
 import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -20,7 +21,15 @@ from supervisor.config import Config, load_config
 from supervisor.daemon import Daemon
 from supervisor.runner import ServiceSnapshot
 
+T = TypeVar("T")
+
 PY = sys.executable
+# What a loaded machine (2 cores shared with a CPU hog and other test runs) can add to a time
+# bound that is the point of a test: a process or thread held back from a CPU for a second or
+# more. Such a bound must still tell the behaviour apart from its failure (a timeout that is not
+# honoured takes the whole hang; a missing poke waits a full interval), so choose the failure
+# far away rather than the bound tight.
+LOAD_SLACK = 2.0
 SLEEPER_CODE = "import time\nwhile True: time.sleep(1)"
 
 
@@ -126,6 +135,43 @@ def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+async def until(check: Callable[[], T | Awaitable[T]], within: float, what: str,
+                interval: float = 0.05) -> T:
+    """Await (or call) `check` until it returns something truthy; that value. A deadline, not
+    a fixed wait: set it for a loaded machine (it costs nothing when the condition comes early).
+    On timeout an AssertionError names `what` was awaited and the last value seen."""
+    last: Any = None
+    try:
+        with anyio.fail_after(within):
+            while True:
+                last = check()
+                if inspect.isawaitable(last):
+                    last = await last
+                if last:
+                    return last  # type: ignore[no-any-return]
+                await anyio.sleep(interval)
+    except TimeoutError:
+        raise AssertionError(f"not within {within} s: {what} (last: {last!r})") from None
+
+
+def receive_notify(sock: socket.socket, wanted: str, timeout: float,
+                   seen: list[str] | None = None) -> float:
+    """Read sd_notify datagrams from `sock` (each appended to `seen`) until one carries the line
+    `wanted` (e.g. "READY=1", "STATUS=1 running"); the time.monotonic() it was read."""
+    seen = [] if seen is None else seen
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            message = sock.recv(4096).decode()
+        except TimeoutError:
+            break
+        seen.append(message)
+        if wanted in message.split("\n"):
+            return time.monotonic()
+    raise AssertionError(f"no {wanted} within {timeout}s; got {seen}")
 
 
 def metrics_server(port: int, body_file: Path) -> str:

@@ -43,7 +43,12 @@ for line in sys.stdin:
     elif line.startswith("close"):
         for c in children:
             c.signal_group(9)
-        time.sleep(0.2)
+        # Stopped first (until each leader is a zombie, not for a fixed time), then closed.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                open(f"/proc/{c.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                for c in children):
+            time.sleep(0.01)
         guard.close()
     print(json.dumps({"guard": guard.pid, "starts": guard.starts,
                       "services": [c.pid for c in children]}), flush=True)

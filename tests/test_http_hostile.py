@@ -108,7 +108,9 @@ timeout = 0.2
                 assert status == 503 and b'"not_ready"' in body  # its true state: gate down
                 worst = max(worst, took)
                 await anyio.sleep(0.1)
-            assert worst < 0.1, f"a probe took {worst * 1000:.0f} ms during the attack"
+            # A probe held behind an attacker would take the head deadline (5 s). One second is
+            # kubelet's default probe timeout, and leaves a loaded machine its margin.
+            assert worst < 1.0, f"a probe took {worst * 1000:.0f} ms during the attack"
             # The server hangs up on every attacker after its head deadline (idle ones once
             # the kernel hands them over), while the attackers still hold their ends open.
             with anyio.fail_after(http_mod.HEAD_TIMEOUT + 6):

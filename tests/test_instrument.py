@@ -277,7 +277,7 @@ def serve_uvicorn(app: Any) -> Iterator[str]:
 
 async def wait_for_value(registry: CollectorRegistry, name: str, expected: float,
                          **labels: str) -> None:
-    with anyio.fail_after(5):
+    with anyio.fail_after(20):
         while value(registry, name, **labels) != expected:
             await anyio.sleep(0.02)
 
@@ -296,8 +296,9 @@ async def test_streaming_is_timed_to_the_last_chunk_and_disconnects_count_499() 
             assert 0.3 <= took <= elapsed + 0.05
             assert value(registry, "http_request_duration_seconds_bucket", le="0.25",
                          **labels) == 0
+            # 0.4 s of chunks land in the 0.5 bucket, unless a loaded machine stretched them.
             assert value(registry, "http_request_duration_seconds_bucket", le="0.5",
-                         **labels) == 1
+                         **labels) == (1 if took <= 0.5 else 0)
 
             # A client that leaves mid-stream: counted once, as 499, and the server lives on.
             # A raw socket, because a half-read httpx stream leaves generators for the GC.

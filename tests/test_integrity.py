@@ -207,6 +207,26 @@ def test_no_disguise_survives_either_format(family: Metric) -> None:
         assert "rogue_ok" in text
 
 
+def test_a_histogram_whose_count_or_sum_has_an_le_label_is_invalid() -> None:
+    """Found by test_whatever_passes_the_screen_passes_promtool: promtool passed the text
+    format, but the OpenMetrics output did not parse."""
+    def histogram(extra: dict[str, str]) -> Metric:
+        family = Metric("jobs", "", "histogram")
+        for le in ("0.1", "+Inf"):
+            family.samples.append(Sample("jobs_bucket", {"i": "0", "le": le}, 1.0))
+        family.samples.append(Sample("jobs_count", {"i": "0", **extra}, 1.0))
+        family.samples.append(Sample("jobs_sum", {"i": "0", **extra}, 1.0))
+        return family
+
+    kept, drops = screen([histogram({"le": "1"})], Policy())
+    assert kept == [] and [d.reason for d in drops] == ["invalid"]
+    kept, drops = screen([histogram({})], Policy())
+    assert [f.name for f in kept] == ["jobs"] and drops == []
+    bodies = render_both(kept)
+    promtool_ok(bodies["text"])
+    openmetrics_ok(bodies["openmetrics"])
+
+
 def test_ledger_logs_each_drop_once_with_a_bounded_memory(
         caplog: pytest.LogCaptureFixture) -> None:
     from supervisor.observe.integrity import Drop

@@ -54,7 +54,7 @@ def drain(sock: socket.socket) -> list[str]:
 
 
 async def receive(sock: socket.socket) -> str:
-    with anyio.fail_after(5):
+    with anyio.fail_after(20):
         await anyio.wait_readable(sock)
     return sock.recv(4096).decode()
 

@@ -55,7 +55,7 @@ timeout = 1.0
 """
 
 
-async def wait_ready(daemon, want: int, timeout: float = 10.0) -> httpx.Response:  # type: ignore[no-untyped-def]
+async def wait_ready(daemon, want: int, timeout: float = 30.0) -> httpx.Response:  # type: ignore[no-untyped-def]
     with anyio.fail_after(timeout):
         while True:
             response = await get(daemon, "/v1/ready")
@@ -92,7 +92,9 @@ async def test_ready_follows_a_dependency_that_dies_and_returns(
             pg_server.ensure_running()
         began = time.monotonic()
         await wait_ready(daemon, 200)
-        assert time.monotonic() - began < 0.3 + 1.0 + 1.0  # within an interval (+ timeout)
+        # Within a few rounds (0.3 s apart, each bounded by its 1 s timeout) of PostgreSQL's
+        # return, as a loaded machine may need, not at some long backoff.
+        assert time.monotonic() - began < 10.0
 
 
 async def test_missing_events_table_fails_only_the_event_store(tmp_path: Path) -> None:
@@ -155,16 +157,20 @@ interval = 0.2
 timeout = 0.5
 """ + service("api", SLEEPER_CODE, start_seconds=0.1, wait_for=["gate"], wait_timeout=30))
     async with running_daemon(path) as daemon:
-        await anyio.sleep(1.0)
-        held = daemon.snapshots["api"]
+        await wait_for(daemon, "api", lambda s: s.state is State.WAITING
+                       and "gate" in (s.waiting_for or ""))
+        await anyio.sleep(1.0)  # several failed rounds of the gate (0.2 s apart) ...
+        held = daemon.snapshots["api"]  # ... and it is still held
         assert held.state is State.WAITING and held.waiting_for is not None
         assert "gate" in held.waiting_for and held.starts == 0
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", port))
             listener.listen()
             opened = time.monotonic()
-            await wait_for(daemon, "api", lambda s: s.starts == 1)
-            assert time.monotonic() - opened < 2.0
+            await wait_for(daemon, "api", lambda s: s.starts == 1, timeout=20)
+            # Rounds are 0.2 s apart: released within a few of them (a loaded machine's
+            # margin), not at the 30 s wait_timeout.
+            assert time.monotonic() - opened < 5.0
 
 
 async def test_ready_burst_is_answered_without_new_connections(

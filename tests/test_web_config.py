@@ -134,7 +134,8 @@ async def test_allowed_sans_pick_clients_among_the_ca_s(tmp_path: Path, pki: PKI
             assert (await client.get(url(daemon) + "/v1/health")).status_code == 200
 
 
-async def test_basic_auth_right_wrong_missing_and_malformed(tmp_path: Path, pki: PKI) -> None:
+async def test_basic_auth_right_wrong_missing_and_malformed(
+        tmp_path: Path, pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_config(tmp_path, service("api", SLEEPER_CODE), web_config(pki, users=True))
     async with running_daemon(path) as daemon, httpx.AsyncClient(timeout=10) as client:
         base = url(daemon, "http")
@@ -158,11 +159,23 @@ async def test_basic_auth_right_wrong_missing_and_malformed(tmp_path: Path, pki:
         good = basic("prometheus", PASSWORD)
         for endpoint in ("/v1/metrics", "/v1/health", "/v1/ready", "/v1/status"):
             assert (await client.get(base + endpoint, headers=good)).status_code == 200
-        # Checked once, then cached: the probe path is answered without bcrypt.
-        began = time.monotonic()
+        # Checked once, then cached: the probe path is answered without bcrypt. Counted, not
+        # timed: at the test's cost 4 a check takes a millisecond, less than a loaded
+        # machine's noise.
+        checks: list[bytes] = []
+        checkpw = bcrypt.checkpw
+
+        def counted(password: bytes, hashed: bytes) -> bool:
+            checks.append(password)
+            return checkpw(password, hashed)
+
+        monkeypatch.setattr(bcrypt, "checkpw", counted)
         for _ in range(20):
             assert (await client.get(base + "/v1/health", headers=good)).status_code == 200
-        assert time.monotonic() - began < 2.0
+        assert checks == []
+        assert (await client.get(base + "/v1/health", headers=basic("prometheus", "new"))
+                ).status_code == 401
+        assert len(checks) == 1  # the spy sees what is not cached
         metrics = (await client.get(base + "/v1/metrics", headers=good)).text
         assert 'status="401"' in metrics  # the daemon counts its refusals
 
@@ -214,7 +227,9 @@ async def test_a_slow_tls_handshake_does_not_hold_up_probes(tmp_path: Path, pki:
                 return time.monotonic() - began
 
             took = [await anyio.to_thread.run_sync(probe) for _ in range(10)]
-            assert max(took) < 0.2, took
+            # A probe held behind the stalled handshakes would wait for their deadline
+            # (seconds); the bound leaves a loaded machine its margin.
+            assert max(took) < 1.0, took
         finally:
             for sock in stalled:
                 sock.close()
