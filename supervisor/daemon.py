@@ -37,6 +37,7 @@ from supervisor.core.snapshot import ServiceSnapshot
 from supervisor.process import cgroup as cgroups
 from supervisor.process import reaper
 from supervisor.process.guard import OrphanGuard
+from supervisor.process.signals import signal_receiver
 from supervisor.process.spawn import Child, become_subreaper, spawn
 from supervisor.runner import ServiceRunner, Spawner
 from supervisor.services import Services
@@ -363,7 +364,7 @@ class Daemon:
             await anyio.sleep(self.config.settings.stats_interval)
 
     async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:

@@ -17,6 +17,7 @@ import anyio
 
 from supervisor.process import descendants
 from supervisor.process.descendants import children
+from supervisor.process.signals import signal_receiver
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ async def reap_orphans(owned: Callable[[], Collection[int]], *,
     periodic reap_unowned is then all there is. `owned` is called on the event loop thread
     right before each reap, so a child spawned meanwhile is never taken from its runner."""
     try:
-        receiver = anyio.open_signal_receiver(signal.SIGCHLD)
+        receiver = signal_receiver(signal.SIGCHLD)
         signals = receiver.__enter__()
     except (ValueError, RuntimeError) as exc:
         log.warning("orphans reaped on the stats timer only: no SIGCHLD receiver (%s)", exc)
