@@ -35,6 +35,7 @@ from supervisor.process import cgroup as cgroups
 from supervisor.process import descendants, reaper
 from supervisor.process.guard import OrphanGuard
 from supervisor.process.spawn import Child, become_subreaper, spawn
+from supervisor.process.stopbatch import StopBatch, stop_levels
 from supervisor.runner import ServiceRunner, ServiceSnapshot, Spawner
 from supervisor.web import listen
 
@@ -404,6 +405,7 @@ class Daemon:
                     await self._stop_services(list(self.runners))
                     if self.subreaper:
                         await self._sweep()
+                    await self._end_runners()
                 tg.cancel_scope.cancel()
         finally:
             control.close()
@@ -606,22 +608,34 @@ class Daemon:
                 tg.start_soon(watch, runner, why)
 
     async def _stop_services(self, names: list[str]) -> None:
-        # Who depends on whom, once: a scan of every stopping service per service was
-        # quadratic (0.03 s of a shutdown at 200 services, 0.7 s at 1,000).
-        dependents: dict[str, list[ServiceRunner]] = {}
-        for other in names:
-            runner = self.runners.get(other)
-            if runner is not None:
-                for dep in runner.spec.depends_on:
-                    dependents.setdefault(dep, []).append(runner)
-        async with anyio.create_task_group() as tg:
-            for name in names:
-                tg.start_soon(self._stop_after_dependents, name, dependents.get(name, []))
+        """Stop `names`, dependents before their dependencies: one dependency level after
+        another, each as one batch (stopbatch.py: a task and a signalling pass per service
+        made a shutdown of 1,000 services take ~1 s)."""
+        depends_on = {n: r.spec.depends_on for n in names if (r := self.runners.get(n))}
+        for level in stop_levels(names, depends_on):
+            runners = [r for n in level if (r := self.runners.get(n)) is not None]
+            batch = StopBatch()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batch.run_timers)
+                stops = [(runner, runner.stop(batch)) for runner in runners]
+                await batch.flush()
+                for runner, number in stops:
+                    await runner.wait_stopped(number)
+                tg.cancel_scope.cancel()
+            for runner in runners:
+                runner.end_batch()
 
-    async def _stop_after_dependents(self, name: str, dependents: list[ServiceRunner]) -> None:
-        for runner in dependents:
-            await runner.wait_until(lambda s: s.state in lc.SETTLED_STATES)
-        await self.runners[name].stop_and_wait()
+    async def _end_runners(self, within: float = 0.5) -> None:
+        """At shutdown, once every service is stopped: end the runners by closing their
+        event queues (cancelling 1,000 runners' task groups took 0.16 s), then their
+        cgroups in one pass. Whatever has not ended within `within` is cancelled with the
+        daemon's task group."""
+        runners = list(self.runners.values())
+        for runner in runners:
+            runner.close(keep_cgroup=self.cgroups is not None)
+        with anyio.move_on_after(within):
+            for runner in runners:
+                await runner.wait_until(lambda s: False)  # returns once it has ended
 
     async def _sweep(self, rounds: int = 200, pause: float = 0.01) -> None:
         """At shutdown, as subreaper: SIGKILL every descendant left (escapees and theirs),

@@ -12,6 +12,7 @@ on, and an operator's start tries again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -39,6 +40,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 if TYPE_CHECKING:
     from supervisor.process.cgroup import ServiceCgroup
+    from supervisor.process.stopbatch import StopBatch
 
 Spawner = Callable[[Sequence[str], Mapping[str, str], str], Child]
 
@@ -100,7 +102,11 @@ class ServiceRunner:
         self._send, self._receive = anyio.create_memory_object_stream[lc.Event](math.inf)
         self._child: Child | None = None
         self._timer_scope: anyio.CancelScope | None = None
-        self._tg: TaskGroup | None = None
+        self._tg: TaskGroup | None = None  # while the event loop below runs
+        # Set by a batched stop (daemon shutdown, reload): signals and the kill timer go
+        # through it (stopbatch.py) until the daemon ends the batch.
+        self._batch: StopBatch | None = None
+        self._keep_cgroup = False  # close(): the daemon removes every cgroup in one pass
         self._changed = anyio.Event()
         self.finished = False
         self._posted = self._applied = 0  # events queued / applied, for wait_applied
@@ -118,8 +124,42 @@ class ServiceRunner:
         """Ask for a start; returns the request's number for `wait_applied`."""
         return self._post(lc.StartRequested(_now()))
 
-    def stop(self) -> None:
-        self._post(lc.StopRequested(_now()))
+    def stop(self, batch: StopBatch | None = None) -> int:
+        """Ask for a stop; returns the request's number for `wait_stopped`. With a `batch`
+        the stop is applied at once when nothing is queued before it (no wake-up of this
+        runner's task), and its signals and kill timer go through the batch."""
+        event = lc.StopRequested(_now())
+        if batch is None:
+            return self._post(event)
+        self._batch = batch
+        if self._tg is None or self.finished or self._posted != self._applied:
+            return self._post(event)  # applied in order by our task, through the batch
+        self._posted += 1
+        try:
+            self._apply(event)
+        except Exception as exc:  # noqa: BLE001 - the service's fault boundary, as in run()
+            log.error("service failed unexpectedly service=%s error=%s", self.spec.name,
+                      _describe(exc), exc_info=exc)
+            self.fault(_describe(exc))
+        return self._posted
+
+    def end_batch(self) -> None:
+        """The batched stop is over (the service settled): back to signalling alone."""
+        if self._batch is not None:
+            self._batch.cancel_timer(self)
+            self._batch = None
+
+    async def wait_stopped(self, number: int) -> ServiceSnapshot:
+        """Wait until the stop numbered `number` is applied and the service settled."""
+        return await self.wait_until(
+            lambda s: self._applied >= number and s.state in lc.SETTLED_STATES)
+
+    def close(self, keep_cgroup: bool = False) -> None:
+        """End the runner without cancelling it (cheaper, at shutdown, once its service is
+        stopped): its event loop ends, and with it the runner, as on cancellation. With
+        `keep_cgroup` the caller removes the service's cgroup."""
+        self._keep_cgroup = keep_cgroup
+        self._send.close()
 
     def hold(self, reason: str, refresh: bool = False) -> None:
         """Show the service as `waiting` for `reason` (see lifecycle.Held)."""
@@ -184,19 +224,24 @@ class ServiceRunner:
                         if not started:
                             started = True
                             task_status.started()
-                        async for event in self._receive:
-                            self._apply(event)
+                        try:
+                            async for event in self._receive:
+                                self._apply(event)
+                        finally:
+                            self._tg = None
                     return
                 except Exception as exc:  # noqa: BLE001 - the service's fault boundary
                     # Cancellation is a BaseException (never caught here); an error in any of
                     # this runner's tasks ends its task group and lands here.
                     await self._contain(exc)
         finally:
+            self._tg = None
             self._receive.close()
             self._send.close()
             with anyio.CancelScope(shield=True):
                 await self._terminate()
-            if self.cgroup is not None and (self._seen_empty() or not self.cgroup.populated()):
+            if self.cgroup is not None and not self._keep_cgroup and (
+                    self._seen_empty() or not self.cgroup.populated()):
                 self.cgroup.remove()
             self.finished = True
             self._changed.set()
@@ -267,7 +312,9 @@ class ServiceRunner:
                 if self._child.status is None:
                     log.info("signal service=%s pid=%d signal=%s", self.spec.name,
                              self._child.pid, signal_name(action.signal))
-                self._signal_all(self._child, action.signal)
+                send = self._signaller(self._child, action.signal)
+                if self._batch is None or not self._batch.signal(self.spec.name, send):
+                    send()
         elif isinstance(action, lc.StartTimer):
             self._start_timer(action.kind, action.delay)
         elif isinstance(action, lc.CancelTimer):
@@ -425,8 +472,11 @@ class ServiceRunner:
             await anyio.sleep(pause)
 
     def _start_timer(self, kind: str, delay: float) -> None:
-        assert self._tg is not None
         self._cancel_timer()
+        if self._batch is not None and kind == "kill":
+            self._batch.start_timer(self, delay, lambda: self._post(lc.TimerFired(kind, _now())))
+            return
+        assert self._tg is not None
         scope = anyio.CancelScope()
         self._timer_scope = scope
 
@@ -438,6 +488,8 @@ class ServiceRunner:
         self._tg.start_soon(fire)
 
     def _cancel_timer(self) -> None:
+        if self._batch is not None:
+            self._batch.cancel_timer(self)
         if self._timer_scope is not None:
             self._timer_scope.cancel()
             self._timer_scope = None
@@ -445,22 +497,24 @@ class ServiceRunner:
     def _signal_all(self, child: Child, sig: int) -> None:
         """`sig` to every process of the service: its cgroup, or its group, tree and
         adopted escapees."""
+        self._signaller(child, sig)()
+
+    def _signaller(self, child: Child, sig: int) -> Callable[[], object]:
+        """What `_signal_all` sends, decided now (from the runner's state, on the event
+        loop), to be sent now or from a batch's worker thread (system calls only)."""
         if self.cgroup is not None:
             if self._emptied is child:
-                return
+                return _nothing
             placed = self._placed.get(child.pid)
             if placed is None or placed.is_set():
-                self.cgroup.signal(sig)
-            else:  # not in its cgroup yet (~10 ms): its group now, strays once placed
-                child.signal_group(sig)
-            return
-        child.signal_group(sig)
+                return functools.partial(self.cgroup.signal, sig)
+            # Not in its cgroup yet (~10 ms): its group now, strays once placed.
+            return functools.partial(child.signal_group, sig)
         invocation = self._invocations.get(child.pid)
         if invocation is None:
-            return
+            return functools.partial(child.signal_group, sig)
         leader = child.pid if child.status is None else None
-        found = descendants.of_invocation(invocation, leader, self._owned())
-        descendants.signal_pids([pid for pid in found if pid != leader], sig)
+        return functools.partial(_signal_tree, child, sig, invocation, leader, self._owned())
 
     async def _sweep_after(self, child: Child, rounds: int = 20, pause: float = 0.01) -> None:
         """Without a cgroup: after a start's leader is gone, SIGKILL what is left of that
@@ -520,6 +574,19 @@ class ServiceRunner:
             waiting_for=m.waiting_for, ready=self._ready, probes=dict(self._probe_status),
             cgroup=self.cgroup.path if self.cgroup is not None else None,
         )
+
+
+def _nothing() -> None:
+    return None
+
+
+def _signal_tree(child: Child, sig: int, invocation: str, leader: int | None,
+                 owned: Collection[int] | None) -> None:
+    """Without a cgroup: the group, then the rest of the start's tree and its adopted
+    escapees (`owned`: what to skip among our children, computed on the event loop)."""
+    child.signal_group(sig)
+    found = descendants.of_invocation(invocation, leader, owned)
+    descendants.signal_pids([pid for pid in found if pid != leader], sig)
 
 
 def _describe(exc: BaseException) -> str:
