@@ -121,6 +121,7 @@ class Daemon:
         # A cgroup per service (cgroup.py), made in run(); None: fallback containment.
         self.cgroups: cgroups.CgroupTree | None = None
         self._empty_watcher: cgroups.EmptyWatcher | None = None
+        self._placer: cgroups.Placer | None = None
         # Built once per deny_metrics tuple; the render caches each family's answer per list.
         self._deny: tuple[tuple[str, ...], DenyList] | None = None
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
@@ -473,15 +474,18 @@ class Daemon:
             tree.remove_all()
             return
         self.cgroups, self._empty_watcher = tree, watcher
+        self._placer = cgroups.Placer(tree)
         self.guard.cgroup = tree.instance
         tg.start_soon(watcher.run)
+        tg.start_soon(self._placer.run)
         log.info("cgroup per service path=%s", tree.instance)
 
     async def _add_runner(self, spec: ServiceSpec) -> None:
         assert self._tg is not None
         cgroup = None
         if self.cgroups is not None and self._empty_watcher is not None:
-            cgroup = cgroups.ServiceCgroup(self.cgroups, self._empty_watcher, spec.name)
+            cgroup = cgroups.ServiceCgroup(self.cgroups, self._empty_watcher, spec.name,
+                                           self._placer)
         runner = ServiceRunner(spec, environ=self.environ, publish=self._publish,
                                spawner=self._spawn,
                                cgroup=cgroup, owned=self._owned_by_runners)
@@ -631,11 +635,15 @@ class Daemon:
         cgroups in one pass. Whatever has not ended within `within` is cancelled with the
         daemon's task group."""
         runners = list(self.runners.values())
-        for runner in runners:
-            runner.close(keep_cgroup=self.cgroups is not None)
-        with anyio.move_on_after(within):
+        async with anyio.create_task_group() as tg:
+            if self.cgroups is not None:  # rmdir in a worker thread meanwhile (~60 us each)
+                tg.start_soon(functools.partial(anyio.to_thread.run_sync,
+                                                self.cgroups.remove_services))
             for runner in runners:
-                await runner.wait_until(lambda s: False)  # returns once it has ended
+                runner.close(keep_cgroup=self.cgroups is not None)
+            with anyio.move_on_after(within):
+                for runner in runners:
+                    await runner.wait_until(lambda s: False)  # returns once it has ended
 
     async def _sweep(self, rounds: int = 200, pause: float = 0.01) -> None:
         """At shutdown, as subreaper: SIGKILL every descendant left (escapees and theirs),

@@ -53,6 +53,7 @@ class StopBatch:
         pending, self._pending = self._pending, []
         self._flushed = True
         if pending:
+            log.info("signal services=%d (stop_signal of each)", len(pending))
             await anyio.to_thread.run_sync(_send_all, pending)
 
     def start_timer(self, key: object, delay: float, fire: Callable[[], object]) -> None:
