@@ -1,13 +1,15 @@
 """Startup and shutdown only, at any N, interleaved across systems (issue 14's targets).
 
     python bench/startstop.py --n 200,1000 --repeats 5 \
-        --systems ours/asyncio,ours/trio,ours+cg/asyncio,ours+cg/trio
+        --systems bare,ours/asyncio,ours/trio,ours+cg/asyncio,ours+cg/trio
 
 Each run launches the daemon with N sleepers, times startup (from Popen, interpreter start
 included, until all N children have exec'd: bench/README.md), lets it settle for `--settle`
 seconds, then times SIGTERM until the daemon and every child are gone. Systems run in a
 rotating order each repeat, so a burst of load on this shared machine hits all of them alike.
 Prints the median (and range) per system and N, with /proc/loadavg before and after.
+`bare` is bench/bare_supervisor.py, a reference with nothing but the spawns and the kills:
+the floor of both figures on this machine at this moment.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,14 +30,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import procs  # noqa: E402
 from bench.run import compile_ours  # noqa: E402
 from bench.scenarios import Launched, free_port, measure_shutdown  # noqa: E402
-from bench.systems import ALL, Tools, sleepers  # noqa: E402
+from bench.systems import ALL, Child, Tools, sleepers  # noqa: E402
 
 log = logging.getLogger("bench")
+BARE = Path(__file__).resolve().parent / "bare_supervisor.py"
+
+
+@dataclass(frozen=True)
+class Bare:
+    """bench/bare_supervisor.py, launched like the systems of systems.py."""
+
+    name: str = "bare"
+    kind: str = "bare"
+
+    def launch_argv(self, workdir: Path, children: Sequence[Child], tools: Tools,
+                    settings: dict[str, float]) -> list[str]:
+        return [tools.python, str(BARE), str(len(children))]
 
 
 def one_run(system_name: str, n: int, tools: Tools, settle: float, timeout: float
             ) -> dict[str, float]:
-    system = next(s for s in ALL if s.name == system_name)
+    system = Bare() if system_name == "bare" else next(s for s in ALL if s.name == system_name)
     settings = {"port": float(free_port()), "reset_after": 1.0}
     with tempfile.TemporaryDirectory(prefix=f"bench-{system.kind}-") as tmp:
         d = Launched(system, Path(tmp), sleepers(n), tools, settings)
@@ -54,14 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", default="200,1000")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--systems", default="ours/asyncio,ours/trio,ours+cg/asyncio,ours+cg/trio")
+    ap.add_argument("--systems",
+                    default="bare,ours/asyncio,ours/trio,ours+cg/asyncio,ours+cg/trio")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds between the two")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--json", help="also write raw results to this file")
     args = ap.parse_args(argv)
     names = args.systems.split(",")
-    unknown = set(names) - {s.name for s in ALL if s.kind == "ours"}
+    unknown = set(names) - {s.name for s in ALL if s.kind == "ours"} - {"bare"}
     if unknown:
         print(f"unknown systems (ours only): {sorted(unknown)}", file=sys.stderr)
         return 2

@@ -12,11 +12,12 @@ on, and an operator's start tries again.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
+import os
 import random
-import secrets
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +26,6 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor.checks.probe_runner import ProbeStatus, run_probes
-from supervisor.checks.probes import CheckResult
 from supervisor.config import ServiceSpec, child_environment
 from supervisor.core import lifecycle as lc
 from supervisor.core.datatypes import signal_name
@@ -39,6 +38,8 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
+    from supervisor.checks.probe_runner import ProbeStatus
+    from supervisor.checks.probes import CheckResult
     from supervisor.process.cgroup import ServiceCgroup
     from supervisor.process.stopbatch import StopBatch
 
@@ -113,7 +114,13 @@ class ServiceRunner:
         probes = spec.probes()
         self._probe_scope: anyio.CancelScope | None = None  # the current process's probes
         self._ready: bool | None = False if "readiness" in probes else None
-        self._probe_status: dict[str, ProbeStatus] = dict.fromkeys(probes, ProbeStatus())
+        self._probe_status: dict[str, ProbeStatus] = {}
+        if probes:
+            # Imported for probed services only: the probes' stack (asyncio, ssl, ~30 ms)
+            # would delay every spawn at startup.
+            from supervisor.checks.probe_runner import ProbeStatus
+
+            self._probe_status = dict.fromkeys(probes, ProbeStatus())
         self.snapshot = self._make_snapshot()
 
     def __repr__(self) -> str:
@@ -199,7 +206,8 @@ class ServiceRunner:
         self.machine.exits.update(exits)
         for kind, count in (probe_failures or {}).items():
             if kind in self._probe_status:
-                self._probe_status[kind] = ProbeStatus(failures=count)
+                self._probe_status[kind] = dataclasses.replace(self._probe_status[kind],
+                                                               failures=count)
         self.snapshot = self._make_snapshot()
 
     def probe_failures(self) -> dict[str, int]:
@@ -334,7 +342,7 @@ class ServiceRunner:
         assert self._tg is not None
         env = child_environment(self.spec, self._environ)
         # How an escapee is told apart without cgroups (descendants.py).
-        invocation = secrets.token_hex(16)
+        invocation = os.urandom(16).hex()
         env[descendants.MARKER] = self.spec.name
         env[descendants.INVOCATION] = invocation
         try:
@@ -371,6 +379,8 @@ class ServiceRunner:
         if not probes:
             return
         assert self._tg is not None
+        from supervisor.checks.probe_runner import ProbeStatus, run_probes
+
         scope = self._probe_scope = anyio.CancelScope()
         name = self.spec.name
         # A new process: no verdict yet (failure counts and the last error stay).
@@ -398,9 +408,10 @@ class ServiceRunner:
     def _probe_report(self, kind: str, result: CheckResult) -> None:
         old = self._probe_status[kind]
         if result.healthy:
-            new = ProbeStatus(old.failures, True, old.last_error)
+            new = dataclasses.replace(old, passing=True)
         else:
-            new = ProbeStatus(old.failures + 1, False, result.error)
+            new = dataclasses.replace(old, failures=old.failures + 1, passing=False,
+                                      last_error=result.error)
             # One line when a probe starts failing (or its error changes), not one per period.
             level = logging.INFO if (old.passing, old.last_error) != (False, result.error) \
                 else logging.DEBUG

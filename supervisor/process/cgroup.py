@@ -28,7 +28,6 @@ import errno
 import logging
 import math
 import os
-import secrets
 import signal
 import struct
 from collections.abc import Iterable, Sequence
@@ -166,7 +165,7 @@ class CgroupTree:
             raise OSError(errno.ENOENT, "this process is not in the cgroup2 hierarchy")
         origin = os.path.normpath(mount + path)
         _remove_stale(origin)
-        instance = os.path.join(origin, f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        instance = os.path.join(origin, f"{PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
         os.mkdir(instance)
         tree = cls(mount, origin, instance)
         try:
@@ -178,9 +177,14 @@ class CgroupTree:
             raise
         return tree
 
+    def path_of(self, name: str) -> str:
+        """The cgroup of a service, not created: its first placement creates it (in the
+        placement thread, after a startup's spawns rather than before each)."""
+        return os.path.join(self.instance, name + SUFFIX)
+
     def service(self, name: str) -> str:
         """The cgroup of a service (created if missing)."""
-        path = os.path.join(self.instance, name + SUFFIX)
+        path = self.path_of(name)
         if path not in self._made:
             try:
                 os.mkdir(path)
@@ -515,7 +519,7 @@ class ServiceCgroup:
         self.tree = tree
         self.watcher = watcher
         self.placer = placer
-        self.path = tree.service(name)
+        self.path = tree.path_of(name)
 
     def __repr__(self) -> str:
         return f"<ServiceCgroup {self.path}>"
