@@ -618,7 +618,7 @@ class Daemon:
         depends_on = {n: r.spec.depends_on for n in names if (r := self.runners.get(n))}
         for level in stop_levels(names, depends_on):
             runners = [r for n in level if (r := self.runners.get(n)) is not None]
-            batch = StopBatch()
+            batch = StopBatch(swept=self.subreaper and self.shutting_down())
             async with anyio.create_task_group() as tg:
                 tg.start_soon(batch.run_timers)
                 stops = [(runner, runner.stop(batch)) for runner in runners]

@@ -466,7 +466,8 @@ class ServiceRunner:
                 self.cgroup.signal(lc.SIGKILL)
             await self.cgroup.wait_empty()
             self._emptied = child  # nothing can enter it any more: no kill needed on Exited
-            await self._kill_unplaced(child)
+            if self._batch is None or not self._batch.swept:  # else the final sweep does
+                await self._kill_unplaced(child)
             self._invocations.pop(child.pid, None)  # one per start: a crash loop lasts weeks
         elif self._tg is not None and self._owned() is not None:
             self._tg.start_soon(self._sweep_after, child)

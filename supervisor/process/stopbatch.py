@@ -29,7 +29,11 @@ class StopBatch:
     """Signals and kill timers of one batch of stopping services. Event-loop thread only;
     the signals run in one worker thread at `flush()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, swept: bool = False) -> None:
+        # A sweep of every descendant follows (the daemon's shutdown, as subreaper): what a
+        # stopped service may have left outside its cgroup or tree need not be looked for
+        # service by service.
+        self.swept = swept
         self._pending: list[tuple[str, Send]] = []
         self._flushed = False
         # Kill timers: key (a runner) -> (deadline, what to call when it passes).
@@ -38,7 +42,7 @@ class StopBatch:
 
     def __repr__(self) -> str:
         return (f"<StopBatch pending={len(self._pending)} flushed={self._flushed} "
-                f"timers={len(self._timers)}>")
+                f"timers={len(self._timers)} swept={self.swept}>")
 
     def signal(self, name: str, send: Send) -> bool:
         """Queue `send` for the flush; False once flushed (the caller sends it itself)."""
