@@ -9,7 +9,9 @@ seconds, then times SIGTERM until the daemon and every child are gone. Systems r
 rotating order each repeat, so a burst of load on this shared machine hits all of them alike.
 Prints the median (and range) per system and N, with /proc/loadavg before and after.
 `bare` is bench/bare_supervisor.py, a reference with nothing but the spawns and the kills:
-the floor of both figures on this machine at this moment.
+the floor of both figures on this machine at this moment. `--compare DIR` also runs each of
+our systems from another checkout (DIR on PYTHONPATH; shown as `name@before`), interleaved
+with this one, for before/after figures taken under the same load.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,9 +52,14 @@ class Bare:
         return [tools.python, str(BARE), str(len(children))]
 
 
-def one_run(system_name: str, n: int, tools: Tools, settle: float, timeout: float
-            ) -> dict[str, float]:
-    system = Bare() if system_name == "bare" else next(s for s in ALL if s.name == system_name)
+def one_run(system_name: str, n: int, tools: Tools, settle: float, timeout: float,
+            compare: str | None = None) -> dict[str, float]:
+    name, _, variant = system_name.partition("@")
+    system = Bare() if name == "bare" else next(s for s in ALL if s.name == name)
+    saved = os.environ.get("PYTHONPATH")
+    if variant:
+        assert compare is not None
+        os.environ["PYTHONPATH"] = compare
     settings = {"port": float(free_port()), "reset_after": 1.0}
     with tempfile.TemporaryDirectory(prefix=f"bench-{system.kind}-") as tmp:
         d = Launched(system, Path(tmp), sleepers(n), tools, settings)
@@ -63,6 +72,11 @@ def one_run(system_name: str, n: int, tools: Tools, settle: float, timeout: floa
             raise
         finally:
             d.close()
+            if variant:
+                if saved is None:
+                    del os.environ["PYTHONPATH"]
+                else:
+                    os.environ["PYTHONPATH"] = saved
     return {"startup_s": startup, "shutdown_s": shutdown, "shutdown_left": float(left)}
 
 
@@ -77,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--json", help="also write raw results to this file")
+    ap.add_argument("--compare", help="another checkout whose `supervisor` runs as @before")
     args = ap.parse_args(argv)
     names = args.systems.split(",")
     unknown = set(names) - {s.name for s in ALL if s.kind == "ours"} - {"bare"}
@@ -85,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     procs.become_subreaper()
     compile_ours(args.python)
+    if args.compare:
+        subprocess.run([args.python, "-m", "compileall", "-q", os.path.join(args.compare,
+                        "supervisor")], check=True, timeout=120)
+        names += [f"{n}@before" for n in names if n != "bare"]
     tools = Tools(args.python, None, {})
     ns = [int(x) for x in args.n.split(",")]
     load_before = procs.loadavg()
@@ -93,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in ns:
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
-                out = one_run(name, n, tools, args.settle, args.timeout)
+                out = one_run(name, n, tools, args.settle, args.timeout, args.compare)
                 log.info("repeat %d n=%d %s startup=%.3f shutdown=%.3f left=%d load=%s", r + 1,
                          n, name, out["startup_s"], out["shutdown_s"], out["shutdown_left"],
                          procs.loadavg())
