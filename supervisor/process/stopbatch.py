@@ -4,10 +4,9 @@ kill timer for a whole dependency level, instead of a pass and a timer task per 
 Each runner still applies its own StopRequested and decides what to signal (its cgroup, or
 its group and tree); with a batch it hands the signal to the batch instead of sending it, and
 its `stop_timeout` to the batch's one timer instead of a task of its own. `flush()` then
-sends every signal from one worker thread, so the event loop observes the first exits while
-the last signals are still going out (each kill of a sleeping process wakes it on the same
-2 cores: ~0.1 ms of the caller's time). Once flushed, a batch sends at once (a SIGKILL when a
-stop times out, leftovers after an exit), as a runner without a batch does.
+sends every signal in one pass on the event loop, a chunk at a time so that the first exits
+are handled while the last signals go out. Once flushed, a batch sends at once (a SIGKILL
+when a stop times out, leftovers after an exit), as a runner without a batch does.
 
 `stop_levels` orders a set of services for stopping: dependents first.
 """
@@ -23,11 +22,15 @@ import anyio
 log = logging.getLogger(__name__)
 
 Send = Callable[[], object]  # one runner's signal, as the runner would send it now
+# Signals sent between two looks at the event loop's other work. Sending them from a worker
+# thread was no faster (each kill gives the GIL up, and the loop, busy with the first exits,
+# keeps it up to a switch interval), and on the loop a child cannot be reaped between the
+# runner's decision and its signal.
+CHUNK = 50
 
 
 class StopBatch:
-    """Signals and kill timers of one batch of stopping services. Event-loop thread only;
-    the signals run in one worker thread at `flush()`."""
+    """Signals and kill timers of one batch of stopping services. Event-loop thread only."""
 
     def __init__(self, swept: bool = False) -> None:
         # A sweep of every descendant follows (the daemon's shutdown, as subreaper): what a
@@ -51,14 +54,17 @@ class StopBatch:
         self._pending.append((name, send))
         return True
 
-    async def flush(self) -> None:
-        """Send every queued signal, in one worker thread; later ones are sent by the
-        runners themselves."""
+    async def flush(self, chunk: int = CHUNK) -> None:
+        """Send every queued signal, `chunk` at a time, letting the event loop handle the
+        first exits between chunks; later ones are sent by the runners themselves."""
         pending, self._pending = self._pending, []
         self._flushed = True
         if pending:
             log.info("signal services=%d (stop_signal of each)", len(pending))
-            await anyio.to_thread.run_sync(_send_all, pending)
+        for start in range(0, len(pending), chunk):
+            if start:
+                await anyio.lowlevel.checkpoint()
+            _send_all(pending[start:start + chunk])
 
     def start_timer(self, key: object, delay: float, fire: Callable[[], object]) -> None:
         """Call `fire` in `delay` seconds unless cancelled (replaces `key`'s timer)."""
