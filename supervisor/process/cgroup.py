@@ -294,7 +294,8 @@ class CgroupTree:
         return [os.path.join(self.instance, n) for n in names if n.endswith(SUFFIX)]
 
     def remove_services(self) -> None:
-        """Remove every service cgroup (empty, at shutdown): one pass, for a worker thread."""
+        """Remove every service cgroup (empty, at shutdown): one pass, for a worker thread
+        (nothing else uses the tree then: no spawn, no placement)."""
         for cgroup in self.services():
             self.remove(cgroup)
 
