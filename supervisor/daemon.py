@@ -87,8 +87,7 @@ class Daemon:
         # Kills every service if this process dies without stopping them (see guard.py).
         self.guard = OrphanGuard()
         # A cgroup per service (cgroup.py), made in run(); None: fallback containment.
-        self.cgroups: cgroups.CgroupTree | None = None
-        self._empty_watcher: cgroups.EmptyWatcher | None = None
+        self.cgroups: cgroups.Containment | None = None
         self._shutdown: anyio.Event | None = None  # anyio primitives need the running loop
         self._observing: anyio.Event | None = None  # set once the observability half serves
         self._obs: Observability | None = None  # built once the services are spawned
@@ -198,9 +197,11 @@ class Daemon:
                 # runner that died cannot hold the daemon forever.
                 bound = max((r.spec.stop_timeout for r in self.runners.values()), default=0) + 10
                 with anyio.move_on_after(bound, shield=True):
-                    await self.services.stop_in_order(list(self.runners))
+                    await self.services.stop_in_order(list(self.runners), swept=self.subreaper)
                     if self.subreaper:
                         await reaper.sweep(self._owned_pids, self.guard.pid)
+                    await self.services.end_all(
+                        self.cgroups.tree.remove_services if self.cgroups is not None else None)
                 tg.cancel_scope.cancel()
         finally:
             control.close()
@@ -215,36 +216,23 @@ class Daemon:
                     await self.obs.stop()
                 if self.cgroups is not None:
                     # Out of our leaf first: the guard kills whatever is left in it.
-                    self.cgroups.release()
+                    self.cgroups.tree.release()
                 # After the services are stopped, so the guard has nothing left to kill.
                 await anyio.to_thread.run_sync(self.guard.close)
                 if self.cgroups is not None:
-                    self.cgroups.remove_rest()
-                if self._empty_watcher is not None:
-                    self._empty_watcher.close()
+                    self.cgroups.close()
             if self.subreaper:
                 reaper.reap_unowned(self._owned_pids())
         log.info("stopped")
 
     def _setup_cgroups(self, tg: TaskGroup) -> None:
-        tree = cgroups.available(self.config.settings.cgroups)
-        if tree is None:
-            return
-        try:
-            watcher = cgroups.EmptyWatcher()
-        except OSError as exc:
-            log.warning("no cgroup per service (inotify) reason=%s", exc.strerror or exc)
-            tree.remove_all()
-            return
-        self.cgroups, self._empty_watcher = tree, watcher
-        self.guard.cgroup = tree.instance
-        tg.start_soon(watcher.run)
-        log.info("cgroup per service path=%s", tree.instance)
+        self.cgroups = cgroups.Containment.open(self.config.settings.cgroups)
+        if self.cgroups is not None:
+            self.guard.cgroup = self.cgroups.tree.instance
+            self.cgroups.start(tg)
 
     def _cgroup_for(self, spec: ServiceSpec) -> cgroups.ServiceCgroup | None:
-        if self.cgroups is None or self._empty_watcher is None:
-            return None
-        return cgroups.ServiceCgroup(self.cgroups, self._empty_watcher, spec.name)
+        return self.cgroups.for_service(spec.name) if self.cgroups is not None else None
 
     def _publish(self, snapshot: ServiceSnapshot) -> None:
         previous = self.snapshots.get(snapshot.name)

@@ -12,10 +12,12 @@ on, and an operator's start tries again.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
+import os
 import random
-import secrets
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -23,8 +25,6 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor.checks.probe_runner import run_probes
-from supervisor.checks.probes import CheckResult
 from supervisor.config import ServiceSpec, child_environment
 from supervisor.core import lifecycle as lc
 from supervisor.core.datatypes import signal_name
@@ -38,7 +38,9 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 if TYPE_CHECKING:
+    from supervisor.checks.probes import CheckResult
     from supervisor.process.cgroup import ServiceCgroup
+    from supervisor.process.stopbatch import StopBatch
 
 Spawner = Callable[[Sequence[str], Mapping[str, str], str], Child]
 
@@ -67,7 +69,11 @@ class ServiceRunner:
         self._send, self._receive = anyio.create_memory_object_stream[lc.Event](math.inf)
         self._child: Child | None = None
         self._timer_scope: anyio.CancelScope | None = None
-        self._tg: TaskGroup | None = None
+        self._tg: TaskGroup | None = None  # while the event loop below runs
+        # Set by a batched stop (daemon shutdown, reload): signals and the kill timer go
+        # through it (stopbatch.py) until the daemon ends the batch.
+        self._batch: StopBatch | None = None
+        self._keep_cgroup = False  # close(): the daemon removes every cgroup in one pass
         self._changed = anyio.Event()
         self.finished = False
         self._posted = self._applied = 0  # events queued / applied, for wait_applied
@@ -85,8 +91,48 @@ class ServiceRunner:
         """Ask for a start; returns the request's number for `wait_applied`."""
         return self._post(lc.StartRequested(_now()))
 
-    def stop(self) -> None:
-        self._post(lc.StopRequested(_now()))
+    def stop(self, batch: StopBatch | None = None) -> int:
+        """Ask for a stop; returns the request's number for `wait_stopped`. With a `batch`
+        the stop is applied at once when nothing is queued before it (no wake-up of this
+        runner's task), and its signals and kill timer go through the batch."""
+        event = lc.StopRequested(_now())
+        if batch is None:
+            return self._post(event)
+        self._batch = batch
+        return self._post_batched(event)
+
+    def _post_batched(self, event: lc.Event) -> int:
+        """In a batched stop: apply `event` now if nothing is queued before it (one wake-up
+        of this runner's task less per event, at 1,000 services a tenth of a shutdown);
+        else queue it, to be applied in order."""
+        if self._tg is None or self.finished or self._posted != self._applied:
+            return self._post(event)
+        self._posted += 1
+        try:
+            self._apply(event)
+        except Exception as exc:  # noqa: BLE001 - the service's fault boundary, as in run()
+            log.error("service failed unexpectedly service=%s error=%s", self.spec.name,
+                      _describe(exc), exc_info=exc)
+            self.fault(_describe(exc))
+        return self._posted
+
+    def end_batch(self) -> None:
+        """The batched stop is over (the service settled): back to signalling alone."""
+        if self._batch is not None:
+            self._batch.cancel_timer(self)
+            self._batch = None
+
+    async def wait_stopped(self, number: int) -> ServiceSnapshot:
+        """Wait until the stop numbered `number` is applied and the service settled."""
+        return await self.wait_until(
+            lambda s: self._applied >= number and s.state in lc.SETTLED_STATES)
+
+    def close(self, keep_cgroup: bool = False) -> None:
+        """End the runner without cancelling it (cheaper, at shutdown, once its service is
+        stopped): its event loop ends, and with it the runner, as on cancellation. With
+        `keep_cgroup` the caller removes the service's cgroup."""
+        self._keep_cgroup = keep_cgroup
+        self._send.close()
 
     def hold(self, reason: str, refresh: bool = False) -> None:
         """Show the service as `waiting` for `reason` (see lifecycle.Held)."""
@@ -120,7 +166,8 @@ class ServiceRunner:
         self.machine.exits.update(exits)
         for kind, count in (probe_failures or {}).items():
             if kind in self._probe_status:
-                self._probe_status[kind] = ProbeStatus(failures=count)
+                self._probe_status[kind] = dataclasses.replace(self._probe_status[kind],
+                                                               failures=count)
         self.snapshot = self._make_snapshot()
 
     def probe_failures(self) -> dict[str, int]:
@@ -151,19 +198,24 @@ class ServiceRunner:
                         if not started:
                             started = True
                             task_status.started()
-                        async for event in self._receive:
-                            self._apply(event)
+                        try:
+                            async for event in self._receive:
+                                self._apply(event)
+                        finally:
+                            self._tg = None
                     return
                 except Exception as exc:  # noqa: BLE001 - the service's fault boundary
                     # Cancellation is a BaseException (never caught here); an error in any of
                     # this runner's tasks ends its task group and lands here.
                     await self._contain(exc)
         finally:
+            self._tg = None
             self._receive.close()
             self._send.close()
             with anyio.CancelScope(shield=True):
                 await self._terminate()
-            if self.cgroup is not None and (self._seen_empty() or not self.cgroup.populated()):
+            if self.cgroup is not None and not self._keep_cgroup and (
+                    self._seen_empty() or not self.cgroup.populated()):
                 self.cgroup.remove()
             self.finished = True
             self._changed.set()
@@ -230,11 +282,17 @@ class ServiceRunner:
         if isinstance(action, lc.Spawn):
             self._spawn()
         elif isinstance(action, lc.SignalGroup):
-            if self._child is not None:
-                if self._child.status is None:
-                    log.info("signal service=%s pid=%d signal=%s", self.spec.name,
-                             self._child.pid, signal_name(action.signal))
-                self._signal_all(self._child, action.signal)
+            child = self._child
+            if child is not None:
+                send = self._signaller(child, action.signal)
+                # Batched: one line per batch (stopbatch.py), this one for debugging only.
+                batched = self._batch is not None and self._batch.signal(self.spec.name, send)
+                if child.status is None:
+                    log.log(logging.DEBUG if batched else logging.INFO,
+                            "signal service=%s pid=%d signal=%s", self.spec.name, child.pid,
+                            signal_name(action.signal))
+                if not batched:
+                    send()
         elif isinstance(action, lc.StartTimer):
             self._start_timer(action.kind, action.delay)
         elif isinstance(action, lc.CancelTimer):
@@ -244,7 +302,7 @@ class ServiceRunner:
         assert self._tg is not None
         env = child_environment(self.spec, self._environ)
         # How an escapee is told apart without cgroups (descendants.py).
-        invocation = secrets.token_hex(16)
+        invocation = os.urandom(16).hex()
         env[descendants.MARKER] = self.spec.name
         env[descendants.INVOCATION] = invocation
         try:
@@ -281,6 +339,10 @@ class ServiceRunner:
         if not probes:
             return
         assert self._tg is not None
+        # Imported for probed services only: the probes' stack (asyncio, ssl, ~30 ms) would
+        # delay every spawn at startup.
+        from supervisor.checks.probe_runner import run_probes
+
         scope = self._probe_scope = anyio.CancelScope()
         name = self.spec.name
         # A new process: no verdict yet (failure counts and the last error stay).
@@ -308,9 +370,10 @@ class ServiceRunner:
     def _probe_report(self, kind: str, result: CheckResult) -> None:
         old = self._probe_status[kind]
         if result.healthy:
-            new = ProbeStatus(old.failures, True, old.last_error)
+            new = dataclasses.replace(old, passing=True)
         else:
-            new = ProbeStatus(old.failures + 1, False, result.error)
+            new = dataclasses.replace(old, failures=old.failures + 1, passing=False,
+                                      last_error=result.error)
             # One line when a probe starts failing (or its error changes), not one per period.
             level = logging.INFO if (old.passing, old.last_error) != (False, result.error) \
                 else logging.DEBUG
@@ -365,13 +428,20 @@ class ServiceRunner:
                 self.cgroup.signal(lc.SIGKILL)
             await self.cgroup.wait_empty()
             self._emptied = child  # nothing can enter it any more: no kill needed on Exited
-            await self._kill_unplaced(child)
+            if self._batch is None or not self._batch.swept:  # else the final sweep does
+                await self._kill_unplaced(child)
             self._invocations.pop(child.pid, None)  # one per start: a crash loop lasts weeks
-        elif self._tg is not None:
+        elif self._tg is not None and self._owned() is not None:
             self._tg.start_soon(self._sweep_after, child)
+        else:  # no escapee of ours to look for (not a subreaper, or the final sweep will)
+            self._invocations.pop(child.pid, None)
         level = logging.INFO if self.machine.state is lc.State.STOPPING else logging.WARNING
         log.log(level, "exited service=%s pid=%d %s", self.spec.name, child.pid, status.describe())
-        self._post(lc.Exited(status.code, status.signal, at, wall))
+        exited = lc.Exited(status.code, status.signal, at, wall)
+        if self._batch is not None:
+            self._post_batched(exited)
+        else:
+            self._post(exited)
 
     async def _kill_unplaced(self, child: Child, rounds: int = 5, pause: float = 0.01) -> None:
         """The start is over: whatever of it never reached its cgroup (a leader killed within
@@ -392,8 +462,11 @@ class ServiceRunner:
             await anyio.sleep(pause)
 
     def _start_timer(self, kind: lc.TimerKind, delay: float) -> None:
-        assert self._tg is not None
         self._cancel_timer()
+        if self._batch is not None and kind == "kill":
+            self._batch.start_timer(self, delay, lambda: self._post(lc.TimerFired(kind, _now())))
+            return
+        assert self._tg is not None
         scope = anyio.CancelScope()
         self._timer_scope = scope
 
@@ -405,6 +478,8 @@ class ServiceRunner:
         self._tg.start_soon(fire)
 
     def _cancel_timer(self) -> None:
+        if self._batch is not None:
+            self._batch.cancel_timer(self)
         if self._timer_scope is not None:
             self._timer_scope.cancel()
             self._timer_scope = None
@@ -412,22 +487,24 @@ class ServiceRunner:
     def _signal_all(self, child: Child, sig: int) -> None:
         """`sig` to every process of the service: its cgroup, or its group, tree and
         adopted escapees."""
+        self._signaller(child, sig)()
+
+    def _signaller(self, child: Child, sig: int) -> Callable[[], object]:
+        """What `_signal_all` sends, decided now (from the runner's state, on the event
+        loop), to be sent now or from a batch's worker thread (system calls only)."""
         if self.cgroup is not None:
             if self._emptied is child:
-                return
+                return _nothing
             placed = self._placed.get(child.pid)
             if placed is None or placed.is_set():
-                self.cgroup.signal(sig)
-            else:  # not in its cgroup yet (~10 ms): its group now, strays once placed
-                child.signal_group(sig)
-            return
-        child.signal_group(sig)
+                return functools.partial(self.cgroup.signal, sig)
+            # Not in its cgroup yet (~10 ms): its group now, strays once placed.
+            return functools.partial(child.signal_group, sig)
         invocation = self._invocations.get(child.pid)
         if invocation is None:
-            return
+            return functools.partial(child.signal_group, sig)
         leader = child.pid if child.status is None else None
-        found = descendants.of_invocation(invocation, leader, self._owned())
-        descendants.signal_pids([pid for pid in found if pid != leader], sig)
+        return functools.partial(_signal_tree, child, sig, invocation, leader, self._owned())
 
     async def _sweep_after(self, child: Child, rounds: int = 20, pause: float = 0.01) -> None:
         """Without a cgroup: after a start's leader is gone, SIGKILL what is left of that
@@ -481,6 +558,19 @@ class ServiceRunner:
         return self.machine.snapshot(
             autostart=self.spec.autostart, ready=self._ready, probes=self._probe_status,
             cgroup=self.cgroup.path if self.cgroup is not None else None)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _signal_tree(child: Child, sig: int, invocation: str, leader: int | None,
+                 owned: Collection[int] | None) -> None:
+    """Without a cgroup: the group, then the rest of the start's tree and its adopted
+    escapees (`owned`: what to skip among our children, computed on the event loop)."""
+    child.signal_group(sig)
+    found = descendants.of_invocation(invocation, leader, owned)
+    descendants.signal_pids([pid for pid in found if pid != leader], sig)
 
 
 def _describe(exc: BaseException) -> str:

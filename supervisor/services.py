@@ -9,6 +9,7 @@ stopped. Services without a relation start and stop concurrently.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
@@ -20,6 +21,7 @@ from supervisor.core import lifecycle as lc
 from supervisor.core.snapshot import ServiceSnapshot
 from supervisor.process.cgroup import ServiceCgroup
 from supervisor.process.spawn import Child
+from supervisor.process.stopbatch import StopBatch, stop_levels
 from supervisor.runner import ServiceRunner
 
 log = logging.getLogger("supervisor.daemon")  # operators know these lines by this name
@@ -201,24 +203,40 @@ class Services:
                 tg.start_soon(watch, runner, why)
 
     # -- stop ------------------------------------------------------------------------------
-    async def stop_in_order(self, names: list[str]) -> None:
-        """Stop `names`, each once everything among them that depends on it has stopped."""
-        # Who depends on whom, once: a scan of every stopping service per service was
-        # quadratic (0.03 s of a shutdown at 200 services, 0.7 s at 1,000).
-        dependents: dict[str, list[ServiceRunner]] = {}
-        for other in names:
-            runner = self.runners.get(other)
-            if runner is not None:
-                for dep in runner.spec.depends_on:
-                    dependents.setdefault(dep, []).append(runner)
-        async with anyio.create_task_group() as tg:
-            for name in names:
-                tg.start_soon(self._stop_after_dependents, name, dependents.get(name, []))
+    async def stop_in_order(self, names: list[str], *, swept: bool = False) -> None:
+        """Stop `names`, dependents before their dependencies: one dependency level after
+        another, each as one batch (process/stopbatch.py: a task and a signalling pass per
+        service made a shutdown of 1,000 services take ~1 s). `swept`: a final sweep of every
+        descendant follows (shutdown as subreaper), so no runner looks for its escapees."""
+        depends_on = {n: r.spec.depends_on for n in names if (r := self.runners.get(n))}
+        for level in stop_levels(names, depends_on):
+            runners = [r for n in level if (r := self.runners.get(n)) is not None]
+            batch = StopBatch(swept=swept)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(batch.run_timers)
+                stops = [(runner, runner.stop(batch)) for runner in runners]
+                await batch.flush()
+                for runner, number in stops:
+                    await runner.wait_stopped(number)
+                tg.cancel_scope.cancel()
+            for runner in runners:
+                runner.end_batch()
 
-    async def _stop_after_dependents(self, name: str, dependents: list[ServiceRunner]) -> None:
-        for runner in dependents:
-            await runner.wait_until(lambda s: s.state in lc.SETTLED_STATES)
-        await self.runners[name].stop_and_wait()
+    async def end_all(self, remove_cgroups: Callable[[], object] | None,
+                      within: float = 0.5) -> None:
+        """At shutdown, once every service is stopped: end the runners by closing their event
+        queues (cancelling 1,000 runners' task groups took 0.16 s) while `remove_cgroups`
+        removes their cgroups in one pass in a worker thread. Whatever has not ended within
+        `within` is cancelled with the daemon's task group."""
+        runners = list(self.runners.values())
+        async with anyio.create_task_group() as tg:
+            if remove_cgroups is not None:  # rmdir ~60 us each
+                tg.start_soon(functools.partial(anyio.to_thread.run_sync, remove_cgroups))
+            for runner in runners:
+                runner.close(keep_cgroup=remove_cgroups is not None)
+            with anyio.move_on_after(within):
+                for runner in runners:
+                    await runner.wait_until(lambda s: False)  # returns once it has ended
 
 
 def dependency_satisfied(s: ServiceSnapshot) -> bool:

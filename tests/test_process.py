@@ -175,8 +175,7 @@ def test_an_inherited_blocked_mask_is_cleared(tmp_path: Path, backend: str) -> N
         assert _sig_masks(child) == (0, 0)
         os.kill(daemon_pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while psutil.pid_exists(daemon_pid) and psutil.Process(daemon_pid).status() != \
-                psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        while _alive(daemon_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if time.monotonic() >= deadline:
             os.kill(daemon_pid, signal.SIGKILL)
@@ -299,3 +298,11 @@ backoff_max = 0.005
     assert sample(metrics, "service_exits_total", service="orphans", reason="failure") == 0
     assert sample(metrics, "service_exits_total", service="orphans", reason="signal") == 0
     assert code == 0 and leftover == []
+
+
+def _alive(pid: int) -> bool:
+    """Not exited (a zombie counts as exited). The shim may reap it between two looks."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
