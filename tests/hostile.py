@@ -114,6 +114,10 @@ TEXT_ONLY: list[tuple[str, str, str]] = [
      "rogue_quantile_neg_count 1\n", "invalid"),
 ]
 OPENMETRICS_ONLY: list[tuple[str, str, str]] = [
+    # A summary's `_created` with a quantile: text writes `_created` as a gauge of its own.
+    ("rogue_created_q", '# TYPE rogue_created_q summary\nrogue_created_q{quantile="0.5"} 1\n'
+     'rogue_created_q_sum 1\nrogue_created_q_count 1\nrogue_created_q_created{quantile="0.5"} 1\n',
+     "invalid"),
     ("constitutional_breaches", "# TYPE constitutional_breaches counter\n"
      "constitutional_breaches_total 4\n", "denied"),
     ("scrape_samples", "# TYPE scrape_samples counter\nscrape_samples_total 1\n", "reserved"),

@@ -80,6 +80,11 @@ def lint_problem(family: Metric) -> str | None:
         if any(not _FLOAT.match(s.labels[special]) for s in family.samples
                if special in s.labels):
             return f"text format parsing error: {special!r} must be a float"
+    if kind in ("counter", "histogram", "summary") and any(
+            s.name.endswith("_created") and ("le" in s.labels or "quantile" in s.labels)
+            for s in family.samples):
+        # The text format writes `x_created` as a gauge family of its own.
+        return 'non-histogram and non-summary metrics should not have "le"/"quantile" label'
     if kind != "untyped":
         if kind != "histogram" and "le" in keys:
             return 'non-histogram metrics should not have "le" label'
