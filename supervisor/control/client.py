@@ -247,14 +247,13 @@ def _listen_url(path: str, environ: Mapping[str, str]) -> str:
     elsewhere (invalid as a whole) still tells where the daemon is."""
     from supervisor.config import load_toml_file
     from supervisor.core.datatypes import interpolate, parse_listen
+    from supervisor.web.listen import url as listen_url
 
     listen = load_toml_file(path).get("supervisor", {}).get("listen", "127.0.0.1:9464")
     if not isinstance(listen, str):
         raise ValueError("[supervisor] listen is not a string")
     host, port = parse_listen(interpolate(listen, environ))
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # noqa: S104
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{port}"
+    return listen_url(host, port, None)
 
 
 def _alive(pid: Any) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import (
@@ -110,3 +110,13 @@ def _valid_family(family: Metric) -> bool:
 def _short(exc: BaseException, limit: int = 160) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Collected:
+    """The minimal 'registry' prometheus_client's encoders need: exactly these families."""
+
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Sequence[Metric]:
+        return self._families

@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from supervisor.observe.denylist import DenyList, exposed_names
+from supervisor.observe.families import Collected
 from supervisor.observe.lint import lint_problem
 
 logger = logging.getLogger(__name__)
@@ -177,22 +178,12 @@ def _judged(families: Iterable[Metric], policy: Policy) -> tuple[list[Metric], l
     return kept, drops
 
 
-class _Fixed:
-    """A registry stand-in for the writer: it collects exactly these families."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> list[Metric]:
-        return self._families
-
-
 def _reads_back(families: list[Metric]) -> bool:
     from prometheus_client.openmetrics.exposition import generate_latest
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     try:
-        body = generate_latest(_Fixed(families))  # type: ignore[no-untyped-call]
+        body = generate_latest(Collected(families))  # type: ignore[no-untyped-call]
         for _ in text_string_to_metric_families(body.decode()):  # type: ignore[no-untyped-call]
             pass
     except Exception:  # noqa: BLE001 - any refusal, whatever the parser raises, is the answer

@@ -32,16 +32,16 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from prometheus_client.metrics_core import Metric
 
 from supervisor.observe.denylist import DenyList, exposed_names
-from supervisor.observe.families import NO_HELP
+from supervisor.observe.families import NO_HELP, Collected
 
-Encoder = Callable[["_Families"], bytes]
+Encoder = Callable[[Collected], bytes]
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
 # Samples the 0.0.4 text encoder moves out of their family into a gauge block of their own.
 _SPLIT_SUFFIXES = ("_created", "_gsum", "_gcount")
@@ -87,16 +87,6 @@ def clocked(name: str, families: Callable[[float], Iterable[Metric]], *key: obje
 def always(name: str, families: Builder, *, service: str | None = None) -> Source:
     """Rebuilt on every render."""
     return Source(name, families, Cache.ALWAYS, (), service)
-
-
-class _Families:
-    """The minimal 'registry' an encoder needs."""
-
-    def __init__(self, families: Sequence[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Sequence[Metric]:
-        return self._families
 
 
 @dataclass
@@ -251,7 +241,7 @@ class CachingRenderer:
             if wanted and not family.mentions(wanted):
                 continue
             if family.whole or (not openmetrics and family.splits_in_text):
-                out.append(_strip_eof(encoder(_Families([_whole(family)]))))
+                out.append(_strip_eof(encoder(Collected([_whole(family)]))))
                 continue
             out.append(self._header(encoder, content_type, family))
             for part in family.parts:
@@ -271,7 +261,7 @@ class CachingRenderer:
         key = (content_type, family.name, family.documentation, family.type, family.unit)
         header = self._headers.get(key)
         if header is None:
-            header = _strip_eof(encoder(_Families([_meta(family)])))
+            header = _strip_eof(encoder(Collected([_meta(family)])))
             if len(self._headers) >= _MAX_HEADERS:  # children churning their HELP texts
                 self._headers.clear()
             self._headers[key] = header
@@ -349,7 +339,7 @@ def _whole(family: _Merged) -> Metric:
 
 def _lines(encoder: Encoder, metric: Metric) -> bytes:
     """The encoder's sample lines for `metric`, without its header lines and `# EOF`."""
-    text = _strip_eof(encoder(_Families([metric])))
+    text = _strip_eof(encoder(Collected([metric])))
     start = 0
     while text.startswith(b"# ", start):
         start = text.index(b"\n", start) + 1
