@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor.config import Config, ServiceSpec, load_config
+from supervisor.config import Config, ServiceSpec, load_config, restart_only_changes
 from supervisor.control import rundir
 from supervisor.control.notify import (
     Announcer,
@@ -279,9 +279,10 @@ class Daemon:
         added = [n for n in new.services if n not in old.services]
         changed = [n for n in new.services
                    if n in old.services and new.services[n] != old.services[n]]
-        if (new.settings.listen_host, new.settings.listen_port) != (
-                old.settings.listen_host, old.settings.listen_port):
-            log.warning("reload: listen address changes take effect on restart only")
+        restart_needed = restart_only_changes(old.settings, new.settings)
+        for key in restart_needed:
+            log.warning("reload: [supervisor] %s changes take effect on restart only; the "
+                        "running value is kept", key)
         self.config = new
         if new.settings.web_config_file:
             log.info("reload: web config applied path=%s", new.settings.web_config_file)
@@ -296,12 +297,12 @@ class Daemon:
         self.obs.reconfigure(new)
         self.services.replacing = frozenset(removed + changed)
         try:
-            return await self._replace(new, added, removed, changed)
+            return await self._replace(new, added, removed, changed, restart_needed)
         finally:
             self.services.replacing = frozenset()
 
     async def _replace(self, new: Config, added: list[str], removed: list[str],
-                       changed: list[str]) -> ReloadResult:
+                       changed: list[str], restart_needed: list[str]) -> ReloadResult:
         await self.services.stop_in_order(removed + changed)
         if self.shutting_down():
             # Shutdown stops every runner still listed, these included; swapping runners now
@@ -330,7 +331,8 @@ class Daemon:
         log.info("reloaded added=%s removed=%s changed=%s", ",".join(added) or "-",
                  ",".join(removed) or "-", ",".join(changed) or "-")
         self.announce.send("ready")
-        return ReloadResult(True, (), tuple(added), tuple(removed), tuple(changed))
+        return ReloadResult(True, (), tuple(added), tuple(removed), tuple(changed),
+                            restart_needed=tuple(restart_needed))
 
     def _check_exposure(self) -> None:
         """Warn (log and status) when the port is reachable beyond this host unprotected."""
