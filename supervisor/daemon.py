@@ -92,6 +92,7 @@ class Daemon:
         self._observing: anyio.Event | None = None  # set once the observability half serves
         self._obs: Observability | None = None  # built once the services are spawned
         self._tg: TaskGroup | None = None
+        self._stats_changed: anyio.Event | None = None  # set: sample now (a reload)
         self._reload_lock: anyio.Lock | None = None  # one reload at a time (SIGHUP, socket)
         self.listen_address: tuple[str, int] | None = None
         self.warnings: tuple[str, ...] = ()  # shown in /v1/status and `supervisor status`
@@ -295,6 +296,8 @@ class Daemon:
             assert self._tg is not None
             await self.obs.restart_monitor(self._tg)
         self.obs.reconfigure(new)
+        if new.settings.stats_interval != old.settings.stats_interval and self._stats_changed:
+            self._stats_changed.set()
         self.services.replacing = frozenset(removed + changed)
         try:
             return await self._replace(new, added, removed, changed, restart_needed)
@@ -351,7 +354,11 @@ class Daemon:
             self.announce.status()
             if self.subreaper:  # a backstop: reaper.reap_orphans reaps them on SIGCHLD
                 reaper.reap_unowned(self._owned_pids())
-            await anyio.sleep(self.config.settings.stats_interval)
+            # Until the next round, or at once when a reload changes stats_interval (a wait
+            # begun on the old one, up to a week, is not sat out).
+            self._stats_changed = changed = anyio.Event()
+            with anyio.move_on_after(self.config.settings.stats_interval):
+                await changed.wait()
 
     async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -182,3 +182,28 @@ def test_the_configuration_reference_says_which_keys_need_a_restart() -> None:
         assert "Changes apply on restart, not reload." in rows[key], key
     for key in ("scrape_interval", "stats_interval", "environment", "deny_metrics"):
         assert "restart, not reload" not in rows[key], key
+
+
+@pytest.mark.anyio
+async def test_a_reload_applies_a_new_stats_interval(tmp_path: Path) -> None:
+    # The service forks a second process a moment after it starts: sampled every hour, the
+    # count would stay what the first round saw.
+    code = "import os, time\ntime.sleep(0.5)\nos.fork()\n" + SLEEPER_CODE
+    path = write_config(tmp_path, service("api", code))
+    path.write_text(path.read_text().replace("stats_interval = 0.5", "stats_interval = 3600.0"))
+
+    async def processes(daemon: object) -> float | None:
+        return sample((await get(daemon, "/v1/metrics")).text,  # type: ignore[arg-type]
+                      "service_processes", service="api")
+
+    async with running(path) as daemon:
+        await wait_for(daemon, "api", lambda s: s.state is State.RUNNING)
+        path.write_text(path.read_text().replace("stats_interval = 3600.0",
+                                                 "stats_interval = 0.2"))
+        result = await cli("reload", "--config", str(path))
+        assert result.returncode == 0 and "restart needed" not in result.stdout, result
+
+        async def forked() -> bool:
+            return await processes(daemon) == 2.0
+
+        await until(forked, 10 * LOAD_SLACK, "a stats round on the reloaded interval")
