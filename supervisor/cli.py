@@ -258,6 +258,10 @@ def _control(args: argparse.Namespace) -> int:
     if args.command == "reload":
         for key in ("added", "removed", "changed"):
             print(f"{key}: {', '.join(response[key]) or '-'}")
+        pending = response.get("restart_needed") or []
+        if pending:
+            print(f"restart needed: {', '.join(map(str, pending))} ([supervisor] keys read "
+                  "only at startup; the daemon keeps their running values until it restarts)")
         return 0
     wanted = {"stop": ("stopped",), "start": ("running", "starting"),
               "restart": ("running", "starting")}[args.command]

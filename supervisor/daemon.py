@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor.config import Config, ServiceSpec, load_config
+from supervisor.config import Config, ServiceSpec, load_config, restart_only_changes
 from supervisor.control import rundir
 from supervisor.control.notify import (
     Announcer,
@@ -92,6 +92,7 @@ class Daemon:
         self._observing: anyio.Event | None = None  # set once the observability half serves
         self._obs: Observability | None = None  # built once the services are spawned
         self._tg: TaskGroup | None = None
+        self._stats_changed: anyio.Event | None = None  # set: sample now (a reload)
         self._reload_lock: anyio.Lock | None = None  # one reload at a time (SIGHUP, socket)
         self.listen_address: tuple[str, int] | None = None
         self.warnings: tuple[str, ...] = ()  # shown in /v1/status and `supervisor status`
@@ -279,9 +280,10 @@ class Daemon:
         added = [n for n in new.services if n not in old.services]
         changed = [n for n in new.services
                    if n in old.services and new.services[n] != old.services[n]]
-        if (new.settings.listen_host, new.settings.listen_port) != (
-                old.settings.listen_host, old.settings.listen_port):
-            log.warning("reload: listen address changes take effect on restart only")
+        restart_needed = restart_only_changes(old.settings, new.settings)
+        for key in restart_needed:
+            log.warning("reload: [supervisor] %s changes take effect on restart only; the "
+                        "running value is kept", key)
         self.config = new
         if new.settings.web_config_file:
             log.info("reload: web config applied path=%s", new.settings.web_config_file)
@@ -294,14 +296,16 @@ class Daemon:
             assert self._tg is not None
             await self.obs.restart_monitor(self._tg)
         self.obs.reconfigure(new)
+        if new.settings.stats_interval != old.settings.stats_interval and self._stats_changed:
+            self._stats_changed.set()
         self.services.replacing = frozenset(removed + changed)
         try:
-            return await self._replace(new, added, removed, changed)
+            return await self._replace(new, added, removed, changed, restart_needed)
         finally:
             self.services.replacing = frozenset()
 
     async def _replace(self, new: Config, added: list[str], removed: list[str],
-                       changed: list[str]) -> ReloadResult:
+                       changed: list[str], restart_needed: list[str]) -> ReloadResult:
         await self.services.stop_in_order(removed + changed)
         if self.shutting_down():
             # Shutdown stops every runner still listed, these included; swapping runners now
@@ -330,7 +334,8 @@ class Daemon:
         log.info("reloaded added=%s removed=%s changed=%s", ",".join(added) or "-",
                  ",".join(removed) or "-", ",".join(changed) or "-")
         self.announce.send("ready")
-        return ReloadResult(True, (), tuple(added), tuple(removed), tuple(changed))
+        return ReloadResult(True, (), tuple(added), tuple(removed), tuple(changed),
+                            restart_needed=tuple(restart_needed))
 
     def _check_exposure(self) -> None:
         """Warn (log and status) when the port is reachable beyond this host unprotected."""
@@ -349,7 +354,11 @@ class Daemon:
             self.announce.status()
             if self.subreaper:  # a backstop: reaper.reap_orphans reaps them on SIGCHLD
                 reaper.reap_unowned(self._owned_pids())
-            await anyio.sleep(self.config.settings.stats_interval)
+            # Until the next round, or at once when a reload changes stats_interval (a wait
+            # begun on the old one, up to a week, is not sat out).
+            self._stats_changed = changed = anyio.Event()
+            with anyio.move_on_after(self.config.settings.stats_interval):
+                await changed.wait()
 
     async def _watch_signals(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         with signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -141,7 +141,9 @@ class Observability:
         await tg.start(run_monitor)
 
     def reconfigure(self, new: Config) -> None:
-        """A reload's scrape targets and policies (the web config is read per request)."""
+        """A reload's scrape targets, policies and interval (the web config is read per
+        request). The interval applies from each target's next round."""
+        self.scraper.set_interval(new.settings.scrape_interval)
         self.scraper.set_targets(scrape_targets(new))
         self.drops.retain(n for n in new.services if new.services[n].metrics_url)
 

@@ -19,12 +19,15 @@ from supervisor.config.schema import (
     MIN_INTERVAL,
     PRIVATE_ENV,
     PROBE_KINDS,
+    RELOADED,
+    RESTART_ONLY,
     CheckSpec,
     Config,
     ProbeSpec,
     ServiceSpec,
     Settings,
     child_environment,
+    restart_only_changes,
 )
 from supervisor.core.policy import RESTART_POLICIES, Backoff
 
@@ -32,6 +35,7 @@ __all__ = [
     "CHECK_TYPES", "DEFAULT_DENY_METRICS", "KIND", "KINDS", "MAX_BACKOFF_FACTOR",
     "MAX_CONNECTIONS", "MAX_PROBE_THRESHOLD", "MAX_PROBE_TIMEOUT", "MAX_RETRIES", "MAX_SECONDS",
     "MAX_SOCKET_PATH", "MIN_INTERVAL", "PRIVATE_ENV", "PROBE_KINDS", "PROBE_TYPES",
-    "RESTART_POLICIES", "Backoff", "CheckKind", "CheckSpec", "Config", "ProbeSpec",
-    "ServiceSpec", "Settings", "child_environment", "load_config", "load_toml_file",
+    "RELOADED", "RESTART_ONLY", "RESTART_POLICIES", "Backoff", "CheckKind", "CheckSpec",
+    "Config", "ProbeSpec", "ServiceSpec", "Settings", "child_environment", "load_config",
+    "load_toml_file", "restart_only_changes",
 ]

@@ -18,7 +18,10 @@ if TYPE_CHECKING:  # webconfig loads ssl; only a web_config_file needs it
     from supervisor.config.webconfig import WebConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-CGROUP_MODES = ("auto", "off")  # "auto": a cgroup per service where possible; "off": never
+# "auto": a cgroup per service where possible, else the fallback; "required": refuse to start
+# without one (an operator who relies on containment is told, not silently downgraded);
+# "off": never.
+CGROUP_MODES = ("auto", "required", "off")
 # Bounds on every number, so that what check-config accepts, run and reload can run: NaN and
 # infinities are refused everywhere (TOML accepts them); durations are at most a week, loops
 # (scrape, stats and check intervals) at least 10 ms apart, backoff_factor at most 100.
@@ -131,6 +134,34 @@ class Settings:
     cgroups: str = "auto"  # one of CGROUP_MODES
     # /v1/ready also requires every service with a readiness probe to be ready.
     ready_includes_services: bool = False
+
+
+# How a reload treats each [supervisor] key (tests/test_reload_settings.py keeps every Settings
+# field in exactly one of the two). Restart-only keys are taken once, at startup: a socket is
+# bound, the cgroups are made, logging and the HTTP worker pool are set up. A reload that
+# changes one keeps the running value and says so (log, `supervisor reload`), instead of
+# letting the file claim what the daemon does not do.
+RESTART_ONLY: Mapping[str, tuple[str, ...]] = {
+    "listen": ("listen_host", "listen_port"),
+    "control_socket": ("control_socket",),
+    "control_socket_group": ("control_socket_group",),
+    "cgroups": ("cgroups",),
+    "log_level": ("log_level",),
+    "max_connections": ("max_connections",),
+}
+# Applied by a reload (read where they are used, or handed over by Observability.reconfigure;
+# the priorities reach services through their specs, which a reload compares).
+RELOADED = frozenset({
+    "environment", "scrape_interval", "stats_interval", "deny_metrics", "allow_metrics",
+    "stdout_priority", "stderr_priority", "web_config_file", "web_config",
+    "ready_includes_services",
+})
+
+
+def restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    """The restart-only [supervisor] keys whose value differs between `old` and `new`."""
+    return [key for key, fields in RESTART_ONLY.items()
+            if any(getattr(old, f) != getattr(new, f) for f in fields)]
 
 
 @dataclass(frozen=True)

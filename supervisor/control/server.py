@@ -56,6 +56,7 @@ class ReloadResult:
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
     error: str | None = None  # refused without reading the file (the daemon is stopping)
+    restart_needed: tuple[str, ...] = ()  # changed restart-only [supervisor] keys (not applied)
 
 
 class Controlled(Protocol):
@@ -257,7 +258,8 @@ async def execute(daemon: Controlled, request: Any) -> dict[str, Any]:
         if result.error is not None:
             return {"ok": False, "error": result.error}
         return {"ok": result.ok, "problems": list(result.problems), "added": list(result.added),
-                "removed": list(result.removed), "changed": list(result.changed)}
+                "removed": list(result.removed), "changed": list(result.changed),
+                "restart_needed": list(result.restart_needed)}
     names = request.get("services")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         return {"ok": False, "error": "name at least one service"}

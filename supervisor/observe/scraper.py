@@ -256,6 +256,17 @@ class Scraper:
                     await poked.wait()
                 phase = 0.0
 
+    def set_interval(self, interval: float) -> None:
+        """A reload's scrape_interval: every target is scraped now and then on the new
+        schedule (a wait begun on the old interval, up to a week, is not sat out)."""
+        if interval <= 0:
+            raise ValueError("interval must be > 0")
+        if float(interval) == self.interval:
+            return
+        self.interval = float(interval)
+        for name in list(self._pokes):
+            self.poke(name)
+
     def poke(self, name: str) -> None:
         """Scrape `name` now rather than at its next turn: its service has just (re)started,
         so the last result is about a process that is gone, or about one not yet listening.

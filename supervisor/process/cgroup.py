@@ -36,6 +36,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
+from supervisor.core.errors import SupervisorError
 from supervisor.process.descendants import invocation_of
 
 log = logging.getLogger(__name__)
@@ -466,16 +467,31 @@ def _events(data: bytes) -> Iterable[tuple[int, int]]:
         yield wd, mask
 
 
+class CgroupsUnavailable(SupervisorError):
+    """`cgroups = "required"` and no cgroup per service can be made on this host."""
+
+
 def available(setting: str) -> CgroupTree | None:
-    """The instance's tree if cgroups are wanted (`auto`) and usable, else None (logged)."""
+    """The instance's tree if cgroups are wanted (`auto`, `required`) and usable, else None
+    (logged). Raises CgroupsUnavailable if they are `required` and unusable."""
     if setting == "off":
         return None
     try:
         return CgroupTree.create()
     except OSError as exc:
-        log.info("no cgroup per service (fallback containment) reason=%s",
-                 exc.strerror or exc)
+        _unusable(setting, exc)
         return None
+
+
+def _unusable(setting: str, exc: OSError, what: str = "", level: int = logging.INFO) -> None:
+    reason = what + (exc.strerror or str(exc))
+    if setting == "required":
+        raise CgroupsUnavailable(
+            f"no cgroup per service can be made here ({reason}) and [supervisor] cgroups is "
+            '"required": nothing was started. Run as root with a writable cgroup v2 '
+            "hierarchy, or under systemd with Delegate=yes; or set cgroups = \"auto\" to "
+            "accept the fallback containment (docs/operator-guide.md, Containment)") from None
+    log.log(level, "no cgroup per service (fallback containment) reason=%s", reason)
 
 
 class Placer:
@@ -582,16 +598,17 @@ class Containment:
 
     @classmethod
     def open(cls, setting: str) -> Containment | None:
-        """A cgroup per service if `setting` ("auto"/"off") and the host allow; None: the
-        fallback containment (process groups, descendants, the subreaper's sweep)."""
+        """A cgroup per service if `setting` (CGROUP_MODES) and the host allow; None: the
+        fallback containment (process groups, descendants, the subreaper's sweep). Raises
+        CgroupsUnavailable where they are `required` and the host does not allow them."""
         tree = available(setting)
         if tree is None:
             return None
         try:
             watcher = EmptyWatcher()
         except OSError as exc:
-            log.warning("no cgroup per service (inotify) reason=%s", exc.strerror or exc)
             tree.remove_all()
+            _unusable(setting, exc, "inotify: ", logging.WARNING)
             return None
         log.info("cgroup per service path=%s", tree.instance)
         return cls(tree, watcher)
