@@ -144,12 +144,15 @@ def children(*modes: str) -> Iterator[list[Child]]:
             thread.join(5)
 
 
+# Bound and never listening, for the whole session: a connection to it is refused, and no
+# other process can take the port meanwhile (a port merely found free could be).
+_DEAD = socket.socket()
+_DEAD.bind(("127.0.0.1", 0))
+
+
 def dead_url() -> str:
     """A loopback port nothing listens on: connection refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/metrics"
+    return f"http://127.0.0.1:{_DEAD.getsockname()[1]}/metrics"
 
 
 async def wait_until(scraper: Scraper, condition: Any, limit: float = 20.0) -> dict[str, Any]:

@@ -77,19 +77,23 @@ class Standin:
 
 async def poll(check: Callable[[], Any], within: float, what: str) -> Any:
     """Await `check()` until it returns something truthy, within `within` seconds; on timeout
-    an AssertionError that names `what` was awaited."""
+    an AssertionError that names `what` was awaited and the last connection error, if any
+    (refused while a stand-in is still starting is expected; the reason it never came up is
+    what a failure needs)."""
+    last: httpx.TransportError | None = None
     try:
         with anyio.fail_after(within):
             while True:
                 try:
                     found = await check()
-                except httpx.TransportError:
-                    found = None
+                except httpx.TransportError as exc:
+                    found, last = None, exc
                 if found:
                     return found
                 await anyio.sleep(0.05)
     except TimeoutError:
-        raise AssertionError(f"not within {within} s: {what}") from None
+        error = f" (last error: {type(last).__name__}: {last})" if last is not None else ""
+        raise AssertionError(f"not within {within} s: {what}{error}") from None
 
 
 async def wait_exit(proc: subprocess.Popen[bytes], within: float) -> int:
