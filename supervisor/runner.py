@@ -294,7 +294,7 @@ class ServiceRunner:
                 if not batched:
                     send()
         elif isinstance(action, lc.StartTimer):
-            self._start_timer(action.kind, action.delay)
+            self._start_timer(action.kind, action.delay, action.generation)
         elif isinstance(action, lc.CancelTimer):
             self._cancel_timer()
 
@@ -330,10 +330,10 @@ class ServiceRunner:
         # Applied synchronously so that no other event can slip between Spawn and Spawned.
         for action in self.machine.handle(lc.Spawned(child.pid, at, wall)):
             self._perform(action)
-        self._start_probes(env)
+        self._start_probes(env, child.pid)
 
     # -- probes ----------------------------------------------------------------------------
-    def _start_probes(self, env: dict[str, str]) -> None:
+    def _start_probes(self, env: dict[str, str], pid: int) -> None:
         probes = self.spec.probes()
         self._stop_probes()
         if not probes:
@@ -354,7 +354,8 @@ class ServiceRunner:
                 # Probe commands are spawned without the orphan guard (which keeps what it
                 # is given for the daemon's lifetime): PR_SET_PDEATHSIG covers them instead.
                 await run_probes(name, probes, report=self._probe_report,
-                                 failed=self._probe_failed, ready=self._probe_ready,
+                                 failed=functools.partial(self._probe_failed, pid),
+                                 ready=self._probe_ready,
                                  spawner=_probe_spawn, env=env, cwd=self.spec.cwd)
 
         self._tg.start_soon(probing)
@@ -383,11 +384,11 @@ class ServiceRunner:
         if new != old:
             self._published()
 
-    def _probe_failed(self, kind: str, error: str) -> None:
+    def _probe_failed(self, pid: int, kind: str, error: str) -> None:
         spec = self.spec.probes()[kind]
         log.warning("%s probe failed %d times, restarting service=%s error=%s", kind,
                     spec.failure_threshold, self.spec.name, error)
-        self._post(lc.ProbeFailed(kind, error, _now()))
+        self._post(lc.ProbeFailed(kind, error, _now(), pid))
 
     def _probe_ready(self, ready: bool, error: str | None) -> None:
         self._ready = ready
@@ -410,7 +411,9 @@ class ServiceRunner:
             strays = []
         finally:
             placed.set()
-        if strays and self.machine.state is lc.State.STOPPING:
+        if strays and child is not self._child:  # a fault let its start go: it is over
+            descendants.signal_pids(strays, lc.SIGKILL)
+        elif strays and self.machine.state is lc.State.STOPPING:
             descendants.signal_pids(strays, self.spec.stop_signal)
 
     async def _watch(self, child: Child, placed: anyio.Event | None) -> None:
@@ -423,8 +426,9 @@ class ServiceRunner:
         at, wall = monotonic_and_wall()
         if self.cgroup is not None:
             # Stopped means empty. Stopping: the kill timer ends any straggler; otherwise
-            # the leader died on its own and takes the rest with it, as it always did.
-            if self.machine.state is not lc.State.STOPPING:
+            # the leader died on its own and takes the rest with it, as it always did. Not
+            # once a fault let it go and a new start began: the cgroup is that start's.
+            if child is self._child and self.machine.state is not lc.State.STOPPING:
                 self.cgroup.signal(lc.SIGKILL)
             await self.cgroup.wait_empty()
             self._emptied = child  # nothing can enter it any more: no kill needed on Exited
@@ -437,7 +441,7 @@ class ServiceRunner:
             self._invocations.pop(child.pid, None)
         level = logging.INFO if self.machine.state is lc.State.STOPPING else logging.WARNING
         log.log(level, "exited service=%s pid=%d %s", self.spec.name, child.pid, status.describe())
-        exited = lc.Exited(status.code, status.signal, at, wall)
+        exited = lc.Exited(child.pid, status.code, status.signal, at, wall)
         if self._batch is not None:
             self._post_batched(exited)
         else:
@@ -461,10 +465,16 @@ class ServiceRunner:
             descendants.signal_pids(strays, lc.SIGKILL)
             await anyio.sleep(pause)
 
-    def _start_timer(self, kind: lc.TimerKind, delay: float) -> None:
+    def _start_timer(self, kind: lc.TimerKind, delay: float, generation: int) -> None:
+        """Post TimerFired in `delay` seconds. A timer that fires just as it is cancelled or
+        replaced still posts; its `generation` tells the lifecycle to ignore it."""
         self._cancel_timer()
+
+        def fired() -> None:
+            self._post(lc.TimerFired(kind, _now(), generation))
+
         if self._batch is not None and kind == "kill":
-            self._batch.start_timer(self, delay, lambda: self._post(lc.TimerFired(kind, _now())))
+            self._batch.start_timer(self, delay, fired)
             return
         assert self._tg is not None
         scope = anyio.CancelScope()
@@ -473,7 +483,7 @@ class ServiceRunner:
         async def fire() -> None:
             with scope:
                 await anyio.sleep(delay)
-                self._post(lc.TimerFired(kind, _now()))
+                fired()
 
         self._tg.start_soon(fire)
 
