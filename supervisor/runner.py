@@ -424,14 +424,17 @@ class ServiceRunner:
         if child is self._child:
             self._stop_probes()
         at, wall = monotonic_and_wall()
+        # Not current: a fault let it go (and killed its group) and a new start owns the
+        # cgroup now, which it must neither kill nor wait to see empty.
+        current = child is self._child
         if self.cgroup is not None:
             # Stopped means empty. Stopping: the kill timer ends any straggler; otherwise
-            # the leader died on its own and takes the rest with it, as it always did. Not
-            # once a fault let it go and a new start began: the cgroup is that start's.
-            if child is self._child and self.machine.state is not lc.State.STOPPING:
+            # the leader died on its own and takes the rest with it, as it always did.
+            if current and self.machine.state is not lc.State.STOPPING:
                 self.cgroup.signal(lc.SIGKILL)
-            await self.cgroup.wait_empty()
-            self._emptied = child  # nothing can enter it any more: no kill needed on Exited
+            if current:
+                await self.cgroup.wait_empty()
+                self._emptied = child  # nothing can enter it any more: no kill needed on Exited
             if self._batch is None or not self._batch.swept:  # else the final sweep does
                 await self._kill_unplaced(child)
             self._invocations.pop(child.pid, None)  # one per start: a crash loop lasts weeks
