@@ -280,7 +280,7 @@ class ServiceRunner:
 
     def _perform(self, action: lc.Action) -> None:
         if isinstance(action, lc.Spawn):
-            self._spawn()
+            self._spawn(action.attempt)
         elif isinstance(action, lc.SignalGroup):
             child = self._child
             if child is not None:
@@ -298,7 +298,7 @@ class ServiceRunner:
         elif isinstance(action, lc.CancelTimer):
             self._cancel_timer()
 
-    def _spawn(self) -> None:
+    def _spawn(self, attempt: int) -> None:
         assert self._tg is not None
         env = child_environment(self.spec, self._environ)
         # How an escapee is told apart without cgroups (descendants.py).
@@ -310,7 +310,7 @@ class ServiceRunner:
         except SpawnError as exc:
             at, wall = monotonic_and_wall()
             log.error("spawn failed service=%s error=%s", self.spec.name, exc)
-            self._post(lc.SpawnFailed(str(exc), at, wall))
+            self._post(lc.SpawnFailed(str(exc), at, wall, attempt))
             return
         at, wall = monotonic_and_wall()
         self._child = child

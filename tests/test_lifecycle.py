@@ -31,13 +31,14 @@ def exited(m: lc.Lifecycle, code: int | None, sig: int | None, at: float, wall: 
 
 
 def spawned(m: lc.Lifecycle, at: float, pid: int = 100) -> list[lc.Action]:
-    assert m.handle(lc.StartRequested(at)) == [lc.Spawn()] or m.state is State.STARTING
+    assert m.handle(lc.StartRequested(at)) == [lc.Spawn(m.spawn_attempt)] \
+        or m.state is State.STARTING
     return m.handle(lc.Spawned(pid, at, 1000.0 + at))
 
 
 def test_start_runs_after_start_seconds() -> None:
     m = make()
-    assert m.handle(lc.StartRequested(0.0)) == [lc.Spawn()]
+    assert m.handle(lc.StartRequested(0.0)) == [lc.Spawn(m.spawn_attempt)]
     assert m.state is State.STARTING
     assert m.handle(lc.Spawned(42, 0.0, 1000.0)) == [lc.StartTimer("started", 1.0, 1)]
     assert fire(m, "started", 1.0) == []
@@ -59,7 +60,7 @@ def test_first_exit_restarts_at_once_then_delays_grow_and_cap() -> None:
             delays.append(timers[0].delay)
             fire(m, "backoff", t + timers[0].delay)
         else:
-            assert lc.Spawn() in actions
+            assert lc.Spawn(m.spawn_attempt) in actions
             delays.append(0.0)
         assert m.state is State.STARTING
         t += 20
@@ -78,7 +79,7 @@ def test_stable_run_resets_backoff() -> None:
     fire(m, "backoff", 1.6)
     m.handle(lc.Spawned(3, 1.6, 1.6))
     actions = exited(m, None, 9, 30.0, 30.0)  # after a stable run: at once
-    assert lc.Spawn() in actions and m.quick_failures == 1
+    assert lc.Spawn(m.spawn_attempt) in actions and m.quick_failures == 1
     assert m.exits["signal"] == 1 and m.last_exit is not None and m.last_exit.signal == 9
 
 
@@ -103,7 +104,8 @@ def test_max_retries_gives_fatal() -> None:
                 fire(m, "backoff", t + action.delay)
         t += 1
     assert m.state is State.FATAL and spawns == 3
-    assert m.handle(lc.StartRequested(t)) == [lc.Spawn()]  # an operator's start tries again
+    # An operator's start tries again.
+    assert m.handle(lc.StartRequested(t)) == [lc.Spawn(m.spawn_attempt)]
 
 
 @pytest.mark.parametrize(("restart", "code", "expected"), [
@@ -129,7 +131,7 @@ def test_stop_signals_then_kills_after_timeout() -> None:
     assert fire(m, "kill", 12.0) == [lc.SignalGroup(lc.SIGKILL)]
     actions = exited(m, None, 9, 12.1, 12.1)
     assert m.state is State.STOPPED and m.exits["stopped"] == 1
-    assert lc.Spawn() not in actions
+    assert not any(isinstance(a, lc.Spawn) for a in actions)
 
 
 def test_stop_during_backoff_cancels_restart() -> None:
@@ -150,14 +152,14 @@ def test_restart_command_starts_after_stop_completes() -> None:
     m.handle(lc.StopRequested(1.0))
     assert m.handle(lc.StartRequested(1.1)) == []
     actions = exited(m, 0, None, 1.5, 1.5)
-    assert lc.Spawn() in actions and m.state is State.STARTING
+    assert lc.Spawn(m.spawn_attempt) in actions and m.state is State.STARTING
 
 
 def test_spawn_failure_backs_off() -> None:
     m = make(initial=1.0, jitter=0.0)
     m.handle(lc.StartRequested(0.0))
-    assert m.handle(lc.SpawnFailed("no such file", 0.0, 0.0)) == [lc.Spawn()]
-    actions = m.handle(lc.SpawnFailed("no such file", 0.0, 0.0))
+    assert m.handle(lc.SpawnFailed("no such file", 0.0, 0.0, 1)) == [lc.Spawn(2)]
+    actions = m.handle(lc.SpawnFailed("no such file", 0.0, 0.0, 2))
     assert actions == [lc.StartTimer("backoff", 1.0, 1)]
     assert m.exits["spawn_error"] == 2 and m.last_error == "no such file"
 
@@ -224,7 +226,7 @@ def test_held_service_waits_with_its_reason_then_starts_when_released() -> None:
     assert m.state is State.WAITING and m.waiting_for == "dependency db is fatal"
     m.handle(lc.Held("dependency db is stopped", 1.0, refresh=True))
     assert m.waiting_for == "dependency db is stopped"
-    assert m.handle(lc.Released(2.0)) == [lc.Spawn()]
+    assert m.handle(lc.Released(2.0)) == [lc.Spawn(m.spawn_attempt)]
     assert m.state is State.STARTING and m.waiting_for is None
 
 
@@ -246,4 +248,5 @@ def test_fault_makes_the_service_fatal_and_kills_its_group() -> None:
     assert m.state is State.FATAL and m.pid is None
     assert m.last_error == "internal error: RuntimeError: boom"
     assert m.handle(lc.Exited(100, None, 9, 1.1, 1001.1)) == []  # the killed child's exit
-    assert m.handle(lc.StartRequested(2.0)) == [lc.Spawn()]  # an operator's start retries
+    # An operator's start retries.
+    assert m.handle(lc.StartRequested(2.0)) == [lc.Spawn(m.spawn_attempt)]

@@ -44,7 +44,7 @@ def test_an_earlier_stops_kill_timer_never_cuts_a_later_grace_short() -> None:
     m.handle(lc.Spawned(10, 0.0, 0.0))
     first = timer(m.handle(lc.StopRequested(1.0)), "kill")
     m.handle(lc.StartRequested(1.5))  # a restart: spawns again once stopped
-    assert lc.Spawn() in m.handle(lc.Exited(10, 0, None, 11.0, 11.0))
+    assert m.handle(lc.Exited(10, 0, None, 11.0, 11.0))[-1] == lc.Spawn(m.spawn_attempt)
     m.handle(lc.Spawned(11, 11.0, 11.0))
     second = timer(m.handle(lc.StopRequested(11.1)), "kill")
     assert m.handle(lc.TimerFired("kill", 11.2, first.generation)) == []
@@ -75,7 +75,8 @@ def test_a_cancelled_backoff_timer_never_ends_a_later_backoff_early() -> None:
     second = timer(m.handle(lc.Exited(12, 1, None, 0.4, 0.4)), "backoff")
     assert m.handle(lc.TimerFired("backoff", 1.2, first.generation)) == []
     assert m.state is State.BACKOFF
-    assert m.handle(lc.TimerFired("backoff", 2.4, second.generation)) == [lc.Spawn()]
+    assert m.handle(lc.TimerFired("backoff", 2.4, second.generation)) == [
+        lc.Spawn(m.spawn_attempt)]
 
 
 def test_the_exit_of_a_process_a_fault_let_go_is_not_counted_against_the_next() -> None:
@@ -115,6 +116,19 @@ def test_a_probe_verdict_on_an_earlier_process_never_stops_the_next() -> None:
         lc.SignalGroup(15), lc.StartTimer("kill", STOP_TIMEOUT, m.timer_generation)]
 
 
+def test_a_failed_spawn_a_fault_overtook_never_counts_for_the_next_attempt() -> None:
+    m = make()
+    [first] = m.handle(lc.StartRequested(0.0))  # the spawn fails: its SpawnFailed is queued
+    m.handle(lc.Faulted("internal error: boom", 0.1, 0.1))
+    [second] = m.handle(lc.StartRequested(0.2))  # fails too
+    assert isinstance(first, lc.Spawn) and isinstance(second, lc.Spawn)
+    assert m.handle(lc.SpawnFailed("no such file", 0.3, 0.3, first.attempt)) == []
+    assert m.state is State.STARTING and m.exits["spawn_error"] == 0
+    assert m.handle(lc.SpawnFailed("no such file", 0.4, 0.4, second.attempt)) == [
+        lc.Spawn(m.spawn_attempt)]  # the first restart is immediate
+    assert m.exits["spawn_error"] == 1
+
+
 # -- any interleaving ------------------------------------------------------------------------
 POLICIES = [make(restart, start_seconds, retries).policy for restart, start_seconds, retries
             in itertools.product(("always", "on-failure", "never"), (0.0, 1.0), (None, 2))]
@@ -141,6 +155,7 @@ class Shell:
         self.dead_timers: list[tuple[lc.TimerKind, int]] = []  # replaced or cancelled
         self.stop_sent: dict[int, float] = {}  # pid -> when its last stop signal went out
         self.counted: set[int] = set()  # processes whose exit was counted
+        self.failed: list[int] = []  # spawn attempts that failed
 
     def step(self, step: str) -> None:
         m, rnd = self.m, self.rnd
@@ -164,6 +179,8 @@ class Shell:
                      for pid in self.spawned if pid not in self.alive]
             late += [lc.ProbeFailed("liveness", "late", self.now, pid)
                      for pid in self.spawned if pid != m.pid]
+            late += [lc.SpawnFailed("no such file", self.now, self.now, attempt)
+                     for attempt in self.failed if attempt != m.spawn_attempt]
             if late:
                 self.queue.append(rnd.choice(late))
         elif step == "probe" and m.pid is not None:
@@ -179,11 +196,12 @@ class Shell:
         m = self.m
         current = m.pid
         counted = sum(n for reason, n in m.exits.items() if reason != "spawn_error")
-        before = {**vars(m), "exits": dict(m.exits)}
-        actions = m.handle(event)
         stale = (isinstance(event, (lc.Exited, lc.ProbeFailed)) and event.pid != current) or (
             isinstance(event, lc.TimerFired) and (event.kind, event.generation) in
-            self.dead_timers)
+            self.dead_timers) or (
+            isinstance(event, lc.SpawnFailed) and event.attempt != m.spawn_attempt)
+        before = {**vars(m), "exits": dict(m.exits)}
+        actions = m.handle(event)
         if stale:  # about an earlier process or timer: changes nothing
             assert actions == [] and {**vars(m), "exits": dict(m.exits)} == before, event
         now_counted = sum(n for reason, n in m.exits.items() if reason != "spawn_error")
@@ -225,7 +243,9 @@ class Shell:
                         self.perform(event, current, m.handle(lc.Spawned(pid, self.now,
                                                                          self.now)))
                     else:
-                        self.queue.append(lc.SpawnFailed("no such file", self.now, self.now))
+                        self.queue.append(lc.SpawnFailed("no such file", self.now, self.now,
+                                                         action.attempt))
+                        self.failed.append(action.attempt)
 
     def end_timer(self) -> None:
         if self.timer is not None:

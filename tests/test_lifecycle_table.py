@@ -30,7 +30,8 @@ from supervisor.core.policy import Backoff, Policy, RestartPolicy
 
 VARIANTS = ("stopped", "starting", "starting/no-pid", "running", "backoff", "stopping",
             "stopping/no-pid", "exited", "fatal", "waiting")
-LABELS = ("StartRequested", "StopRequested", "Spawned", "SpawnFailed", "Exited", "Exited:stale",
+LABELS = ("StartRequested", "StopRequested", "Spawned", "SpawnFailed", "SpawnFailed:stale",
+          "Exited", "Exited:stale",
           "TimerFired:started", "TimerFired:backoff", "TimerFired:kill", "TimerFired:stale",
           "Held", "Held:refresh", "Released", "Faulted", "ProbeFailed", "ProbeFailed:stale")
 ACTIONS = ("Spawn", "Cancel", "Stop", "Kill", "Timer:started", "Timer:backoff", "Timer:kill")
@@ -96,6 +97,8 @@ def label(event: lc.Event, m: lc.Lifecycle) -> str:
         return f"TimerFired:{event.kind}" if live(event, m) else "TimerFired:stale"
     if isinstance(event, (lc.Exited, lc.ProbeFailed)) and event.pid != m.pid:
         return f"{type(event).__name__}:stale"
+    if isinstance(event, lc.SpawnFailed) and event.attempt != m.spawn_attempt:
+        return "SpawnFailed:stale"
     if isinstance(event, lc.Held) and event.refresh:
         return "Held:refresh"
     return type(event).__name__
@@ -176,7 +179,8 @@ def events_for(m: lc.Lifecycle, now: float) -> Iterator[lc.Event]:
     yield lc.StartRequested(now)
     yield lc.StopRequested(now)
     yield lc.Spawned(4242, now, now)
-    yield lc.SpawnFailed("no such file", now, now)
+    yield lc.SpawnFailed("no such file", now, now, m.spawn_attempt)
+    yield lc.SpawnFailed("no such file", now, now, m.spawn_attempt - 1)
     started = m.started_at if m.started_at is not None else now
     for pid in (m.pid, STALE_PID):  # the current process's (if any), an earlier one's
         if pid is None:
@@ -285,7 +289,7 @@ def any_event() -> st.SearchStrategy[lc.Event]:
     return st.one_of(
         st.builds(lc.StartRequested, at), st.builds(lc.StopRequested, at),
         st.builds(lc.Spawned, st.integers(2, 99), at, at),
-        st.builds(lc.SpawnFailed, st.just("no such file"), at, at),
+        st.builds(lc.SpawnFailed, st.just("no such file"), at, at, st.integers(0, 40)),
         st.builds(lc.Exited, st.integers(2, 99), st.one_of(st.none(), st.integers(0, 3)),
                   st.one_of(st.none(), st.sampled_from([9, 15])), at, at),
         st.builds(lc.TimerFired, st.sampled_from(["started", "backoff", "kill"]), at,
@@ -301,6 +305,8 @@ def about_current(event: lc.Event, m: lc.Lifecycle) -> lc.Event:
     """`event` about the current process or timer, if it names one."""
     if isinstance(event, lc.TimerFired):
         return dataclasses.replace(event, generation=m.timer_generation)
+    if isinstance(event, lc.SpawnFailed):
+        return dataclasses.replace(event, attempt=m.spawn_attempt)
     if isinstance(event, (lc.Exited, lc.ProbeFailed)) and m.pid is not None:
         return dataclasses.replace(event, pid=m.pid)
     return event
@@ -351,7 +357,7 @@ def test_what_the_runner_can_produce_is_never_refused(policy: Policy, rnd: rando
                     spawned.append(pid)
                     perform(m.handle(lc.Spawned(pid, now, now)))
                 else:
-                    queue.append(lc.SpawnFailed("no such file", now, now))
+                    queue.append(lc.SpawnFailed("no such file", now, now, action.attempt))
             elif isinstance(action, lc.StartTimer):
                 timer_ends()
                 timer.append((action.kind, action.generation))

@@ -465,7 +465,7 @@ def test_liveness_failure_takes_the_normal_stop_path_then_restarts() -> None:
         lc.SignalGroup(lc.SIGKILL)]
     actions = m.handle(lc.Exited(10, None, 9, 27.1, 27.1))
     # A stable run before the failure: restart at once, as after a crash.
-    assert lc.Spawn() in actions and m.state is State.STARTING
+    assert lc.Spawn(m.spawn_attempt) in actions and m.state is State.STARTING
     assert m.exits["liveness"] == 1 and m.exits["stopped"] == 0
     assert m.last_exit is not None and m.last_exit.reason == "liveness"
     # A quick liveness failure: backoff applies.

@@ -2,7 +2,8 @@
 values. The table that joins them is in core/lifecycle.py.
 
 An event that reports on something the lifecycle started (a process, a timer) names which one:
-the process by its pid, the timer by the generation its StartTimer carried. Events sit in the
+the process by its pid, the timer by the generation its StartTimer carried, a failed spawn by
+the attempt its Spawn carried. Events sit in the
 runner's queue behind others, so one can arrive after its process or timer was replaced; the
 lifecycle then ignores it instead of applying it to the newer one."""
 
@@ -37,6 +38,7 @@ class SpawnFailed:
     error: str
     at: float
     wall: float
+    attempt: int  # Spawn's: only the outstanding spawn's failure counts
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ Event = (StartRequested | StopRequested | Spawned | SpawnFailed | Exited | Timer
 # -- actions ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Spawn:
-    pass
+    attempt: int  # to be carried back by a SpawnFailed
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The per-service lifecycle as a pure state machine, with every transition in one table.
 
-Events go in (`Exited(code=3, signal=None, at=12.5)`), actions come out (`Spawn()`,
-`SignalGroup(15)`, `StartTimer("kill", 10.0)`). Nothing here reads a clock, forks or sleeps:
+Events go in (`Exited(pid=7, code=3, signal=None, at=12.5)`), actions come out (`Spawn(1)`,
+`SignalGroup(15)`, `StartTimer("kill", 10.0, 3)`). Nothing here reads a clock, forks or sleeps:
 time arrives inside events, randomness through the `random` callable. The runner is the
 imperative shell that performs the actions and feeds back what happened; what the lifecycle
 decides with is a `Policy` (core/policy.py), what it shows is `snapshot()`.
@@ -20,7 +20,7 @@ code against it, pair by pair). A row reads `states -> next state(s)  actions  [
 may continue on the next line. `=` keeps the state, `|` separates the outcomes that policy and
 history choose between, `!` cannot happen and raises LifecycleError (the runner's fault
 boundary then makes that service `fatal`), `other` is every state not in the event's other
-rows, `-` cannot arise (the event names the current process, and there is none).
+rows, `-` cannot arise (there is no current process for the event to name).
 `starting/no-pid` and `stopping/no-pid` are those states after a Spawn that failed,
 while its SpawnFailed is still queued; otherwise `starting` and `stopping` have a pid, and
 `running` always has one. Actions: Spawn, Cancel (CancelTimer), Stop (SignalGroup(stop_signal)),
@@ -43,6 +43,8 @@ process or a timer names it (core/events.py); `:stale` is such an event about an
     SpawnFailed
       starting/no-pid                   -> starting|backoff|fatal  Spawn Timer:backoff [5]
       stopping/no-pid                   -> stopped|starting        Cancel Spawn [2]
+      other                             -> =                       [6]
+    SpawnFailed:stale
       other                             -> =                       [6]
     Exited
       starting running                  -> starting|backoff|exited|fatal
@@ -88,7 +90,9 @@ process or a timer names it (core/events.py); `:stale` is such an event about an
 [5] By the restart policy and the backoff: `starting` when the delay is 0 (the first restart
     after a stable run), `backoff` with the delay's timer, `fatal` after max_retries quick
     failures in a row, `exited` when the policy says stay down. A failed spawn is quick.
-[6] No spawn of this service is outstanding: the late failure of one that a fault overtook.
+[6] No spawn of this service is outstanding: the late failure of one that a fault overtook;
+    `:stale`, of an attempt before the last Spawn (after a fault and a start), whichever
+    state: counting it would count the new attempt's failure against the old one.
 [7] `stopped` after a stop (`starting` if a start came meanwhile); after a failed probe's
     stop, as after a failure [5], with reason `liveness`.
 [8] The exit of a process that is not the current one (another pid, or none is current): one
@@ -182,6 +186,7 @@ class Lifecycle:
     exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_REASONS, 0))
     timer: TimerKind | None = None  # the live timer
     timer_generation: int = 0  # of the last StartTimer: a TimerFired must carry it (note [10])
+    spawn_attempt: int = 0  # of the last Spawn: a SpawnFailed must carry it (note [6])
     start_after_stop: bool = False
     waiting_for: str | None = None  # while WAITING: what the start is held back for
     # While STOPPING because a probe failed: restart after the exit (as after a failure);
@@ -318,7 +323,8 @@ class Lifecycle:
         return [self._timer("started", self.policy.start_seconds)]
 
     def _spawn_failed(self, event: SpawnFailed) -> list[Action]:
-        if self.pid is not None or self.state not in (State.STARTING, State.STOPPING):
+        if event.attempt != self.spawn_attempt or self.pid is not None \
+                or self.state not in (State.STARTING, State.STOPPING):
             return []  # note [6]
         self.last_error = event.error
         self._record_exit(None, None, "spawn_error", event.wall)
@@ -422,7 +428,8 @@ class Lifecycle:
     def _spawn(self) -> list[Action]:
         self.state = State.STARTING
         self.next_start_at = None
-        return [Spawn()]
+        self.spawn_attempt += 1
+        return [Spawn(self.spawn_attempt)]
 
     def _timer(self, kind: TimerKind, delay: float) -> StartTimer:
         self.timer = kind
