@@ -353,9 +353,12 @@ class ServiceRunner:
             with scope:
                 # Probe commands are spawned without the orphan guard (which keeps what it
                 # is given for the daemon's lifetime): PR_SET_PDEATHSIG covers them instead.
-                await run_probes(name, probes, report=self._probe_report,
+                # Each verdict names the process it is about (a cancelled probe task may
+                # still report once, after the next process started).
+                await run_probes(name, probes,
+                                 report=functools.partial(self._probe_report, pid),
                                  failed=functools.partial(self._probe_failed, pid),
-                                 ready=self._probe_ready,
+                                 ready=functools.partial(self._probe_ready, pid),
                                  spawner=_probe_spawn, env=env, cwd=self.spec.cwd)
 
         self._tg.start_soon(probing)
@@ -368,7 +371,9 @@ class ServiceRunner:
             self._ready = False
             log.info("not ready service=%s reason=process not running", self.spec.name)
 
-    def _probe_report(self, kind: str, result: CheckResult) -> None:
+    def _probe_report(self, pid: int, kind: str, result: CheckResult) -> None:
+        if self.child_pid() != pid:
+            return  # about a process that has exited: moot
         old = self._probe_status[kind]
         if result.healthy:
             new = dataclasses.replace(old, passing=True)
@@ -390,7 +395,9 @@ class ServiceRunner:
                     spec.failure_threshold, self.spec.name, error)
         self._post(lc.ProbeFailed(kind, error, _now(), pid))
 
-    def _probe_ready(self, ready: bool, error: str | None) -> None:
+    def _probe_ready(self, pid: int, ready: bool, error: str | None) -> None:
+        if self.child_pid() != pid:
+            return  # about a process that has exited: the next one is not ready for it
         self._ready = ready
         if ready:
             log.info("ready service=%s", self.spec.name)

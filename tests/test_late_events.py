@@ -14,7 +14,9 @@ import signal
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from supervisor.core.lifecycle import State
@@ -127,3 +129,42 @@ async def test_the_exit_of_a_process_a_fault_let_go_is_not_counted_against_the_n
         snap = await runner.wait_applied(runner.start())  # its exit, queued before, applied
         assert snap.state is State.RUNNING and snap.pid == second and pid_alive(second)
         assert snap.starts == 2 and snap.exits == exits
+
+
+async def test_a_late_probe_verdict_on_an_earlier_process_is_ignored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe task cancelled as its process exits may still deliver the verdict it had just
+    reached (cancellation lands at its next wait), after the next process started: it must
+    not make that one ready, count against its probes, or restart it. The probes here are a
+    stand-in that keeps each process's callbacks, so the test can deliver one late."""
+    from supervisor.checks import probe_runner
+    from supervisor.checks.probes import CheckResult
+
+    verdicts: list[dict[str, Any]] = []  # the callbacks of each process's probes, in order
+
+    async def keep_callbacks(service: str, probes: object, **callbacks: Any) -> None:
+        verdicts.append(callbacks)
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(probe_runner, "run_probes", keep_callbacks)
+    path = write_config(tmp_path, service("svc", SLEEPER_CODE, start_seconds=0)
+                        + '[services.svc.readiness]\ntype = "exec"\ncommand = ["true"]\n'
+                        + '[services.svc.liveness]\ntype = "exec"\ncommand = ["true"]\n')
+    async with running_daemon(path) as daemon:
+        runner = daemon.runners["svc"]
+        first = (await wait_for(daemon, "svc", lambda s: s.state is State.RUNNING)).pid
+        assert first is not None and len(verdicts) == 1
+        os.kill(first, signal.SIGKILL)  # exits: restarted at once (a stable run before)
+        snap = await wait_for(daemon, "svc", lambda s: s.pid not in (None, first)
+                              and s.state is State.RUNNING)
+        assert len(verdicts) == 2 and snap.ready is False
+        late = verdicts[0]
+        late["ready"](True, None)
+        late["report"]("liveness", CheckResult("svc.liveness", False, 1.0, "refused", 0.0))
+        late["failed"]("liveness", "refused")
+        snap = await runner.wait_applied(runner.start())  # the verdicts were delivered before
+        assert snap.ready is False and snap.probes["liveness"].failures == 0
+        assert snap.state is State.RUNNING and snap.pid == runner.child_pid()
+        assert snap.starts == 2 and snap.exits["liveness"] == 0
+        verdicts[1]["ready"](True, None)  # the current process's own verdict counts
+        assert runner.snapshot.ready is True
