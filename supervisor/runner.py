@@ -418,9 +418,7 @@ class ServiceRunner:
             strays = []
         finally:
             placed.set()
-        if strays and child is not self._child:  # a fault let its start go: it is over
-            descendants.signal_pids(strays, lc.SIGKILL)
-        elif strays and self.machine.state is lc.State.STOPPING:
+        if strays and self.machine.state is lc.State.STOPPING:
             descendants.signal_pids(strays, self.spec.stop_signal)
 
     async def _watch(self, child: Child, placed: anyio.Event | None) -> None:

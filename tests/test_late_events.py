@@ -86,8 +86,8 @@ async def test_an_earlier_stops_kill_timer_never_cuts_a_later_grace_short(
         assert first is not None
         runner.stop()
         await wait_for(daemon, "svc", lambda s: s.state is State.STOPPING)
-        kill_due = time.monotonic() + GRACE  # the first kill timer fires by then
         await runner.wait_applied(runner.start())  # a restart: starts again once stopped
+        kill_due = time.monotonic() + GRACE  # the first kill timer (running) fires by then
         # The runner falls behind: starts queue up, then the first process dies (unreaped
         # until the loop runs again) and its exit is queued behind them.
         for _ in range(QUEUED):
@@ -153,11 +153,13 @@ async def test_a_late_probe_verdict_on_an_earlier_process_is_ignored(
     async with running_daemon(path) as daemon:
         runner = daemon.runners["svc"]
         first = (await wait_for(daemon, "svc", lambda s: s.state is State.RUNNING)).pid
-        assert first is not None and len(verdicts) == 1
+        assert first is not None
+        await until(lambda: len(verdicts) == 1, 10, "the first process's probes")
         os.kill(first, signal.SIGKILL)  # exits: restarted at once (a stable run before)
-        snap = await wait_for(daemon, "svc", lambda s: s.pid not in (None, first)
-                              and s.state is State.RUNNING)
-        assert len(verdicts) == 2 and snap.ready is False
+        await until(lambda: len(verdicts) == 2, 10, "the second process's probes")
+        snap = runner.snapshot
+        assert snap.pid not in (None, first) and snap.state is State.RUNNING
+        assert snap.ready is False
         late = verdicts[0]
         late["ready"](True, None)
         late["report"]("liveness", CheckResult("svc.liveness", False, 1.0, "refused", 0.0))
