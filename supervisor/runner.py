@@ -280,7 +280,7 @@ class ServiceRunner:
 
     def _perform(self, action: lc.Action) -> None:
         if isinstance(action, lc.Spawn):
-            self._spawn()
+            self._spawn(action.attempt)
         elif isinstance(action, lc.SignalGroup):
             child = self._child
             if child is not None:
@@ -294,11 +294,11 @@ class ServiceRunner:
                 if not batched:
                     send()
         elif isinstance(action, lc.StartTimer):
-            self._start_timer(action.kind, action.delay)
+            self._start_timer(action.kind, action.delay, action.generation)
         elif isinstance(action, lc.CancelTimer):
             self._cancel_timer()
 
-    def _spawn(self) -> None:
+    def _spawn(self, attempt: int) -> None:
         assert self._tg is not None
         env = child_environment(self.spec, self._environ)
         # How an escapee is told apart without cgroups (descendants.py).
@@ -310,7 +310,7 @@ class ServiceRunner:
         except SpawnError as exc:
             at, wall = monotonic_and_wall()
             log.error("spawn failed service=%s error=%s", self.spec.name, exc)
-            self._post(lc.SpawnFailed(str(exc), at, wall))
+            self._post(lc.SpawnFailed(str(exc), at, wall, attempt))
             return
         at, wall = monotonic_and_wall()
         self._child = child
@@ -330,10 +330,10 @@ class ServiceRunner:
         # Applied synchronously so that no other event can slip between Spawn and Spawned.
         for action in self.machine.handle(lc.Spawned(child.pid, at, wall)):
             self._perform(action)
-        self._start_probes(env)
+        self._start_probes(env, child.pid)
 
     # -- probes ----------------------------------------------------------------------------
-    def _start_probes(self, env: dict[str, str]) -> None:
+    def _start_probes(self, env: dict[str, str], pid: int) -> None:
         probes = self.spec.probes()
         self._stop_probes()
         if not probes:
@@ -353,8 +353,12 @@ class ServiceRunner:
             with scope:
                 # Probe commands are spawned without the orphan guard (which keeps what it
                 # is given for the daemon's lifetime): PR_SET_PDEATHSIG covers them instead.
-                await run_probes(name, probes, report=self._probe_report,
-                                 failed=self._probe_failed, ready=self._probe_ready,
+                # Each verdict names the process it is about (a cancelled probe task may
+                # still report once, after the next process started).
+                await run_probes(name, probes,
+                                 report=functools.partial(self._probe_report, pid),
+                                 failed=functools.partial(self._probe_failed, pid),
+                                 ready=functools.partial(self._probe_ready, pid),
                                  spawner=_probe_spawn, env=env, cwd=self.spec.cwd)
 
         self._tg.start_soon(probing)
@@ -367,7 +371,9 @@ class ServiceRunner:
             self._ready = False
             log.info("not ready service=%s reason=process not running", self.spec.name)
 
-    def _probe_report(self, kind: str, result: CheckResult) -> None:
+    def _probe_report(self, pid: int, kind: str, result: CheckResult) -> None:
+        if self.child_pid() != pid:
+            return  # about a process that has exited: moot
         old = self._probe_status[kind]
         if result.healthy:
             new = dataclasses.replace(old, passing=True)
@@ -383,13 +389,15 @@ class ServiceRunner:
         if new != old:
             self._published()
 
-    def _probe_failed(self, kind: str, error: str) -> None:
+    def _probe_failed(self, pid: int, kind: str, error: str) -> None:
         spec = self.spec.probes()[kind]
         log.warning("%s probe failed %d times, restarting service=%s error=%s", kind,
                     spec.failure_threshold, self.spec.name, error)
-        self._post(lc.ProbeFailed(kind, error, _now()))
+        self._post(lc.ProbeFailed(kind, error, _now(), pid))
 
-    def _probe_ready(self, ready: bool, error: str | None) -> None:
+    def _probe_ready(self, pid: int, ready: bool, error: str | None) -> None:
+        if self.child_pid() != pid:
+            return  # about a process that has exited: the next one is not ready for it
         self._ready = ready
         if ready:
             log.info("ready service=%s", self.spec.name)
@@ -421,13 +429,17 @@ class ServiceRunner:
         if child is self._child:
             self._stop_probes()
         at, wall = monotonic_and_wall()
+        # Not current: a fault let it go (and killed its group) and a new start owns the
+        # cgroup now, which it must neither kill nor wait to see empty.
+        current = child is self._child
         if self.cgroup is not None:
             # Stopped means empty. Stopping: the kill timer ends any straggler; otherwise
             # the leader died on its own and takes the rest with it, as it always did.
-            if self.machine.state is not lc.State.STOPPING:
+            if current and self.machine.state is not lc.State.STOPPING:
                 self.cgroup.signal(lc.SIGKILL)
-            await self.cgroup.wait_empty()
-            self._emptied = child  # nothing can enter it any more: no kill needed on Exited
+            if current:
+                await self.cgroup.wait_empty()
+                self._emptied = child  # nothing can enter it any more: no kill needed on Exited
             if self._batch is None or not self._batch.swept:  # else the final sweep does
                 await self._kill_unplaced(child)
             self._invocations.pop(child.pid, None)  # one per start: a crash loop lasts weeks
@@ -437,7 +449,7 @@ class ServiceRunner:
             self._invocations.pop(child.pid, None)
         level = logging.INFO if self.machine.state is lc.State.STOPPING else logging.WARNING
         log.log(level, "exited service=%s pid=%d %s", self.spec.name, child.pid, status.describe())
-        exited = lc.Exited(status.code, status.signal, at, wall)
+        exited = lc.Exited(child.pid, status.code, status.signal, at, wall)
         if self._batch is not None:
             self._post_batched(exited)
         else:
@@ -461,10 +473,16 @@ class ServiceRunner:
             descendants.signal_pids(strays, lc.SIGKILL)
             await anyio.sleep(pause)
 
-    def _start_timer(self, kind: lc.TimerKind, delay: float) -> None:
+    def _start_timer(self, kind: lc.TimerKind, delay: float, generation: int) -> None:
+        """Post TimerFired in `delay` seconds. A timer that fires just as it is cancelled or
+        replaced still posts; its `generation` tells the lifecycle to ignore it."""
         self._cancel_timer()
+
+        def fired() -> None:
+            self._post(lc.TimerFired(kind, _now(), generation))
+
         if self._batch is not None and kind == "kill":
-            self._batch.start_timer(self, delay, lambda: self._post(lc.TimerFired(kind, _now())))
+            self._batch.start_timer(self, delay, fired)
             return
         assert self._tg is not None
         scope = anyio.CancelScope()
@@ -473,7 +491,7 @@ class ServiceRunner:
         async def fire() -> None:
             with scope:
                 await anyio.sleep(delay)
-                self._post(lc.TimerFired(kind, _now()))
+                fired()
 
         self._tg.start_soon(fire)
 

@@ -4,9 +4,10 @@ The table is parsed, then every (state, event) pair is driven from every configu
 machine can reach: each pair either gives one of the table's next states with only the table's
 actions, or raises LifecycleError where the table says `!`, changing nothing. Every next state
 and action the table promises is seen at least once, so the table says no more than the code
-does. Random event sequences never leave the table, and sequences the runner can really
-produce (a FIFO queue, timers that fire before their cancel, processes dying late, spawns
-that fail) never raise."""
+does; a pair marked `-` is never formed. Events about a process or a timer come about the
+current one and about an earlier one (`:stale`). Random event sequences never leave the table,
+and sequences the runner can really produce (a FIFO queue, timers that fire before their
+cancel, processes dying late, spawns that fail) never raise."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ from supervisor.core.policy import Backoff, Policy, RestartPolicy
 
 VARIANTS = ("stopped", "starting", "starting/no-pid", "running", "backoff", "stopping",
             "stopping/no-pid", "exited", "fatal", "waiting")
-LABELS = ("StartRequested", "StopRequested", "Spawned", "SpawnFailed", "Exited",
+LABELS = ("StartRequested", "StopRequested", "Spawned", "SpawnFailed", "SpawnFailed:stale",
+          "Exited", "Exited:stale",
           "TimerFired:started", "TimerFired:backoff", "TimerFired:kill", "TimerFired:stale",
-          "Held", "Held:refresh", "Released", "Faulted", "ProbeFailed")
+          "Held", "Held:refresh", "Released", "Faulted", "ProbeFailed", "ProbeFailed:stale")
 ACTIONS = ("Spawn", "Cancel", "Stop", "Kill", "Timer:started", "Timer:backoff", "Timer:kill")
 
 
@@ -40,6 +42,7 @@ class Row:
     next: frozenset[str] | None  # None: `=`, the state is kept
     actions: frozenset[str]
     raises: bool = False
+    never: bool = False  # `-`: the pair cannot be formed
 
 
 def parse_table(doc: str) -> dict[tuple[str, str], Row]:
@@ -66,8 +69,8 @@ def parse_table(doc: str) -> dict[tuple[str, str], Row]:
             words = re.sub(r"\[\d+\]", "", rest).split()
             nxt, actions = words[0], frozenset(words[1:])
             assert actions <= set(ACTIONS), f"{event}: {actions - set(ACTIONS)}"
-            row = Row(None if nxt in ("=", "!") else frozenset(nxt.split("|")), actions,
-                      raises=nxt == "!")
+            row = Row(None if nxt in ("=", "!", "-") else frozenset(nxt.split("|")), actions,
+                      raises=nxt == "!", never=nxt == "-")
             assert row.next is None or row.next <= set(VARIANTS), rest
             covered = [v for v in VARIANTS if v not in named] if group == ["other"] else group
             for v in covered:
@@ -85,9 +88,17 @@ def variant(m: lc.Lifecycle) -> str:
     return str(m.state)
 
 
+def live(event: lc.TimerFired, m: lc.Lifecycle) -> bool:
+    return event.kind == m.timer and event.generation == m.timer_generation
+
+
 def label(event: lc.Event, m: lc.Lifecycle) -> str:
     if isinstance(event, lc.TimerFired):
-        return f"TimerFired:{event.kind}" if event.kind == m.timer else "TimerFired:stale"
+        return f"TimerFired:{event.kind}" if live(event, m) else "TimerFired:stale"
+    if isinstance(event, (lc.Exited, lc.ProbeFailed)) and event.pid != m.pid:
+        return f"{type(event).__name__}:stale"
+    if isinstance(event, lc.SpawnFailed) and event.attempt != m.spawn_attempt:
+        return "SpawnFailed:stale"
     if isinstance(event, lc.Held) and event.refresh:
         return "Held:refresh"
     return type(event).__name__
@@ -137,6 +148,7 @@ def apply(m: lc.Lifecycle, event: lc.Event) -> tuple[Row, list[lc.Action] | None
     """Apply `event` and check the outcome against the table; returns the row and actions
     (None when the pair raised, as the table said)."""
     row = TABLE[label(event, m), variant(m)]
+    assert not row.never, (label(event, m), variant(m), "a pair the table says cannot arise")
     before_state, before = m.state, fields(m)
     if row.raises:
         with pytest.raises(lc.LifecycleError):
@@ -167,17 +179,26 @@ def events_for(m: lc.Lifecycle, now: float) -> Iterator[lc.Event]:
     yield lc.StartRequested(now)
     yield lc.StopRequested(now)
     yield lc.Spawned(4242, now, now)
-    yield lc.SpawnFailed("no such file", now, now)
+    yield lc.SpawnFailed("no such file", now, now, m.spawn_attempt)
+    yield lc.SpawnFailed("no such file", now, now, m.spawn_attempt - 1)
     started = m.started_at if m.started_at is not None else now
-    for ran, code, sig in ((0.1, 0, None), (0.1, 1, None), (100.0, 1, None), (100.0, None, 9)):
-        yield lc.Exited(code, sig, started + ran, started + ran)
-    for kind in TIMER_STATE:
-        yield lc.TimerFired(kind, now)
+    for pid in (m.pid, STALE_PID):  # the current process's (if any), an earlier one's
+        if pid is None:
+            continue
+        for ran, code, sig in ((0.1, 0, None), (0.1, 1, None), (100.0, 1, None),
+                               (100.0, None, 9)):
+            yield lc.Exited(pid, code, sig, started + ran, started + ran)
+        yield lc.ProbeFailed("liveness", "HTTP 500", now, pid)
+    for kind in TIMER_STATE:  # the live generation and an earlier one, of every kind
+        yield lc.TimerFired(kind, now, m.timer_generation)
+        yield lc.TimerFired(kind, now, m.timer_generation - 1)
     yield lc.Held("dependency db is fatal", now)
     yield lc.Held("dependency db is stopped", now, refresh=True)
     yield lc.Released(now)
     yield lc.Faulted("internal error: boom", now, now)
-    yield lc.ProbeFailed("liveness", "HTTP 500", now)
+
+
+STALE_PID = 4241  # a process before the current one (4242)
 
 
 def key(m: lc.Lifecycle) -> tuple[object, ...]:
@@ -226,7 +247,7 @@ def test_every_pair_from_every_reachable_configuration_follows_the_table() -> No
             forced = clone(m)
             forced.timer = kind
             if kind != m.timer and TABLE[f"TimerFired:{kind}", variant(forced)].raises:
-                trials.append((forced, lc.TimerFired(kind, now + 1.0)))
+                trials.append((forced, lc.TimerFired(kind, now + 1.0, m.timer_generation)))
         for machine, event in trials:
             pair = (label(event, machine), variant(machine))
             row, actions = apply(machine, event)
@@ -238,6 +259,8 @@ def test_every_pair_from_every_reachable_configuration_follows_the_table() -> No
             seen_actions.setdefault(by_row, set()).update(
                 action_name(a, machine.policy) for a in actions)
     for (name, state), row in TABLE.items():
+        if row.never:
+            continue  # apply() checked that it never arises
         if row.raises:
             assert (name, state) in refused, f"{name} in {state}: `!`, never refused"
             continue
@@ -266,22 +289,38 @@ def any_event() -> st.SearchStrategy[lc.Event]:
     return st.one_of(
         st.builds(lc.StartRequested, at), st.builds(lc.StopRequested, at),
         st.builds(lc.Spawned, st.integers(2, 99), at, at),
-        st.builds(lc.SpawnFailed, st.just("no such file"), at, at),
-        st.builds(lc.Exited, st.one_of(st.none(), st.integers(0, 3)),
+        st.builds(lc.SpawnFailed, st.just("no such file"), at, at, st.integers(0, 40)),
+        st.builds(lc.Exited, st.integers(2, 99), st.one_of(st.none(), st.integers(0, 3)),
                   st.one_of(st.none(), st.sampled_from([9, 15])), at, at),
-        st.builds(lc.TimerFired, st.sampled_from(["started", "backoff", "kill"]), at),
+        st.builds(lc.TimerFired, st.sampled_from(["started", "backoff", "kill"]), at,
+                  st.integers(0, 40)),
         st.builds(lc.Held, st.just("dependency db"), at, st.booleans()),
         st.builds(lc.Released, at), st.builds(lc.Faulted, st.just("boom"), at, at),
-        st.builds(lc.ProbeFailed, st.sampled_from(["liveness", "startup"]), st.just("x"), at),
+        st.builds(lc.ProbeFailed, st.sampled_from(["liveness", "startup"]), st.just("x"), at,
+                  st.integers(2, 99)),
     )
 
 
+def about_current(event: lc.Event, m: lc.Lifecycle) -> lc.Event:
+    """`event` about the current process or timer, if it names one."""
+    if isinstance(event, lc.TimerFired):
+        return dataclasses.replace(event, generation=m.timer_generation)
+    if isinstance(event, lc.SpawnFailed):
+        return dataclasses.replace(event, attempt=m.spawn_attempt)
+    if isinstance(event, (lc.Exited, lc.ProbeFailed)) and m.pid is not None:
+        return dataclasses.replace(event, pid=m.pid)
+    return event
+
+
 @settings(max_examples=300, deadline=None, database=None)
-@given(policy=st.sampled_from(POLICIES), events=st.lists(any_event(), max_size=40))
-def test_random_events_never_leave_the_table(policy: Policy, events: list[lc.Event]) -> None:
+@given(policy=st.sampled_from(POLICIES),
+       events=st.lists(st.tuples(any_event(), st.booleans()), max_size=40))
+def test_random_events_never_leave_the_table(policy: Policy,
+                                             events: list[tuple[lc.Event, bool]]) -> None:
     m = lc.Lifecycle(policy, random=lambda: 0.5)
-    for event in events:
-        apply(m, event)  # a documented outcome, or the documented refusal
+    for event, current in events:
+        # A documented outcome, or the documented refusal.
+        apply(m, about_current(event, m) if current else event)
 
 
 STEPS = ["apply"] * 4 + ["exit", "fire"] * 2 + [
@@ -298,13 +337,15 @@ def test_what_the_runner_can_produce_is_never_refused(policy: Policy, rnd: rando
     m = lc.Lifecycle(policy, random=lambda: 0.5)
     queue: deque[lc.Event] = deque()
     alive: list[int] = []
-    timer: list[lc.TimerKind] = []  # the shell's live timer
+    spawned: list[int] = []
+    timer: list[tuple[lc.TimerKind, int]] = []  # the shell's live timer: kind, generation
     pids = itertools.count(100)
     now = 0.0
 
     def timer_ends() -> None:
         if timer and rnd.random() < 0.3:  # it fired just before the cancel
-            queue.append(lc.TimerFired(timer[0], now))
+            kind, generation = timer[0]
+            queue.append(lc.TimerFired(kind, now, generation))
         timer.clear()
 
     def perform(actions: list[lc.Action]) -> None:
@@ -313,12 +354,13 @@ def test_what_the_runner_can_produce_is_never_refused(policy: Policy, rnd: rando
                 if rnd.random() < 0.8:
                     pid = next(pids)
                     alive.append(pid)
+                    spawned.append(pid)
                     perform(m.handle(lc.Spawned(pid, now, now)))
                 else:
-                    queue.append(lc.SpawnFailed("no such file", now, now))
+                    queue.append(lc.SpawnFailed("no such file", now, now, action.attempt))
             elif isinstance(action, lc.StartTimer):
                 timer_ends()
-                timer.append(action.kind)
+                timer.append((action.kind, action.generation))
             elif isinstance(action, lc.CancelTimer):
                 timer_ends()
 
@@ -329,12 +371,15 @@ def test_what_the_runner_can_produce_is_never_refused(policy: Policy, rnd: rando
             perform(m.handle(queue.popleft()))
             check_invariants(m)
         elif step == "exit" and alive:
-            alive.remove(rnd.choice(alive))  # this one, or one a fault let go
-            queue.append(lc.Exited(rnd.choice([0, 1]), None, now, now))
+            pid = rnd.choice(alive)  # this one, or one a fault let go
+            alive.remove(pid)
+            queue.append(lc.Exited(pid, rnd.choice([0, 1]), None, now, now))
         elif step == "fire" and timer:
-            queue.append(lc.TimerFired(timer.pop(), now))
-        elif step == "probe":
-            queue.append(lc.ProbeFailed("liveness", "HTTP 500", now))
+            kind, generation = timer.pop()
+            queue.append(lc.TimerFired(kind, now, generation))
+        elif step == "probe" and spawned:  # about the current process, or a late verdict
+            pid = spawned[-1] if rnd.random() < 0.7 else rnd.choice(spawned)
+            queue.append(lc.ProbeFailed("liveness", "HTTP 500", now, pid))
         elif step in ("start", "stop", "hold", "refresh", "release", "fault"):
             external: dict[str, lc.Event] = {
                 "start": lc.StartRequested(now), "stop": lc.StopRequested(now),

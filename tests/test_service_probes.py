@@ -456,22 +456,25 @@ def test_liveness_failure_takes_the_normal_stop_path_then_restarts() -> None:
     m = _machine()
     m.handle(lc.StartRequested(0.0))
     m.handle(lc.Spawned(10, 0.0, 0.0))
-    m.handle(lc.TimerFired("started", 1.0))
-    assert m.handle(lc.ProbeFailed("liveness", "HTTP 500", 20.0)) == [
-        lc.SignalGroup(2), lc.StartTimer("kill", 7.0)]
+    m.handle(lc.TimerFired("started", 1.0, m.timer_generation))
+    assert m.handle(lc.ProbeFailed("liveness", "HTTP 500", 20.0, 10)) == [
+        lc.SignalGroup(2), lc.StartTimer("kill", 7.0, m.timer_generation)]
     assert m.state is State.STOPPING and m.last_error == "liveness probe failed: HTTP 500"
-    assert m.handle(lc.ProbeFailed("liveness", "again", 20.5)) == []  # already stopping
-    assert m.handle(lc.TimerFired("kill", 27.0)) == [lc.SignalGroup(lc.SIGKILL)]
-    actions = m.handle(lc.Exited(None, 9, 27.1, 27.1))
+    assert m.handle(lc.ProbeFailed("liveness", "again", 20.5, 10)) == []  # already stopping
+    assert m.handle(lc.TimerFired("kill", 27.0, m.timer_generation)) == [
+        lc.SignalGroup(lc.SIGKILL)]
+    actions = m.handle(lc.Exited(10, None, 9, 27.1, 27.1))
     # A stable run before the failure: restart at once, as after a crash.
-    assert lc.Spawn() in actions and m.state is State.STARTING
+    assert lc.Spawn(m.spawn_attempt) in actions and m.state is State.STARTING
     assert m.exits["liveness"] == 1 and m.exits["stopped"] == 0
     assert m.last_exit is not None and m.last_exit.reason == "liveness"
     # A quick liveness failure: backoff applies.
     m.handle(lc.Spawned(11, 28.0, 28.0))
-    m.handle(lc.ProbeFailed("startup", "refused", 29.0))
-    actions = m.handle(lc.Exited(0, None, 29.1, 29.1))
-    assert m.state is State.BACKOFF and lc.StartTimer("backoff", 1.0) in actions
+    assert m.handle(lc.ProbeFailed("liveness", "late", 28.5, 10)) == []  # about pid 10: moot
+    m.handle(lc.ProbeFailed("startup", "refused", 29.0, 11))
+    actions = m.handle(lc.Exited(11, 0, None, 29.1, 29.1))
+    assert m.state is State.BACKOFF
+    assert lc.StartTimer("backoff", 1.0, m.timer_generation) in actions
     assert m.exits["liveness"] == 2
 
 
@@ -480,18 +483,19 @@ def test_operator_stop_during_a_liveness_restart_wins_and_never_restarts_policy(
     m = _machine()
     m.handle(lc.StartRequested(0.0))
     m.handle(lc.Spawned(10, 0.0, 0.0))
-    m.handle(lc.ProbeFailed("liveness", "x", 0.5))
+    m.handle(lc.ProbeFailed("liveness", "x", 0.5, 10))
     m.handle(lc.StopRequested(0.6))
-    m.handle(lc.Exited(0, None, 0.7, 0.7))
+    m.handle(lc.Exited(10, 0, None, 0.7, 0.7))
     assert m.state is State.STOPPED and m.exits["stopped"] == 1
     never = _machine("never")
     never.handle(lc.StartRequested(0.0))
     never.handle(lc.Spawned(10, 0.0, 0.0))
-    never.handle(lc.ProbeFailed("liveness", "x", 0.5))
-    never.handle(lc.Exited(0, None, 0.7, 0.7))
+    never.handle(lc.ProbeFailed("liveness", "x", 0.5, 10))
+    never.handle(lc.Exited(10, 0, None, 0.7, 0.7))
     assert never.state is State.EXITED and never.exits["liveness"] == 1
     idle = _machine()
-    assert idle.handle(lc.ProbeFailed("liveness", "x", 0.0)) == [] and idle.state is State.STOPPED
+    assert idle.handle(lc.ProbeFailed("liveness", "x", 0.0, 10)) == []
+    assert idle.state is State.STOPPED
 
 
 async def test_probe_errors_never_show_the_url_password(

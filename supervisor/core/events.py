@@ -1,5 +1,11 @@
 """The lifecycle's vocabulary: the events that go in and the actions that come out, as frozen
-values. The table that joins them is in core/lifecycle.py."""
+values. The table that joins them is in core/lifecycle.py.
+
+An event that reports on something the lifecycle started (a process, a timer) names which one:
+the process by its pid, the timer by the generation its StartTimer carried, a failed spawn by
+the attempt its Spawn carried. Events sit in the
+runner's queue behind others, so one can arrive after its process or timer was replaced; the
+lifecycle then ignores it instead of applying it to the newer one."""
 
 from __future__ import annotations
 
@@ -32,10 +38,12 @@ class SpawnFailed:
     error: str
     at: float
     wall: float
+    attempt: int  # Spawn's: only the outstanding spawn's failure counts
 
 
 @dataclass(frozen=True)
 class Exited:
+    pid: int  # the process that exited: only the current one's exit counts
     code: int | None  # exit status, when the process called exit()
     signal: int | None  # the signal that killed it, otherwise
     at: float
@@ -46,6 +54,7 @@ class Exited:
 class TimerFired:
     kind: TimerKind
     at: float
+    generation: int  # StartTimer's: only the live timer's firing counts
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class ProbeFailed:
     probe: str  # "liveness" | "startup"
     error: str
     at: float
+    pid: int  # the process the probes ran against: a verdict on an earlier one is moot
 
 
 Event = (StartRequested | StopRequested | Spawned | SpawnFailed | Exited | TimerFired | Held
@@ -90,7 +100,7 @@ Event = (StartRequested | StopRequested | Spawned | SpawnFailed | Exited | Timer
 # -- actions ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Spawn:
-    pass
+    attempt: int  # to be carried back by a SpawnFailed
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class SignalGroup:
 class StartTimer:
     kind: TimerKind
     delay: float
+    generation: int  # to be carried back by its TimerFired
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The per-service lifecycle as a pure state machine, with every transition in one table.
 
-Events go in (`Exited(code=3, signal=None, at=12.5)`), actions come out (`Spawn()`,
-`SignalGroup(15)`, `StartTimer("kill", 10.0)`). Nothing here reads a clock, forks or sleeps:
+Events go in (`Exited(pid=7, code=3, signal=None, at=12.5)`), actions come out (`Spawn(1)`,
+`SignalGroup(15)`, `StartTimer("kill", 10.0, 3)`). Nothing here reads a clock, forks or sleeps:
 time arrives inside events, randomness through the `random` callable. The runner is the
 imperative shell that performs the actions and feeds back what happened; what the lifecycle
 decides with is a `Policy` (core/policy.py), what it shows is `snapshot()`.
@@ -20,10 +20,12 @@ code against it, pair by pair). A row reads `states -> next state(s)  actions  [
 may continue on the next line. `=` keeps the state, `|` separates the outcomes that policy and
 history choose between, `!` cannot happen and raises LifecycleError (the runner's fault
 boundary then makes that service `fatal`), `other` is every state not in the event's other
-rows. `starting/no-pid` and `stopping/no-pid` are those states after a Spawn that failed,
+rows, `-` cannot arise (there is no current process for the event to name).
+`starting/no-pid` and `stopping/no-pid` are those states after a Spawn that failed,
 while its SpawnFailed is still queued; otherwise `starting` and `stopping` have a pid, and
 `running` always has one. Actions: Spawn, Cancel (CancelTimer), Stop (SignalGroup(stop_signal)),
-Kill (SignalGroup(SIGKILL)), Timer:kind (StartTimer(kind, delay)).
+Kill (SignalGroup(SIGKILL)), Timer:kind (StartTimer(kind, delay, generation)). An event about a
+process or a timer names it (core/events.py); `:stale` is such an event about another one.
 
     StartRequested
       stopped exited fatal waiting      -> starting                Spawn [1]
@@ -42,11 +44,15 @@ Kill (SignalGroup(SIGKILL)), Timer:kind (StartTimer(kind, delay)).
       starting/no-pid                   -> starting|backoff|fatal  Spawn Timer:backoff [5]
       stopping/no-pid                   -> stopped|starting        Cancel Spawn [2]
       other                             -> =                       [6]
+    SpawnFailed:stale
+      other                             -> =                       [6]
     Exited
       starting running                  -> starting|backoff|exited|fatal
                                            Kill Cancel Spawn Timer:backoff [5]
       stopping                          -> stopped|starting|backoff|exited|fatal
                                            Kill Cancel Spawn Timer:backoff [7]
+      other                             -> -
+    Exited:stale
       other                             -> =                       [8]
     TimerFired:started
       starting                          -> running                 [9]
@@ -72,7 +78,10 @@ Kill (SignalGroup(SIGKILL)), Timer:kind (StartTimer(kind, delay)).
       other                             -> fatal                   Kill Cancel [12]
     ProbeFailed
       starting running                  -> stopping                Stop Timer:kill [13]
-      other                             -> =
+      stopping                          -> =                       [13]
+      other                             -> -
+    ProbeFailed:stale
+      other                             -> =                       [14]
 
 [1] An operator's start is a fresh attempt: the count of quick failures starts again at 0.
 [2] Spawns again once stopped if a start came while stopping (a `restart` is stop + start).
@@ -81,18 +90,25 @@ Kill (SignalGroup(SIGKILL)), Timer:kind (StartTimer(kind, delay)).
 [5] By the restart policy and the backoff: `starting` when the delay is 0 (the first restart
     after a stable run), `backoff` with the delay's timer, `fatal` after max_retries quick
     failures in a row, `exited` when the policy says stay down. A failed spawn is quick.
-[6] No spawn of this service is outstanding: the late failure of one that a fault overtook.
+[6] No spawn of this service is outstanding: the late failure of one that a fault overtook;
+    `:stale`, of an attempt before the last Spawn (after a fault and a start), whichever
+    state: counting it would count the new attempt's failure against the old one.
 [7] `stopped` after a stop (`starting` if a start came meanwhile); after a failed probe's
     stop, as after a failure [5], with reason `liveness`.
-[8] No process: the late exit of one that a fault already let go.
-[9] TimerFired:kind is the live timer (the last started, not cancelled since). Each kind is
-    live only in its state: `started` in starting (with a pid), `backoff` in backoff, `kill`
-    in stopping.
-[10] A timer that was replaced or cancelled after it had fired (its event already queued).
+[8] The exit of a process that is not the current one (another pid, or none is current): one
+    that a fault let go, exiting after the next start. Counting it would count one exit twice
+    and SIGKILL the current process's group. A pid can name a new process only after the
+    kernel has gone round pid_max, far longer than an event waits in the queue.
+[9] TimerFired:kind is the live timer: the generation of the last StartTimer, not cancelled
+    since. Each kind is live only in its state: `started` in starting (with a pid), `backoff`
+    in backoff, `kill` in stopping.
+[10] A timer replaced or cancelled after it had fired (its event already queued), even one of
+    the same kind: an earlier stop's kill timer must not cut a later stop's grace short.
 [11] `Held(refresh=True)` only updates the reason of a service still waiting, so that an
     operator's stop is never undone by a later update; `Held` also puts one back to waiting.
 [12] Kill when it has a process, Cancel when a timer is live; an operator's start tries again.
-[13] Stops it as a stop would; without a process, or stopping already, the verdict is moot.
+[13] Stops it as a stop would; stopping already, the verdict is moot.
+[14] A verdict on an earlier process (the probes' pid), queued before it exited: moot.
 """
 
 from __future__ import annotations
@@ -169,6 +185,8 @@ class Lifecycle:
     last_error: str | None = None
     exits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EXIT_REASONS, 0))
     timer: TimerKind | None = None  # the live timer
+    timer_generation: int = 0  # of the last StartTimer: a TimerFired must carry it (note [10])
+    spawn_attempt: int = 0  # of the last Spawn: a SpawnFailed must carry it (note [6])
     start_after_stop: bool = False
     waiting_for: str | None = None  # while WAITING: what the start is held back for
     # While STOPPING because a probe failed: restart after the exit (as after a failure);
@@ -266,8 +284,8 @@ class Lifecycle:
         return []
 
     def _probe_failed(self, event: ProbeFailed) -> list[Action]:
-        if self.pid is None or self.state is State.STOPPING:
-            return []  # no process, or stopping already: nothing to restart
+        if event.pid != self.pid or self.state is State.STOPPING:
+            return []  # an earlier process's verdict, or stopping already (notes [13], [14])
         if self.state not in (State.STARTING, State.RUNNING):
             raise LifecycleError(f"{self.policy.name}: a pid in state {self.state}")
         self.probe_kill = event.probe
@@ -305,7 +323,8 @@ class Lifecycle:
         return [self._timer("started", self.policy.start_seconds)]
 
     def _spawn_failed(self, event: SpawnFailed) -> list[Action]:
-        if self.pid is not None or self.state not in (State.STARTING, State.STOPPING):
+        if event.attempt != self.spawn_attempt or self.pid is not None \
+                or self.state not in (State.STARTING, State.STOPPING):
             return []  # note [6]
         self.last_error = event.error
         self._record_exit(None, None, "spawn_error", event.wall)
@@ -315,8 +334,8 @@ class Lifecycle:
 
     def _timer_fired(self, event: TimerFired) -> list[Action]:
         kind = event.kind
-        if kind != self.timer:
-            return []  # a timer that was replaced or cancelled
+        if kind != self.timer or event.generation != self.timer_generation:
+            return []  # a timer that was replaced or cancelled (note [10])
         if TIMER_STATE[kind] is not self.state or (kind == "started" and self.pid is None):
             raise LifecycleError(f"{self.policy.name}: the {kind} timer live in state "
                                  f"{self.state}")
@@ -333,8 +352,8 @@ class Lifecycle:
                 assert_never(kind)
 
     def _exited(self, event: Exited) -> list[Action]:
-        if self.pid is None:
-            return []  # note [8]
+        if self.pid is None or event.pid != self.pid:
+            return []  # not the current process's exit (note [8])
         state = self.state
         if state is not State.STARTING and state is not State.RUNNING \
                 and state is not State.STOPPING:
@@ -409,11 +428,13 @@ class Lifecycle:
     def _spawn(self) -> list[Action]:
         self.state = State.STARTING
         self.next_start_at = None
-        return [Spawn()]
+        self.spawn_attempt += 1
+        return [Spawn(self.spawn_attempt)]
 
     def _timer(self, kind: TimerKind, delay: float) -> StartTimer:
         self.timer = kind
-        return StartTimer(kind, delay)
+        self.timer_generation += 1
+        return StartTimer(kind, delay, self.timer_generation)
 
     def _cancel_timer(self) -> list[Action]:
         if self.timer is None:
