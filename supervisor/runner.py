@@ -391,8 +391,13 @@ class ServiceRunner:
 
     def _probe_failed(self, pid: int, kind: str, error: str) -> None:
         spec = self.spec.probes()[kind]
-        log.warning("%s probe failed %d times, restarting service=%s error=%s", kind,
-                    spec.failure_threshold, self.spec.name, error)
+        # About a process that has exited already: the lifecycle ignores it (ProbeFailed:stale),
+        # so the log must not announce a restart it will not make.
+        current = self.child_pid() == pid
+        log.log(logging.WARNING if current else logging.DEBUG,
+                "%s probe failed %d times, %s service=%s pid=%d error=%s", kind,
+                spec.failure_threshold, "restarting" if current else "process already gone",
+                self.spec.name, pid, error)
         self._post(lc.ProbeFailed(kind, error, _now(), pid))
 
     def _probe_ready(self, pid: int, ready: bool, error: str | None) -> None:

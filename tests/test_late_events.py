@@ -132,7 +132,8 @@ async def test_the_exit_of_a_process_a_fault_let_go_is_not_counted_against_the_n
 
 
 async def test_a_late_probe_verdict_on_an_earlier_process_is_ignored(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+        ) -> None:
     """A probe task cancelled as its process exits may still deliver the verdict it had just
     reached (cancellation lands at its next wait), after the next process started: it must
     not make that one ready, count against its probes, or restart it. The probes here are a
@@ -147,6 +148,7 @@ async def test_a_late_probe_verdict_on_an_earlier_process_is_ignored(
         await anyio.sleep_forever()
 
     monkeypatch.setattr(probe_runner, "run_probes", keep_callbacks)
+    caplog.set_level(logging.WARNING, logger="supervisor")
     path = write_config(tmp_path, service("svc", SLEEPER_CODE, start_seconds=0)
                         + '[services.svc.readiness]\ntype = "exec"\ncommand = ["true"]\n'
                         + '[services.svc.liveness]\ntype = "exec"\ncommand = ["true"]\n')
@@ -164,6 +166,8 @@ async def test_a_late_probe_verdict_on_an_earlier_process_is_ignored(
         late["ready"](True, None)
         late["report"]("liveness", CheckResult("svc.liveness", False, 1.0, "refused", 0.0))
         late["failed"]("liveness", "refused")
+        # Nor does the log announce a restart that will not happen.
+        assert not [r for r in caplog.records if "restarting" in r.getMessage()]
         snap = await runner.wait_applied(runner.start())  # the verdicts were delivered before
         assert snap.ready is False and snap.probes["liveness"].failures == 0
         assert snap.state is State.RUNNING and snap.pid == runner.child_pid()
