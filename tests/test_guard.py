@@ -40,6 +40,12 @@ start(2)
 for line in sys.stdin:
     if line.startswith("start"):
         start(int(line.split()[1]))
+    elif line.startswith("burst"):  # spawn while the guard reads nothing, then die at once
+        os.kill(guard.pid, 19)  # SIGSTOP
+        start(int(line.split()[1]))
+        print(json.dumps({"guard": guard.pid, "services": [c.pid for c in children]}),
+              flush=True)
+        os.kill(os.getpid(), 9)
     elif line.startswith("close"):
         for c in children:
             c.signal_group(9)
@@ -119,6 +125,20 @@ def test_a_killed_daemon_takes_every_service_group_along(fake: Fake) -> None:
     assert poll_until(lambda: all(dead(p) for p in members), 10), \
         [p for p in members if not dead(p)]
     assert poll_until(lambda: dead(guard.pid), 10)  # and the guard is gone too
+
+
+def test_services_the_guard_has_not_read_yet_are_killed_too(fake: Fake) -> None:
+    """The guard reads its socket in batches (at most one wake-up per pause): what the daemon
+    sent before it died is still queued, pidfds included, and killed all the same."""
+    fake.state = fake.ask("burst 30")
+    fake.proc.wait(10)
+    services = fake.services()
+    assert len(services) == 32
+    guard = int(fake.state["guard"])  # type: ignore[call-overload]
+    os.kill(guard, signal.SIGCONT)
+    assert poll_until(lambda: all(not group_members(s) for s in services), 10), \
+        [s for s in services if group_members(s)]
+    assert poll_until(lambda: dead(guard), 10)
 
 
 def test_a_dead_guard_is_replaced_and_given_every_live_service(fake: Fake) -> None:
