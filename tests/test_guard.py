@@ -178,3 +178,58 @@ def test_stop_signals_do_not_end_the_guard_and_a_clean_close_does(fake: Fake) ->
     assert state["guard"] is None
     assert dead(guard)
     assert all(dead(s) for s in services)
+
+
+def _voluntary_switches(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+def test_the_guard_sleeps_through_registrations_and_wakes_at_the_daemons_end() -> None:
+    """Registrations do not wake a pausing guard (woken for each spawn, it preempted the
+    daemon); the daemon's end does, at once, and every service is killed, those whose
+    registration the guard has not read yet included. A pause of an hour shows both."""
+    import socket
+    import struct
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'supervisor' / 'process')!r})\n"
+            "import guard_process\n"
+            "guard_process._PAUSE_MS = 3_600_000\n"
+            f"guard_process.serve({theirs.fileno()})\n")
+    guard = subprocess.Popen([sys.executable, "-I", "-S", "-c", code],
+                             pass_fds=(theirs.fileno(),), start_new_session=True)
+    theirs.close()
+    services: list[subprocess.Popen[bytes]] = []
+    try:
+        def register() -> None:
+            child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            services.append(child)
+            pidfd = os.pidfd_open(child.pid)
+            socket.send_fds(ours, [struct.pack("=i", child.pid)], [pidfd])
+            os.close(pidfd)
+
+        # Set up and waiting for the daemon's messages (wchan names its kernel function).
+        assert poll_until(lambda: "epoll" in Path(f"/proc/{guard.pid}/wchan").read_text(), 10)
+        base = _voluntary_switches(guard.pid)
+        register()  # wakes it; once it blocks again it is in its pause
+        assert poll_until(lambda: _voluntary_switches(guard.pid) > base, 10)
+        pausing = _voluntary_switches(guard.pid)
+        for _ in range(20):
+            register()
+        assert _voluntary_switches(guard.pid) == pausing  # not woken by any of them
+        ours.close()
+        guard.wait(10)  # an hour's pause is cut short by the daemon's end
+        for child in services:
+            assert child.wait(10) == -signal.SIGKILL
+    finally:
+        ours.close()
+        if guard.poll() is None:
+            guard.kill()
+            guard.wait()
+        for child in services:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
