@@ -7,7 +7,8 @@ Each run launches the daemon with N sleepers, times startup (from Popen, interpr
 included, until all N children have exec'd: bench/README.md), lets it settle for `--settle`
 seconds, then times SIGTERM until the daemon and every child are gone. Systems run in a
 rotating order each repeat, so a burst of load on this shared machine hits all of them alike.
-Prints the median (and range) per system and N, with /proc/loadavg before and after.
+Prints the median (and range) per system and N of startup, the daemon's own CPU time until
+then (schedstat: load inflates it least) and shutdown, with /proc/loadavg before and after.
 `bare` is bench/bare_supervisor.py, a reference with nothing but the spawns and the kills:
 the floor of both figures on this machine at this moment. `--compare DIR` also runs each of
 our systems from another checkout (DIR on PYTHONPATH; shown as `name@before`), interleaved
@@ -65,6 +66,9 @@ def one_run(system_name: str, n: int, tools: Tools, settle: float, timeout: floa
         d = Launched(system, Path(tmp), sleepers(n), tools, settings)
         try:
             startup = d.wait_running(n, timeout)
+            # The daemon's own CPU until then: what load on this shared machine inflates
+            # least (wall time also counts waiting for the CPU and for each child's exec).
+            startup_cpu = procs.on_cpu_seconds(d.pid)
             time.sleep(settle)
             shutdown, left = measure_shutdown(d, timeout)
         except Exception:
@@ -77,7 +81,8 @@ def one_run(system_name: str, n: int, tools: Tools, settle: float, timeout: floa
                     del os.environ["PYTHONPATH"]
                 else:
                     os.environ["PYTHONPATH"] = saved
-    return {"startup_s": startup, "shutdown_s": shutdown, "shutdown_left": float(left)}
+    return {"startup_s": startup, "startup_cpu_s": startup_cpu, "shutdown_s": shutdown,
+            "shutdown_left": float(left)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,22 +118,23 @@ def main(argv: list[str] | None = None) -> int:
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 out = one_run(name, n, tools, args.settle, args.timeout, args.compare)
-                log.info("repeat %d n=%d %s startup=%.3f shutdown=%.3f left=%d load=%s", r + 1,
-                         n, name, out["startup_s"], out["shutdown_s"], out["shutdown_left"],
-                         procs.loadavg())
+                log.info("repeat %d n=%d %s startup=%.3f (cpu %.3f) shutdown=%.3f left=%d "
+                         "load=%s", r + 1, n, name, out["startup_s"], out["startup_cpu_s"],
+                         out["shutdown_s"], out["shutdown_left"], procs.loadavg())
                 results[name].setdefault(n, []).append(out)
     load_after = procs.loadavg()
-    print("| system | N | startup median (range) s | shutdown median (range) s | left |")
-    print("|---|---|---|---|---|")
+    print("| system | N | startup median (range) s | its CPU median (range) s "
+          "| shutdown median (range) s | left |")
+    print("|---|---|---|---|---|---|")
     for name in names:
         for n in ns:
             runs = results[name][n]
             cells = []
-            for key in ("startup_s", "shutdown_s"):
+            for key in ("startup_s", "startup_cpu_s", "shutdown_s"):
                 vals = [x[key] for x in runs]
                 cells.append(f"{statistics.median(vals):.3f} ({min(vals):.3f}-{max(vals):.3f})")
             left = max(x["shutdown_left"] for x in runs)
-            print(f"| {name} | {n} | {cells[0]} | {cells[1]} | {left:g} |")
+            print(f"| {name} | {n} | {cells[0]} | {cells[1]} | {cells[2]} | {left:g} |")
     print(f"\nloadavg before: {load_before}; after: {load_after}; {args.repeats} repeats")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -325,8 +325,8 @@ class ServiceRunner:
             placed = anyio.Event()
             self._placed = {child.pid: placed}  # an earlier start's is placed by now
             self.cgroup.tree.pending.add(child.pid)
-            self._tg.start_soon(self._place, self.cgroup, child, invocation, placed)
-        self._tg.start_soon(self._watch, child, placed)
+        # One task places (in cgroup mode) and then watches: a task less per spawn.
+        self._tg.start_soon(self._watch, child, invocation, placed)
         # Applied synchronously so that no other event can slip between Spawn and Spawned.
         for action in self.machine.handle(lc.Spawned(child.pid, at, wall)):
             self._perform(action)
@@ -426,10 +426,11 @@ class ServiceRunner:
         if strays and self.machine.state is lc.State.STOPPING:
             descendants.signal_pids(strays, self.spec.stop_signal)
 
-    async def _watch(self, child: Child, placed: anyio.Event | None) -> None:
+    async def _watch(self, child: Child, invocation: str, placed: anyio.Event | None) -> None:
         if placed is not None:
-            # Unreaped until placed, so the pid written into the cgroup is still ours.
-            await placed.wait()
+            assert self.cgroup is not None
+            # Placed first: unreaped until then, so the pid written into the cgroup is ours.
+            await self._place(self.cgroup, child, invocation, placed)
         status = await child.wait()
         if child is self._child:
             self._stop_probes()

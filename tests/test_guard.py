@@ -40,6 +40,12 @@ start(2)
 for line in sys.stdin:
     if line.startswith("start"):
         start(int(line.split()[1]))
+    elif line.startswith("burst"):  # spawn while the guard reads nothing, then die at once
+        os.kill(guard.pid, 19)  # SIGSTOP
+        start(int(line.split()[1]))
+        print(json.dumps({"guard": guard.pid, "services": [c.pid for c in children]}),
+              flush=True)
+        os.kill(os.getpid(), 9)
     elif line.startswith("close"):
         for c in children:
             c.signal_group(9)
@@ -121,6 +127,20 @@ def test_a_killed_daemon_takes_every_service_group_along(fake: Fake) -> None:
     assert poll_until(lambda: dead(guard.pid), 10)  # and the guard is gone too
 
 
+def test_services_the_guard_has_not_read_yet_are_killed_too(fake: Fake) -> None:
+    """The guard reads its socket in batches (at most one wake-up per pause): what the daemon
+    sent before it died is still queued, pidfds included, and killed all the same."""
+    fake.state = fake.ask("burst 30")
+    fake.proc.wait(10)
+    services = fake.services()
+    assert len(services) == 32
+    guard = int(fake.state["guard"])  # type: ignore[call-overload]
+    os.kill(guard, signal.SIGCONT)
+    assert poll_until(lambda: all(not group_members(s) for s in services), 10), \
+        [s for s in services if group_members(s)]
+    assert poll_until(lambda: dead(guard), 10)
+
+
 def test_a_dead_guard_is_replaced_and_given_every_live_service(fake: Fake) -> None:
     first_guard = int(fake.state["guard"])  # type: ignore[call-overload]
     os.kill(first_guard, signal.SIGKILL)
@@ -158,3 +178,58 @@ def test_stop_signals_do_not_end_the_guard_and_a_clean_close_does(fake: Fake) ->
     assert state["guard"] is None
     assert dead(guard)
     assert all(dead(s) for s in services)
+
+
+def _voluntary_switches(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
+
+
+def test_the_guard_sleeps_through_registrations_and_wakes_at_the_daemons_end() -> None:
+    """Registrations do not wake a pausing guard (woken for each spawn, it preempted the
+    daemon); the daemon's end does, at once, and every service is killed, those whose
+    registration the guard has not read yet included. A pause of an hour shows both."""
+    import socket
+    import struct
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'supervisor' / 'process')!r})\n"
+            "import guard_process\n"
+            "guard_process._PAUSE_MS = 3_600_000\n"
+            f"guard_process.serve({theirs.fileno()})\n")
+    guard = subprocess.Popen([sys.executable, "-I", "-S", "-c", code],
+                             pass_fds=(theirs.fileno(),), start_new_session=True)
+    theirs.close()
+    services: list[subprocess.Popen[bytes]] = []
+    try:
+        def register() -> None:
+            child = subprocess.Popen(["sleep", "300"], start_new_session=True)
+            services.append(child)
+            pidfd = os.pidfd_open(child.pid)
+            socket.send_fds(ours, [struct.pack("=i", child.pid)], [pidfd])
+            os.close(pidfd)
+
+        # Set up and waiting for the daemon's messages (wchan names its kernel function).
+        assert poll_until(lambda: "epoll" in Path(f"/proc/{guard.pid}/wchan").read_text(), 10)
+        base = _voluntary_switches(guard.pid)
+        register()  # wakes it; once it blocks again it is in its pause
+        assert poll_until(lambda: _voluntary_switches(guard.pid) > base, 10)
+        pausing = _voluntary_switches(guard.pid)
+        for _ in range(20):
+            register()
+        assert _voluntary_switches(guard.pid) == pausing  # not woken by any of them
+        ours.close()
+        guard.wait(10)  # an hour's pause is cut short by the daemon's end
+        for child in services:
+            assert child.wait(10) == -signal.SIGKILL
+    finally:
+        ours.close()
+        if guard.poll() is None:
+            guard.kill()
+            guard.wait()
+        for child in services:
+            if child.poll() is None:
+                child.kill()
+                child.wait()

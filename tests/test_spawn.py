@@ -105,6 +105,34 @@ async def test_spawn_failure_is_a_clear_error(tmp_path: Path) -> None:
         spawn(["./data.txt"], {}, str(tmp_path))
 
 
+async def test_a_child_holds_its_stdio_only() -> None:
+    """No fd of the daemon reaches a service (other services' pipes and pidfds, the guard's
+    socket), and a service's stdout and stderr are pipes of its own."""
+    others = [spawn(["sleep", "30"], {"PATH": "/usr/bin:/bin"}, "/") for _ in range(3)]
+    try:
+        _, _, out = await run(["sh", "-c", "ls /proc/$$/fd; stat -L -c %F /proc/$$/fd/1 "
+                                           "/proc/$$/fd/2"])
+    finally:
+        for other in others:
+            other.signal_group(signal.SIGKILL)
+            with anyio.fail_after(10):
+                await other.wait()
+            os.close(other.stdout)
+            os.close(other.stderr)
+    lines = out.decode().split()
+    assert lines[:3] == ["0", "1", "2"] and lines[3:] == ["fifo", "fifo"], lines
+
+
+async def test_a_failed_spawn_leaves_no_fd_behind() -> None:
+    with pytest.raises(SpawnError):  # the first spawn starts the guard, with its socket
+        spawn(["/nonexistent/x"], {}, "/")
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(SpawnError):
+            spawn(["/nonexistent/x"], {}, "/")
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 async def test_relative_programs_resolve_against_the_service_cwd(tmp_path: Path) -> None:
     script = tmp_path / "bin" / "hello"
     script.parent.mkdir()

@@ -11,6 +11,12 @@ every service still alive, then exits. A pidfd names one process, so a reused pi
 be hit; a live leader's pid is its group's id, so the group is killed only while its leader
 provably lives.
 
+The guard reads its socket at most once per 20 ms pause, all that is queued at once: woken
+for each message, it preempted the daemon on its core during a startup (a quarter of each
+spawn). A registration counts from the moment it is queued: the kernel keeps the pidfds in
+flight, and the guard reads everything queued before it acts on the daemon's end, which ends
+a pause at once.
+
 The guard runs guard_process.py as a script (`python -I -S guard_process.py FD`): builtin
 modules only, no package import, so it starts in a few milliseconds and holds about 3 MiB of
 its own memory. It ignores the terminal's and systemd's stop signals: only the daemon's end

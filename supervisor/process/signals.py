@@ -12,15 +12,20 @@ module does the same (tests/test_signals.py shows both).
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
+
+# Not imported here: on trio the daemon never needs asyncio before its services are spawned
+# (asyncio and the ssl it pulls in: ~14 ms of a startup).
+if TYPE_CHECKING:
+    import asyncio
 
 
 @contextmanager
@@ -28,9 +33,8 @@ def signal_receiver(*signums: signal.Signals) -> Iterator[AsyncIterator[int]]:
     """Like `anyio.open_signal_receiver`: iterate the signals received (each pending signal
     number once; repeats of one still pending coalesce, as the kernel coalesces them). Main
     thread only."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # trio: its own receiver already loses nothing
+    loop = _running_asyncio_loop()
+    if loop is None:  # trio: its own receiver already loses nothing
         with anyio.open_signal_receiver(*signums) as received:
             yield received
         return
@@ -41,6 +45,17 @@ def signal_receiver(*signums: signal.Signals) -> Iterator[AsyncIterator[int]]:
         yield receiver
     finally:
         hub.remove(receiver)
+
+
+def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop; None on trio. A loop that runs has imported asyncio."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return None
+    try:
+        return asyncio.get_running_loop()  # type: ignore[no-any-return]
+    except RuntimeError:
+        return None
 
 
 class _Receiver:
