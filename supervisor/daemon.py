@@ -197,11 +197,12 @@ class Daemon:
                 # runner that died cannot hold the daemon forever.
                 bound = max((r.spec.stop_timeout for r in self.runners.values()), default=0) + 10
                 with anyio.move_on_after(bound, shield=True):
-                    await self.services.stop_in_order(list(self.runners), swept=self.subreaper)
+                    await self.services.stop_in_order(list(self.runners), swept=self.subreaper,
+                                                      final=True)
                     if self.subreaper:
                         await reaper.sweep(self._owned_pids, self.guard.pid)
                     await self.services.end_all(
-                        self.cgroups.tree.remove_services if self.cgroups is not None else None)
+                        self.cgroups.finish_services if self.cgroups is not None else None)
                 tg.cancel_scope.cancel()
         finally:
             control.close()
