@@ -197,8 +197,7 @@ class Daemon:
                 # runner that died cannot hold the daemon forever.
                 bound = max((r.spec.stop_timeout for r in self.runners.values()), default=0) + 10
                 with anyio.move_on_after(bound, shield=True):
-                    await self.services.stop_in_order(list(self.runners), swept=self.subreaper,
-                                                      final=True)
+                    await self.services.stop_in_order(list(self.runners), swept=self.subreaper)
                     if self.subreaper:
                         await reaper.sweep(self._owned_pids, self.guard.pid)
                     await self.services.end_all(

@@ -430,8 +430,6 @@ class ServiceRunner:
             self._emptied = child  # nothing can enter it any more: no kill needed on Exited
             if self._batch is None or not self._batch.swept:  # else the final sweep does
                 await self._kill_unplaced(child)
-            if self._batch is not None and self._batch.final:
-                self.cgroup.remove_soon()  # stopped for good (shutdown): no start follows
             self._invocations.pop(child.pid, None)  # one per start: a crash loop lasts weeks
         elif self._tg is not None and self._owned() is not None:
             self._tg.start_soon(self._sweep_after, child)

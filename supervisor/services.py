@@ -204,17 +204,15 @@ class Services:
                 tg.start_soon(watch, runner, why)
 
     # -- stop ------------------------------------------------------------------------------
-    async def stop_in_order(self, names: list[str], *, swept: bool = False,
-                            final: bool = False) -> None:
+    async def stop_in_order(self, names: list[str], *, swept: bool = False) -> None:
         """Stop `names`, dependents before their dependencies: one dependency level after
         another, each as one batch (process/stopbatch.py: a task and a signalling pass per
         service made a shutdown of 1,000 services take ~1 s). `swept`: a final sweep of every
-        descendant follows (shutdown as subreaper), so no runner looks for its escapees.
-        `final`: the daemon's shutdown (cgroups go as they empty)."""
+        descendant follows (shutdown as subreaper), so no runner looks for its escapees."""
         depends_on = {n: r.spec.depends_on for n in names if (r := self.runners.get(n))}
         for level in stop_levels(names, depends_on):
             runners = [r for n in level if (r := self.runners.get(n)) is not None]
-            batch = StopBatch(swept=swept, final=final)
+            batch = StopBatch(swept=swept)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(batch.run_timers)
                 stops: list[tuple[ServiceRunner, int]] = []
@@ -234,8 +232,9 @@ class Services:
                       within: float = 0.5) -> None:
         """At shutdown, once every service is stopped: end the runners by closing their event
         queues (cancelling 1,000 runners' task groups took 0.16 s) while `remove_cgroups`
-        removes what is left of their cgroups in a worker thread. Whatever has not ended
-        within `within` is cancelled with the daemon's task group."""
+        removes their cgroups in one pass in a worker thread (and the daemon leaves its leaf
+        meanwhile). Whatever has not ended within `within` is cancelled with the daemon's
+        task group."""
         runners = list(self.runners.values())
         async with anyio.create_task_group() as tg:
             if remove_cgroups is not None:  # rmdir ~60 us each

@@ -531,40 +531,6 @@ class Placer:
                 request.done.set()
 
 
-class Remover:
-    """Removes the cgroups of services stopped for good at shutdown as they empty, in a
-    worker thread, in batches: while the other services still stop, instead of all of them
-    after (rmdir is ~40-60 us each, 1,000: a tail of ~40 ms). `run()` works the queue, in
-    the daemon's task group."""
-
-    def __init__(self, tree: CgroupTree) -> None:
-        self.tree = tree
-        self._queue: list[str] = []
-        self._queued = anyio.Event()
-
-    def __repr__(self) -> str:
-        return f"<Remover queued={len(self._queue)}>"
-
-    def remove(self, cgroup: str) -> None:
-        """Remove `cgroup` (seen empty, never used again) soon."""
-        self._queue.append(cgroup)
-        self._queued.set()
-
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                  ) -> None:
-        task_status.started()
-        while True:
-            if not self._queue:
-                self._queued = anyio.Event()
-                await self._queued.wait()
-            batch, self._queue = self._queue, []
-            await anyio.to_thread.run_sync(self._remove_all, batch)
-
-    def _remove_all(self, cgroups: list[str]) -> None:
-        for cgroup in cgroups:
-            self.tree.remove(cgroup)
-
-
 class _Placement:
     def __init__(self, pid: int, cgroup: str, invocation: str) -> None:
         self.pid, self.cgroup, self.invocation = pid, cgroup, invocation
@@ -576,11 +542,10 @@ class ServiceCgroup:
     """One service's cgroup, as its runner uses it."""
 
     def __init__(self, tree: CgroupTree, watcher: EmptyWatcher, name: str,
-                 placer: Placer | None = None, remover: Remover | None = None) -> None:
+                 placer: Placer | None = None) -> None:
         self.tree = tree
         self.watcher = watcher
         self.placer = placer
-        self.remover = remover
         self.path = tree.path_of(name)
 
     def __repr__(self) -> str:
@@ -615,12 +580,6 @@ class ServiceCgroup:
         self.watcher.forget(self.path)
         self.tree.remove(self.path)
 
-    def remove_soon(self) -> None:
-        """At shutdown, once stopped for good and seen empty: removed by the remover's
-        thread (or by `remove_services` at the end, without one)."""
-        if self.remover is not None:
-            self.remover.remove(self.path)
-
 
 class Containment:
     """A daemon's cgroup side: its instance's tree, the watcher of `populated 0` and the
@@ -630,7 +589,6 @@ class Containment:
         self.tree = tree
         self.watcher = watcher
         self.placer = Placer(tree)
-        self.remover = Remover(tree)
 
     @classmethod
     def open(cls, setting: str) -> Containment | None:
@@ -651,15 +609,14 @@ class Containment:
     def start(self, tg: TaskGroup) -> None:
         tg.start_soon(self.watcher.run)
         tg.start_soon(self.placer.run)
-        tg.start_soon(self.remover.run)
 
     def for_service(self, name: str) -> ServiceCgroup:
-        return ServiceCgroup(self.tree, self.watcher, name, self.placer, self.remover)
+        return ServiceCgroup(self.tree, self.watcher, name, self.placer)
 
     def finish_services(self) -> None:
         """At shutdown, every service stopped: out of our leaf (its RCU grace period spent
-        while the runners end, not after) and the service cgroups not removed yet gone.
-        Blocks: for a worker thread (nothing is spawned or placed any more)."""
+        while the runners end, not after the guard is told to end) and the service cgroups
+        removed. Blocks: for a worker thread (nothing is spawned or placed any more)."""
         self.tree.move_out()
         self.tree.remove_services()
 

@@ -33,14 +33,11 @@ CHUNK = 50
 class StopBatch:
     """Signals and kill timers of one batch of stopping services. Event-loop thread only."""
 
-    def __init__(self, swept: bool = False, final: bool = False) -> None:
+    def __init__(self, swept: bool = False) -> None:
         # A sweep of every descendant follows (the daemon's shutdown, as subreaper): what a
         # stopped service may have left outside its cgroup or tree need not be looked for
         # service by service.
         self.swept = swept
-        # The daemon's shutdown: these services never start again, so a cgroup goes as
-        # soon as it is seen empty (in a worker thread, while the others still stop).
-        self.final = final
         self._pending: list[tuple[str, Send]] = []
         self._signalled: set[str] = set()  # services whose signals went out
         self._flushed = False
@@ -50,7 +47,7 @@ class StopBatch:
 
     def __repr__(self) -> str:
         return (f"<StopBatch pending={len(self._pending)} flushed={self._flushed} "
-                f"timers={len(self._timers)} swept={self.swept} final={self.final}>")
+                f"timers={len(self._timers)} swept={self.swept}>")
 
     def signal(self, name: str, send: Send) -> bool:
         """Queue `send` for the flush; False once flushed (the caller sends it itself)."""
