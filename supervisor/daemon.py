@@ -201,7 +201,7 @@ class Daemon:
                     if self.subreaper:
                         await reaper.sweep(self._owned_pids, self.guard.pid)
                     await self.services.end_all(
-                        self.cgroups.finish_services if self.cgroups is not None else None)
+                        self.cgroups.tree.remove_services if self.cgroups is not None else None)
                 tg.cancel_scope.cancel()
         finally:
             control.close()

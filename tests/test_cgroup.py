@@ -167,22 +167,3 @@ def test_what_an_embedding_program_started_is_moved_back_not_killed() -> None:
     finally:
         helper.kill()
         helper.wait()
-
-
-@pytestmark_cg
-def test_moving_out_early_leaves_the_release_the_removals() -> None:
-    """At shutdown the daemon leaves its leaf in a worker thread while its runners end
-    (`move_out`, once); the release at the very end then only removes what is left."""
-    origin = cgroup.own_cgroup(Path("/proc/self/cgroup").read_text())
-    tree = cgroup.CgroupTree.create()
-    try:
-        service = tree.service("one")
-        tree.move_out()
-        assert cgroup.own_cgroup(Path("/proc/self/cgroup").read_text()) == origin
-        assert os.getpid() not in cgroup.read_procs(tree.leaf)
-        tree.move_out()  # a second call does nothing
-        assert os.path.isdir(service)
-    finally:
-        tree.remove_all()
-    assert not os.path.exists(tree.instance)
-    assert cgroup.own_cgroup(Path("/proc/self/cgroup").read_text()) == origin

@@ -166,7 +166,6 @@ class CgroupTree:
         # them without reading their /proc files (1,000 at startup made placement quadratic).
         # Changed by the event loop only; the placement thread only tests membership.
         self.pending: set[int] = set()
-        self._moved_out = False  # the daemon left its leaf (shutdown)
 
     def __repr__(self) -> str:
         return f"<CgroupTree {self.instance}>"
@@ -305,12 +304,9 @@ class CgroupTree:
         for cgroup in self.services():
             kill(cgroup)
 
-    def move_out(self) -> None:
-        """Move back where the daemon came from (blocks for an RCU grace period, ~10 ms:
-        a worker thread's job once nothing is spawned any more)."""
-        if self._moved_out:
-            return
-        self._moved_out = True
+    def release(self) -> None:
+        """Move back where the daemon came from and remove the service cgroups and the
+        daemon's leaf (the guard's goes once the guard has ended: `remove_rest`)."""
         # Everything in our leaf goes back: this process, and whatever an embedding program
         # (a test) started meanwhile, which is not ours to kill when the guard empties it.
         for pid in [0, *(p for p in read_procs(self.leaf) if p != os.getpid())]:
@@ -319,12 +315,6 @@ class CgroupTree:
             except OSError as exc:
                 log.warning("cannot move back to cgroup path=%s pid=%d error=%s", self.origin,
                             pid or os.getpid(), exc.strerror)
-
-    def release(self) -> None:
-        """Move back where the daemon came from (unless done already) and remove the
-        service cgroups and the daemon's leaf (the guard's goes once the guard has ended:
-        `remove_rest`)."""
-        self.move_out()
         for cgroup in [*self.services(), self.leaf]:
             self.remove(cgroup)
 
@@ -612,13 +602,6 @@ class Containment:
 
     def for_service(self, name: str) -> ServiceCgroup:
         return ServiceCgroup(self.tree, self.watcher, name, self.placer)
-
-    def finish_services(self) -> None:
-        """At shutdown, every service stopped: out of our leaf (its RCU grace period spent
-        while the runners end, not after the guard is told to end) and the service cgroups
-        removed. Blocks: for a worker thread (nothing is spawned or placed any more)."""
-        self.tree.move_out()
-        self.tree.remove_services()
 
     def close(self) -> None:
         """After release() and the guard's exit: remove what is left, stop watching."""
