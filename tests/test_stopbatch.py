@@ -13,8 +13,8 @@ import pytest
 
 from supervisor.core.lifecycle import State
 from supervisor.process.stopbatch import StopBatch, stop_levels
-from tests.support import PY, running_daemon, wait_for, write_config
-from tests.test_containment import MODES
+from tests.support import PY, running_daemon, until, wait_for, write_config
+from tests.test_containment import MODES, _cgroups_usable
 
 
 def test_levels_put_dependents_first() -> None:
@@ -167,3 +167,48 @@ async def test_the_first_signals_go_out_before_the_last_stops_are_applied() -> N
     # Every service is stopped before it is signalled.
     for name in names:
         assert story.index(("stop", name)) < story.index(("signal", name))
+
+
+RELEASED = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1], "w").write("up")
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.02)
+"""
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not _cgroups_usable(), reason="no writable cgroup2")
+async def test_at_shutdown_a_cgroup_goes_as_soon_as_its_service_stopped(tmp_path: Path
+                                                                        ) -> None:
+    """Shutdown: the cgroup of a service that has stopped is removed (by the orphan guard,
+    in its own process) while another service still stops, not only once all have; the
+    daemon still sees the service stopped, and nothing is left at the end."""
+    log, up, release = tmp_path / "order.log", tmp_path / "up", tmp_path / "release"
+    commands = {"quick": [PY, "-c", STOPPER, "quick", str(log), "exit"],
+                "slow": [PY, "-c", RELEASED, str(up), str(release)]}
+    services = "".join(f"[services.{name}]\ncommand = {json.dumps(argv)}\nstart_seconds = 0\n"
+                       f"stop_timeout = 60\n" for name, argv in commands.items())
+    path = write_config(tmp_path, services, supervisor='cgroups = "auto"\n')
+    with anyio.fail_after(60):
+        async with running_daemon(path) as daemon:
+            assert daemon.cgroups is not None
+            await until(lambda: up.exists() and log.exists(), 20, "both services up")
+            cgroups = {n: Path(daemon.snapshots[n].cgroup or "") for n in commands}
+            await until(lambda: all((c / "cgroup.procs").exists() for c in cgroups.values()),
+                        20, "both cgroups made")
+            daemon.request_shutdown()
+            try:
+                await until(lambda: not cgroups["quick"].exists(), 20,
+                            "quick's cgroup removed")
+                # ... while slow still stops, in its cgroup.
+                assert daemon.snapshots["slow"].state is State.STOPPING
+                assert cgroups["slow"].exists()
+                await until(lambda: daemon.snapshots["quick"].state is State.STOPPED, 20,
+                            "quick stopped")
+            finally:
+                release.write_text("go")
+    assert daemon.snapshots["slow"].state is State.STOPPED
+    assert daemon.snapshots["slow"].last_exit.signal is None  # type: ignore[union-attr]
+    assert not cgroups["slow"].parent.exists()
