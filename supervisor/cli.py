@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 
@@ -99,7 +99,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "run":
-        return _run(args)
+        code = _run(args)
+        if argv is None:  # the program itself (not a caller of main() that goes on)
+            _exit_without_teardown(code)
+        return code
     if args.command == "status":
         from supervisor.control.client import HttpAuth, show_status
 
@@ -235,6 +238,24 @@ def _run_collector_off(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C before the signal receiver was installed
         return 130
     return 0
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """The daemon has stopped: every service is gone, the guard has ended, the cgroups are
+    removed. Skip the interpreter's teardown, which frees every object one by one, module by
+    module (at 1,000 services 20-30 ms of a shutdown, after the last service has exited).
+    What it would do that matters is done here: the atexit handlers (logging.shutdown among
+    them, which flushes and closes the log handlers) and the standard streams' buffers. No
+    thread is left to wait for: the daemon joined its own, and the others are daemonic."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or its reader left
+            pass
+    os._exit(code)
 
 
 def _leaves(group: BaseExceptionGroup[SupervisorError]) -> list[BaseException]:

@@ -194,6 +194,7 @@ class Daemon:
                 # While the services stop, not after them (it took up to 0.5 s).
                 tg.start_soon(anyio.to_thread.run_sync, obs.stop_serving)
                 self.services.cancel_pending_starts()
+                self.guard.stopping()  # cgroup mode: it removes the emptied cgroups meanwhile
                 # Shielded so that cancellation still stops every child, bounded so that a
                 # runner that died cannot hold the daemon forever.
                 bound = max((r.spec.stop_timeout for r in self.runners.values()), default=0) + 10

@@ -21,6 +21,7 @@ from supervisor.core import lifecycle as lc
 from supervisor.core.snapshot import ServiceSnapshot
 from supervisor.process.cgroup import ServiceCgroup
 from supervisor.process.spawn import Child
+from supervisor.process.stopbatch import CHUNK as STOP_CHUNK
 from supervisor.process.stopbatch import StopBatch, stop_levels
 from supervisor.runner import ServiceRunner
 
@@ -214,7 +215,12 @@ class Services:
             batch = StopBatch(swept=swept)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(batch.run_timers)
-                stops = [(runner, runner.stop(batch)) for runner in runners]
+                stops: list[tuple[ServiceRunner, int]] = []
+                for start in range(0, len(runners), STOP_CHUNK):
+                    if start:  # the previous chunk's signals go out before these stops
+                        await batch.send_queued()
+                    stops += [(runner, runner.stop(batch))
+                              for runner in runners[start:start + STOP_CHUNK]]
                 await batch.flush()
                 for runner, number in stops:
                     await runner.wait_stopped(number)

@@ -15,6 +15,8 @@ from io import BufferedReader
 _STOP_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 _FD_BYTES = array("i").itemsize
 _PAUSE_MS = 20  # at most one wake-up per pause for the daemon's messages (see serve)
+STOPPING = b"stopping"  # guard.py's: the daemon is shutting down (a pid message is 4 bytes)
+SERVICE_SUFFIX = ".service"  # cgroup.py's: a service's cgroup (never the daemon's leaf)
 
 
 def serve(fd: int, cgroup: str | None = None) -> None:
@@ -33,9 +35,14 @@ def serve(fd: int, cgroup: str | None = None) -> None:
     hangup = select.poll()
     hangup.register(fd, select.POLLRDHUP)
     watched: dict[int, int] = {}  # pidfd -> pid
+    emptying: dict[int, str] = {}  # cgroup.events fd -> its service cgroup (shutting down)
     space = _socket.CMSG_SPACE(4 * _FD_BYTES)
     while True:
         for ready, _ in poller.poll():
+            if ready in emptying:  # that cgroup's `populated` changed
+                if not _still_populated(ready):
+                    _remove_emptied(poller, emptying, ready)
+                continue
             if ready != fd:  # that service process ended: it needs no killing any more
                 poller.unregister(ready)
                 os.close(ready)
@@ -52,9 +59,15 @@ def serve(fd: int, cgroup: str | None = None) -> None:
                 for level, kind, payload in ancillary:
                     if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                         fds.frombytes(payload[: len(payload) - len(payload) % _FD_BYTES])
+                if data == STOPPING:
+                    if cgroup is not None:
+                        _watch_emptying(cgroup, poller, emptying)
+                    continue
                 if not data:  # the daemon is gone
                     for pidfd in fds:
                         os.close(pidfd)
+                    for events in emptying:
+                        os.close(events)
                     if cgroup is not None:
                         kill_cgroups(cgroup)
                     kill_all(watched)
@@ -71,6 +84,38 @@ def serve(fd: int, cgroup: str | None = None) -> None:
         # included (they stay valid in flight), and read, in order, before the end of the
         # daemon, which ends the pause at once (a clean shutdown waits for the guard's exit).
         hangup.poll(_PAUSE_MS)
+
+
+def _watch_emptying(cgroup: str, poller: "select.epoll", emptying: dict[int, str]) -> None:
+    """Remove each service cgroup of the instance once it is empty: now if it is, else when
+    its cgroup.events says so (EPOLLPRI: kernfs signals a change of the file)."""
+    for child in _children(cgroup):
+        if not child.endswith(SERVICE_SUFFIX) or child in emptying.values():
+            continue
+        try:
+            events = os.open(child + "/cgroup.events", os.O_RDONLY)
+        except OSError:
+            continue
+        emptying[events] = child
+        poller.register(events, select.EPOLLPRI)
+        if not _still_populated(events):  # the read also arms the next notification
+            _remove_emptied(poller, emptying, events)
+
+
+def _still_populated(events: int) -> bool:
+    try:
+        return b"populated 1" in os.pread(events, 4096, 0)
+    except OSError:
+        return False
+
+
+def _remove_emptied(poller: "select.epoll", emptying: dict[int, str], events: int) -> None:
+    poller.unregister(events)
+    os.close(events)
+    try:
+        os.rmdir(emptying.pop(events))
+    except OSError:  # refilled (a placement just before the shutdown), or gone already
+        pass
 
 
 def kill_all(watched: dict[int, int]) -> None:

@@ -149,6 +149,7 @@ async def drain(fd: int, service: str, stream: str, priority: int = 6,
               "SYSLOG_IDENTIFIER": service}
     if pid is not None:
         fields["SYSLOG_PID"] = str(pid)
+    at_eof = False
     try:
         while True:
             if grouper.pending:
@@ -167,6 +168,7 @@ async def drain(fd: int, service: str, stream: str, priority: int = 6,
             except OSError:
                 break
             if not data:
+                at_eof = True
                 break
             for line in splitter.feed(data):
                 done = grouper.feed(_text(line))
@@ -175,8 +177,9 @@ async def drain(fd: int, service: str, stream: str, priority: int = 6,
     finally:
         # Also when cancelled (shutdown right after a crash): what the child wrote before it
         # died may still sit unread in the pipe, and its last words are what an operator needs.
-        # Read what is there without waiting, bounded, then log everything.
-        for _ in range(FINAL_READS):
+        # Read what is there without waiting, bounded, then log everything. (Not after EOF:
+        # nothing can follow it, and at shutdown that read was one more system call per pipe.)
+        for _ in range(0 if at_eof else FINAL_READS):
             try:
                 data = os.read(fd, READ_SIZE)
             except OSError:  # BlockingIOError: nothing more is waiting
