@@ -184,7 +184,7 @@ def report(systems, ns, results, http, args, floor_ms, load_before, load_after, 
                                        or "ours only") + ".",
              f"Floor: one bare subprocess.Popen spawn of `sleep` = {floor_ms:.2f} ms.", ""]
     for n in ns:
-        head = ["metric (N=%d)" % n] + [s.name for s in systems]
+        head = [f"metric (N={n})"] + [s.name for s in systems]
         head += [f"{o} ÷ {x}" for o in ours for x in others]
         if n == max(ns):
             head.append("target (ours)")
@@ -202,7 +202,7 @@ def report(systems, ns, results, http, args, floor_ms, load_before, load_after, 
         lines.append("")
     if http:
         names = list(http)
-        head = ["ours only, N=%d children x 50 series" % (args.http_n or max(ns))] + names
+        head = [f"ours only, N={args.http_n or max(ns)} children x 50 series", *names]
         head.append("target")
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for key, label, target in HTTP_ROWS:

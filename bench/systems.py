@@ -67,7 +67,7 @@ def _toml_str(value: str) -> str:
 def _ours(workdir: Path, children: Sequence[Child], tools: Tools, backend: str,
           settings: dict[str, float], cgroups: str = "off") -> list[str]:
     lines = ["[supervisor]", f"cgroups = {_toml_str(cgroups)}",
-             'listen = "127.0.0.1:%d"' % int(settings["port"]),
+             f'listen = "127.0.0.1:{int(settings["port"])}"',
              f"control_socket = {_toml_str(str(workdir / 'control.sock'))}",
              f"scrape_interval = {settings.get('scrape_interval', 5.0)}",
              f"stats_interval = {settings.get('stats_interval', 5.0)}", ""]

@@ -80,10 +80,11 @@ backoff_jitter = 0.0
         spawn_times: list[float] = []
         with anyio.fail_after(30):  # five spawns: 0, 0, +0.2, +0.4, +0.8
             while len(spawn_times) < 5:
+                seen = len(spawn_times)
                 snap = await daemon.runners["crasher"].wait_until(
-                    lambda s, n=len(spawn_times): s.starts > n)
+                    lambda s, seen=seen: s.starts > seen)
                 spawn_times.extend([time.monotonic()] * (snap.starts - len(spawn_times)))
-        gaps = [b - a for a, b in zip(spawn_times, spawn_times[1:])]
+        gaps = [b - a for a, b in zip(spawn_times, spawn_times[1:], strict=False)]
         # A backoff timer never fires early, so the lower bounds hold whatever the load (less
         # 50 ms for when this task sees each spawn): the spawns stay bounded and the wait grows
         # to 0.8 s. The upper bounds (the first waits were short, so it grew) leave a loaded

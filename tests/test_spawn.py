@@ -48,7 +48,8 @@ def spawn(argv: list[str], env: Mapping[str, str], cwd: str) -> spawn_module.Chi
 ENV = {"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": "/should/not/leak"}
 
 
-async def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[int | None, int | None, bytes]:
+async def run(argv: list[str], env: dict[str, str] | None = None
+              ) -> tuple[int | None, int | None, bytes]:
     child = spawn(argv, env or {"PATH": "/usr/bin:/bin"}, "/")
     chunks: list[bytes] = []
 
