@@ -41,6 +41,7 @@ from tests.support import (
     running_daemon,
     sample,
     service,
+    until,
     wait_for,
     write_config,
 )
@@ -530,3 +531,65 @@ def test_whatever_shape_passes_the_screen_reads_back_in_both_formats(
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse
     list(parse(bodies["openmetrics"].decode()))
     promtool_ok(bodies["text"])
+
+
+# A family listed twice by a child (a second TYPE line later on). Each part reads back alone;
+# joined by the renderer as they came, job="a"'s summary lines were split by job="b"'s, and
+# OpenMetrics' parser refused the whole /v1/metrics ("Invalid metric grouping"). Found by
+# test_whatever_shape_passes_the_screen_reads_back_in_both_formats.
+REPEATED_FAMILIES = (
+    '# TYPE rogue_jobs summary\nrogue_jobs_sum{job="a"} 0\n'
+    '# TYPE rogue_other gauge\nrogue_other 1\n'
+    '# TYPE rogue_jobs summary\nrogue_jobs_count{job="b"} 0\nrogue_jobs_count{job="a"} 0\n'
+    '# TYPE rogue_done_total counter\nrogue_done_total{job="a"} 1\n'
+    '# TYPE rogue_late gauge\nrogue_late 1\n'
+    '# TYPE rogue_done_total counter\nrogue_done_total{job="b"} 2\n')
+
+
+def test_a_family_listed_twice_is_joined_series_by_series() -> None:
+    families = parse_exposition(REPEATED_FAMILIES)
+    assert [f.name for f in families].count("rogue_jobs") == 2  # as the text parser gives it
+    kept, drops = screen(families, Policy())
+    assert drops == []
+    jobs = next(f for f in kept if f.name == "rogue_jobs")
+    assert [(s.name, s.labels["job"]) for s in jobs.samples] == [
+        ("rogue_jobs_sum", "a"), ("rogue_jobs_count", "a"), ("rogue_jobs_count", "b")]
+    assert [f.name for f in kept].count("rogue_done") == 1
+    bodies = render_both(kept)
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse
+    read = {f.name: f for f in parse(bodies["openmetrics"].decode())}
+    assert {s.labels["job"] for s in read["rogue_jobs"].samples} == {"a", "b"}
+    assert {s.labels["job"] for s in read["rogue_done"].samples if s.name == "rogue_done_total"
+            } == {"a", "b"}
+    promtool_ok(bodies["text"])
+    # The scrape's own families are left as parsed (a copy is joined).
+    assert [len(f.samples) for f in families if f.name == "rogue_jobs"] == [1, 2]
+
+
+@pytest.mark.anyio
+async def test_a_family_listed_twice_keeps_metrics_readable_through_the_daemon(
+        tmp_path: Path) -> None:
+    port = free_port()
+    body = tmp_path / "repeated.txt"
+    body.write_text(REPEATED_FAMILIES)
+    path = write_config(tmp_path, service("rogue", served("text", port, body), start_seconds=0.1,
+                                          metrics_url=f"http://127.0.0.1:{port}/metrics"),
+                        supervisor="scrape_interval = 0.2\n")
+    async with running_daemon(path) as daemon:
+        await wait_for(daemon, "rogue", lambda s: s.state is State.RUNNING)
+
+        def scraped() -> bool:
+            result = daemon.obs.scraper.snapshot().get("rogue")
+            return result is not None and result.ok
+
+        await until(scraped, 15, "a scrape of rogue")
+        bodies = {}
+        for fmt, accept in FORMATS.items():
+            response = await get(daemon, "/v1/metrics", headers={"Accept": accept})
+            assert response.status_code == 200
+            bodies[fmt] = response.content
+    openmetrics_ok(bodies["openmetrics"])
+    promtool_ok(bodies["text"])
+    text = bodies["text"].decode()
+    for job in ("a", "b"):
+        assert sample(text, "rogue_jobs_count", service="rogue", job=job) == 0.0

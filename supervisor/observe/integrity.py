@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from supervisor.observe.denylist import DenyList, exposed_names
 from supervisor.observe.families import Collected
@@ -145,6 +146,7 @@ def screen(families: Iterable[Metric], policy: Policy) -> tuple[list[Metric], li
     """The families that pass `policy` (children's exemplars removed) and that OpenMetrics'
     parser reads back, and the drops."""
     kept, drops = _judged(families, policy)
+    kept = _coalesced(kept)
     unreadable = _unreadable_in_openmetrics(kept)
     if unreadable:
         drops.extend(Drop(kept[i].name, "invalid") for i in sorted(unreadable))
@@ -176,6 +178,43 @@ def _judged(families: Iterable[Metric], policy: Policy) -> tuple[list[Metric], l
             family = copy
         kept.append(family)
     return kept, drops
+
+
+def _coalesced(families: list[Metric]) -> list[Metric]:
+    """One family per name and type. A child that lists a family twice (the text parser then
+    gives two, each valid alone) would otherwise have its series' lines interleaved by the
+    renderer, which concatenates them: `x_sum{job="a"}`, `x_count{job="b"}`,
+    `x_count{job="a"}`, and OpenMetrics' parser refuses the whole document for that
+    ("Invalid metric grouping"). The parts are joined as if written once, each series' samples
+    together in the order they came; the round trip then judges the result."""
+    first: dict[tuple[str, str], int] = {}
+    out: list[Metric] = []
+    repeated: set[int] = set()
+    for family in families:
+        index = first.setdefault((family.name, family.type), len(out))
+        if index == len(out):
+            out.append(family)
+            continue
+        if index not in repeated:  # a copy: the scrape's own Metric stays as parsed
+            head = out[index]
+            out[index] = Metric(head.name, head.documentation, head.type, head.unit)
+            out[index].samples = list(head.samples)
+            repeated.add(index)
+        out[index].samples.extend(family.samples)
+    for index in repeated:
+        out[index].samples = _by_series(out[index].samples)
+    return out
+
+
+def _by_series(samples: list[Sample]) -> list[Sample]:
+    """`samples` with each series' (labels but `le` and `quantile`) together, in first-seen
+    order, each keeping its own order (bucket order is the round trip's to judge)."""
+    groups: dict[tuple[tuple[str, str], ...], list[Sample]] = {}
+    for sample in samples:
+        key = tuple(sorted((k, v) for k, v in sample.labels.items()
+                           if k not in ("le", "quantile")))
+        groups.setdefault(key, []).append(sample)
+    return [sample for group in groups.values() for sample in group]
 
 
 def _reads_back(families: list[Metric]) -> bool:
