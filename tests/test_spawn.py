@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -206,3 +209,35 @@ async def test_drain_cancelled_at_shutdown_still_logs_what_the_child_left_in_the
         await drain(read_end, "crashy", "stderr")
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "RuntimeError: last words" in text and "Traceback" in text
+
+
+def test_out_of_descriptors_is_a_spawn_error_and_leaks_none() -> None:
+    """EMFILE while making the output pipes: a SpawnError naming the program (the runner then
+    backs off, as for any failed start) with no descriptor left open, not an internal error
+    that leaked the first pipe at every retry."""
+    code = textwrap.dedent("""
+        import os, resource
+        from supervisor.core.errors import SpawnError
+        from supervisor.process.spawn import spawn
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        held = []
+        try:
+            while len(held) < 100:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        for fd in held[-3:]:  # room for one pipe, not two
+            os.close(fd)
+        before = sorted(os.listdir("/proc/self/fd"))
+        try:
+            spawn(["sleep", "100"], {"PATH": "/usr/bin:/bin"}, "/")
+            print("spawned")
+        except SpawnError as exc:
+            print("error:", exc)
+        print("fds:", "same" if sorted(os.listdir("/proc/self/fd")) == before else "leaked")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "error: cannot start 'sleep': Too many open files" in out.stdout, out.stdout
+    assert "fds: same" in out.stdout, out.stdout

@@ -147,7 +147,7 @@ def _popen(command: list[str], env: Mapping[str, str], cwd: str,
     # Our own pipes, not Popen's PIPE: Popen would wrap each read end in a file object that
     # we would only dup and close again (~30 us of a spawn). Close-on-exec: no child inherits
     # a read end, or a write end but through its own stdout/stderr (Popen dup2()s them).
-    pipes = [*os.pipe2(os.O_CLOEXEC), *os.pipe2(os.O_CLOEXEC)]
+    pipes = _pipes(program)
     stdout, stdout_end, stderr, stderr_end = pipes
     try:
         popen = subprocess.Popen(
@@ -170,7 +170,14 @@ def _popen(command: list[str], env: Mapping[str, str], cwd: str,
     except BaseException:
         _close_all(pipes)
         raise
-    pidfd = os.pidfd_open(popen.pid)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError as exc:  # out of descriptors: it runs, but could be neither watched nor
+        # guarded, nor stopped safely later (signals need the pidfd's proof it is ours). End
+        # it now, while it is our unreaped child, rather than leave it running unwatched.
+        _end_unwatched(popen)
+        _close_all(pipes)
+        raise SpawnError(f"cannot start {program!r}: {exc.strerror or exc}") from None
     if guard is not None and not guard.register(popen.pid, pidfd):
         # First thing after the exec: until the guard has the pidfd, a daemon killed now
         # would leave this service running.
@@ -182,6 +189,29 @@ def _popen(command: list[str], env: Mapping[str, str], cwd: str,
     if guard is not None:
         guard.track(child)
     return child
+
+
+def _pipes(program: str) -> list[int]:
+    """Two close-on-exec pipes (stdout's, stderr's: read end, write end each), or SpawnError
+    (out of descriptors) with none left open."""
+    pipes: list[int] = []
+    try:
+        for _ in range(2):
+            pipes.extend(os.pipe2(os.O_CLOEXEC))
+    except OSError as exc:
+        _close_all(pipes)
+        raise SpawnError(f"cannot start {program!r}: {exc.strerror or exc}") from None
+    return pipes
+
+
+def _end_unwatched(popen: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child we cannot watch, with its group, and reap it (it is ours until then,
+    so the pid is still the one we spawned; SIGKILL is final, so the wait is short)."""
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except OSError:
+        popen.kill()
+    popen.wait()
 
 
 def _close_all(fds: Sequence[int]) -> None:
