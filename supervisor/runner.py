@@ -61,6 +61,7 @@ class ServiceRunner:
         self._owned = owned
         self._invocations: dict[int, str] = {}  # leader pid -> its invocation id
         self._placed: dict[int, anyio.Event] = {}  # leader pid -> set once in its cgroup
+        self._misplaced: int | None = None  # a leader whose placement failed (in our leaf)
         self._emptied: Child | None = None  # the last start whose cgroup was seen empty
         self.machine = lc.Lifecycle(spec.policy(), rng)
         self._environ = environ
@@ -420,7 +421,13 @@ class ServiceRunner:
         except OSError as exc:
             log.error("cannot place service=%s pid=%d in its cgroup error=%s",
                       self.spec.name, child.pid, exc.strerror or exc)
+            # It runs in the daemon's leaf: signals to its cgroup would miss it (a stop
+            # then waited out stop_timeout and the daemon's bound). Its group and tree are
+            # signalled instead, as without cgroups, and the guard's kill of our leaf holds.
+            self._misplaced = child.pid
             strays = []
+            if self.machine.state is lc.State.STOPPING and child is self._child:
+                self._tree_signaller(child, self.spec.stop_signal)()
         finally:
             placed.set()
         if strays and self.machine.state is lc.State.STOPPING:
@@ -519,11 +526,17 @@ class ServiceRunner:
         if self.cgroup is not None:
             if self._emptied is child:
                 return _nothing
+            if self._misplaced == child.pid:
+                return self._tree_signaller(child, sig)
             placed = self._placed.get(child.pid)
             if placed is None or placed.is_set():
                 return functools.partial(self.cgroup.signal, sig)
             # Not in its cgroup yet (~10 ms): its group now, strays once placed.
             return functools.partial(child.signal_group, sig)
+        return self._tree_signaller(child, sig)
+
+    def _tree_signaller(self, child: Child, sig: int) -> Callable[[], object]:
+        """Without a cgroup (or outside it): the group, the tree, adopted escapees."""
         invocation = self._invocations.get(child.pid)
         if invocation is None:
             return functools.partial(child.signal_group, sig)

@@ -13,6 +13,7 @@ checked who owns the socket file and, once connected, who runs the process behin
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import grp
 import json
@@ -46,6 +47,17 @@ MAX_REQUEST = 64 * 1024
 MAX_REPLY = 16 * 1024 * 1024
 REQUEST_TIMEOUT = 5.0
 BACKLOG = 64
+# Requests handled at once; more wait in the listen backlog. Each holds a descriptor for up
+# to REQUEST_TIMEOUT: without a cap, a client opening connections in a loop could use up the
+# daemon's descriptors, and with them its services' next spawns.
+MAX_CLIENTS = 32
+# accept() errors that say "not now" (out of descriptors or memory, a client gone before it
+# was accepted): the loop waits and accepts again, doubling the wait up to the maximum,
+# instead of ending, which ended the daemon (and stopped every service) when a start of 400
+# services had used up its descriptors.
+_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                        errno.ECONNABORTED, errno.EPROTO, errno.EINTR})
+ACCEPT_PAUSE = (0.005, 1.0)
 
 
 @dataclass(frozen=True)
@@ -209,9 +221,43 @@ async def serve_control(daemon: Controlled, control: ControlSocket, *,
                         ) -> None:
     listener = await anyio.abc.SocketListener.from_socket(control.sock)
     log.info("control socket path=%s", control.path)
-    async with listener:
+    slots = anyio.Semaphore(MAX_CLIENTS)
+    async with listener, anyio.create_task_group() as tg:
         task_status.started()
-        await listener.serve(lambda stream: _handle(daemon, stream))
+        while True:
+            await slots.acquire()
+            try:
+                stream = await _accept(listener)
+            except BaseException:
+                slots.release()
+                raise
+            tg.start_soon(_handle_then_release, daemon, stream, slots)
+
+
+async def _accept(listener: anyio.abc.SocketListener) -> SocketStream:
+    """The next connection, waiting out transient accept() errors (_TRANSIENT)."""
+    pause, warned = ACCEPT_PAUSE[0], False
+    while True:
+        try:
+            return await listener.accept()
+        except (anyio.BrokenResourceError, OSError) as exc:
+            error = exc if isinstance(exc, OSError) else exc.__cause__
+            if not isinstance(error, OSError) or error.errno not in _TRANSIENT:
+                raise
+            if not warned:  # once per streak, not once per retry
+                log.warning("control socket cannot accept error=%s; retrying",
+                            error.strerror or error)
+                warned = True
+        await anyio.sleep(pause)
+        pause = min(pause * 2, ACCEPT_PAUSE[1])
+
+
+async def _handle_then_release(daemon: Controlled, stream: SocketStream,
+                               slots: anyio.Semaphore) -> None:
+    try:
+        await _handle(daemon, stream)
+    finally:
+        slots.release()
 
 
 def _socket_answers(path: str) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import logging
-import resource
 import socket
 import ssl
 import time
@@ -14,12 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler
 
+from supervisor.process.fdlimit import BASE, raise_soft_limit
 from supervisor.web.heads import origin_form
 
 log = logging.getLogger("supervisor.http")
 
 HANDLER_TIMEOUT = 5.0  # seconds one send may wait
-FD_SOFT_LIMIT = 4096  # RLIMIT_NOFILE soft limit the listener raises itself to (up to hard)
+FD_SOFT_LIMIT = BASE  # RLIMIT_NOFILE soft limit the listener raises itself to (up to hard)
 
 
 @dataclass(eq=False)
@@ -109,15 +109,7 @@ class Handler(WSGIRequestHandler):
             log.debug("http %s %s", self.address_string(), format % args)
 
 
-def raise_fd_limit(wanted: int = FD_SOFT_LIMIT) -> int:
-    """Raise the soft RLIMIT_NOFILE towards `wanted` (never above the hard limit, never
-    down); the soft limit now. Services inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (OSError, ValueError):
-            pass
-    return soft
+def raise_fd_limit() -> int:
+    """At least the HTTP port's share of descriptors (process/fdlimit.py; `supervisor run`
+    raised it for its services already); the soft limit now."""
+    return raise_soft_limit(FD_SOFT_LIMIT)[0]
