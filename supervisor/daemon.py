@@ -297,7 +297,8 @@ class Daemon:
             assert self._tg is not None
             await self.obs.restart_monitor(self._tg)
         self.obs.reconfigure(new)
-        if new.settings.stats_interval != old.settings.stats_interval and self._stats_changed:
+        if (new.settings.stats_interval != old.settings.stats_interval
+                and self._stats_changed is not None):
             self._stats_changed.set()
         self.services.replacing = frozenset(removed + changed)
         try:

@@ -439,12 +439,12 @@ class ServiceRunner:
             # Placed first: unreaped until then, so the pid written into the cgroup is ours.
             await self._place(self.cgroup, child, invocation, placed)
         status = await child.wait()
-        if child is self._child:
-            self._stop_probes()
-        at, wall = monotonic_and_wall()
         # Not current: a fault let it go (and killed its group) and a new start owns the
         # cgroup now, which it must neither kill nor wait to see empty.
         current = child is self._child
+        if current:
+            self._stop_probes()
+        at, wall = monotonic_and_wall()
         if self.cgroup is not None:
             # Stopped means empty. Stopping: the kill timer ends any straggler; otherwise
             # the leader died on its own and takes the rest with it, as it always did.

@@ -43,9 +43,10 @@ from typing import Any, Protocol
 
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from supervisor.process import fdlimit
 from supervisor.web import listen
 from supervisor.web.heads import Head, head_state, request_path, simple_response, skip_empty_lines
-from supervisor.web.httpconn import HANDLER_TIMEOUT, Accepted, Handler, raise_fd_limit
+from supervisor.web.httpconn import HANDLER_TIMEOUT, Accepted, Handler
 
 log = logging.getLogger(__name__)
 
@@ -501,7 +502,9 @@ def serve(host: str, port: int, app: WSGIApp, max_connections: int = 128,
     (a few KiB): the acceptor answers them itself (see BoundedWSGIServer)."""
     if sock is None:
         sock = listen.bind(host, port)
-    soft = raise_fd_limit()
+    # At least the port's share of descriptors (`supervisor run` raised the limit for its
+    # services already; an in-process daemon gets this much).
+    soft, _hard = fdlimit.raise_soft_limit(fdlimit.BASE)
     # Half the descriptors for waiting heads, the rest for requests being served, services'
     # pipes, checks and scrapes.
     max_pending = MAX_PENDING if soft == resource.RLIM_INFINITY else max(

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler
 
-from supervisor.process.fdlimit import BASE, raise_soft_limit
 from supervisor.web.heads import origin_form
 
 log = logging.getLogger("supervisor.http")
 
 HANDLER_TIMEOUT = 5.0  # seconds one send may wait
-FD_SOFT_LIMIT = BASE  # RLIMIT_NOFILE soft limit the listener raises itself to (up to hard)
 
 
 @dataclass(eq=False)
@@ -107,9 +105,3 @@ class Handler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("http %s %s", self.address_string(), format % args)
-
-
-def raise_fd_limit() -> int:
-    """At least the HTTP port's share of descriptors (process/fdlimit.py; `supervisor run`
-    raised it for its services already); the soft limit now."""
-    return raise_soft_limit(FD_SOFT_LIMIT)[0]
