@@ -206,26 +206,15 @@ def _run(args: argparse.Namespace) -> int:
         gc.enable()  # also when the daemon failed before it was up
 
 
-def _raise_fd_limit(services: int) -> None:
-    """Before the first spawn: the soft RLIMIT_NOFILE up to what `services` need
-    (process/fdlimit.py), and a WARNING naming the numbers where the hard limit is too low."""
-    from supervisor.process import fdlimit
-
-    soft, hard = fdlimit.raise_soft_limit(fdlimit.wanted(services))
-    if fdlimit.short_of(soft, services):
-        log.warning("file descriptors: %d services need about %d, the limit is %d (hard %d); "
-                    "services will fail to start with 'Too many open files': raise "
-                    "LimitNOFILE= in the unit, or the hard limit (ulimit -Hn)", services,
-                    fdlimit.needed(services), soft, hard)
-
-
 def _run_collector_off(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 1
     _default_inherited_ignores()
     log_redactor = _configure_logging(args.log_level or config.settings.log_level)
-    _raise_fd_limit(len(config.services))
+    from supervisor.process import fdlimit
+
+    fdlimit.ensure(len(config.services))  # before the first spawn
     from supervisor.daemon import Daemon
 
     notifier = _notifier()

@@ -35,7 +35,7 @@ from supervisor.core.errors import ConfigError, SupervisorError
 from supervisor.core.redact import LogRedactor, Redactor
 from supervisor.core.snapshot import ServiceSnapshot
 from supervisor.process import cgroup as cgroups
-from supervisor.process import reaper
+from supervisor.process import fdlimit, reaper
 from supervisor.process.guard import OrphanGuard
 from supervisor.process.signals import signal_receiver
 from supervisor.process.spawn import Child, become_subreaper, spawn
@@ -168,7 +168,11 @@ class Daemon:
                 specs = list(self.config.services.values())
                 for spec in specs:
                     self.services.add(spec, tg)
-                await self.services.spawn_independent(specs)
+                reserve = fdlimit.Reserve()  # for what follows the spawns (fdlimit.py)
+                try:
+                    await self.services.spawn_independent(specs)
+                finally:
+                    reserve.release()
                 # Requests that arrived meanwhile wait in the listen backlog.
                 from supervisor.observability import Observability
 
@@ -300,6 +304,7 @@ class Daemon:
         if (new.settings.stats_interval != old.settings.stats_interval
                 and self._stats_changed is not None):
             self._stats_changed.set()
+        fdlimit.ensure(len(new.services))  # as at startup (cli): it may add services
         self.services.replacing = frozenset(removed + changed)
         try:
             return await self._replace(new, added, removed, changed, restart_needed)

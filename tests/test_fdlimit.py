@@ -92,3 +92,31 @@ def test_running_out_of_descriptors_is_named_and_survived(tmp_path: Path, backen
     assert "Too many open files" in err  # some did fail to start, and said why
     assert "internal error" not in err and "Traceback" not in err, err[-3000:]
     assert err.count("spawned service=") > 0  # the ones that fit run
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_reload_that_adds_services_sizes_the_limit_again(tmp_path: Path, backend: str
+                                                           ) -> None:
+    """Start fits the hard limit (300); a reload to 20 services does not: it says so then,
+    as a start would, instead of leaving the new services to fail unexplained."""
+    few = "".join(service(f"s{i}", SLEEPER_CODE, start_seconds=0) for i in range(5))
+    path = write_config(tmp_path, few)
+    log = path.with_name("daemon.log")
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor", "run", "--config",
+                                 str(path), "--backend", backend], stdout=subprocess.DEVNULL,
+                                stderr=stderr, preexec_fn=limited(300, 300))
+    try:
+        assert poll_until(lambda: len(status(path)) == 5, 30 * LOAD_SLACK, 0.1)
+        assert "file descriptors:" not in log.read_text()
+        path.write_text(path.read_text() + "".join(
+            service(f"s{i}", SLEEPER_CODE, start_seconds=0) for i in range(5, 20)))
+        reload = subprocess.run([sys.executable, "-m", "supervisor", "reload", "--config",
+                                 str(path)], capture_output=True, text=True, timeout=60)
+        assert reload.returncode == 0, reload.stderr
+        assert (f"file descriptors: 20 services need about {fdlimit.needed(20)}, the limit "
+                "is 300 (hard 300)") in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, log.read_text()[-3000:]
